@@ -1,0 +1,50 @@
+# One command each on a fresh machine: `make demo`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PKG_DIRS := proto teacher_server student_client compression deploy
+
+.PHONY: install demo test lint typecheck unit proto bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lyceum demo
+
+# mypy resolves modules by path; the `lyceum.*` names exist only through the
+# package-dir mapping, so type-check a symlinked view of that mapping.
+build/typecheck/lyceum: Makefile
+	rm -rf build/typecheck && mkdir -p build/typecheck/lyceum
+	for d in $(PKG_DIRS); do ln -s $(CURDIR)/$$d build/typecheck/lyceum/$$d; done
+	ln -s $(CURDIR)/proto/lyceum/v1 build/typecheck/lyceum/v1
+
+typecheck: $(STAMP) build/typecheck/lyceum
+	cd build/typecheck && $(CURDIR)/$(PY) -m mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p lyceum
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(MAKE) typecheck
+
+unit: $(STAMP)
+	$(PY) -m pytest -m "not integration"
+
+test: lint
+	$(PY) -m pytest
+
+proto: $(STAMP)
+	$(PY) -m lyceum.proto.generate
+
+bench: $(STAMP)
+	$(PY) bench/offline.py
+
+clean:
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Lyceum compression: analysis, structured pruning, quantization and NAS (imports nothing of the service)."""

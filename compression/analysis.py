@@ -1,0 +1,188 @@
+"""Model analysis: FLOPs, parameters, size on disk and latency, per layer and in total.
+
+FLOPs here are multiply-accumulates (MACs) of the layers that dominate a CNN's cost: convolutions
+(any dimensionality, grouped and depthwise included) and linear layers. Batch norm, activations,
+pooling and additions are counted as zero: they are memory-bound, a few percent of the MACs of
+the surrounding convolutions, and leaving them out keeps the counts easy to check by hand
+(`Conv2d`: N * Cout * Hout * Wout * (Cin / groups) * kh * kw; `Linear`: rows * in * out). Biases
+are not counted either, as in thop/fvcore. Counts are for the batch size of `example_input`.
+
+Model size is the byte length of the model's state dict serialised with safetensors, which is
+what `lyceum.compression.pruning.save_pruned` writes (no pickle).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerStats",
+    "count_flops",
+    "count_params",
+    "format_table",
+    "layer_stats",
+    "measure_latency",
+    "model_size_bytes",
+]
+
+_COUNTED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One counted layer: its qualified name, type, MACs for the example input and own params."""
+
+    name: str
+    kind: str
+    flops: int
+    params: int
+    output_shape: tuple[int, ...]
+
+
+def _layer_flops(module: nn.Module, output: torch.Tensor) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, nn.modules.conv._ConvTransposeMixin):
+            # A transposed conv scatters every input element through the whole kernel.
+            raise ValueError(
+                f"count_flops: transposed convolution {type(module).__name__} is not supported; "
+                "exclude it or count it separately"
+            )
+        kernel = prod(module.kernel_size)
+        return output.numel() * (module.in_channels // module.groups) * kernel
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    return 0
+
+
+def layer_stats(model: nn.Module, example_input: torch.Tensor) -> list[LayerStats]:
+    """Per-layer MACs and parameters of every conv/linear layer, in execution order.
+
+    Runs one forward pass of `example_input` (in eval mode, without gradients) with hooks; a
+    layer called several times (weight sharing) is listed once per call.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    stats: list[LayerStats] = []
+
+    def hook(module: nn.Module, _inputs: object, output: object) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(
+                f"layer_stats: layer {names[module]!r} returned {type(output).__name__}, "
+                "expected a tensor"
+            )
+        stats.append(
+            LayerStats(
+                name=names[module],
+                kind=type(module).__name__,
+                flops=_layer_flops(module, output),
+                params=sum(p.numel() for p in module.parameters(recurse=False)),
+                output_shape=tuple(output.shape),
+            )
+        )
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return stats
+
+
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Total multiply-accumulates of the conv and linear layers for `example_input`."""
+    return sum(s.flops for s in layer_stats(model, example_input))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (every parameter tensor, counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict (parameters and buffers) serialised with safetensors."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return len(save(state))
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    threads: int = 1,
+) -> float:
+    """Median wall-clock seconds of one forward pass on the current device.
+
+    Eval mode, inference mode, `warmup` untimed passes first, then the median of `runs` timed
+    passes (the median, not the mean, so that a scheduler hiccup on a shared machine does not
+    move the figure). The intra-op thread count is fixed to `threads` for the measurement and
+    restored afterwards, since latency depends on it more than on anything else on CPU.
+    """
+    if runs < 1:
+        raise ValueError(f"measure_latency: runs must be >= 1, got {runs}")
+    if warmup < 0:
+        raise ValueError(f"measure_latency: warmup must be >= 0, got {warmup}")
+    if threads < 1:
+        raise ValueError(f"measure_latency: threads must be >= 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    was_training = model.training
+    model.eval()
+    cuda = example_input.is_cuda
+    times: list[float] = []
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(example_input)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    return statistics.median(times)
+
+
+def format_table(model: nn.Module, example_input: torch.Tensor) -> str:
+    """A plain-text table of per-layer MACs, params and output shapes, with totals.
+
+    The total parameter line counts every parameter of the model (batch norm included), so it
+    can exceed the sum of the conv/linear rows.
+    """
+    stats = layer_stats(model, example_input)
+    total_flops = sum(s.flops for s in stats) or 1
+    rows = [("layer", "type", "MACs", "%", "params", "output")]
+    for s in stats:
+        rows.append(
+            (
+                s.name,
+                s.kind,
+                f"{s.flops:,}",
+                f"{100 * s.flops / total_flops:.1f}",
+                f"{s.params:,}",
+                "x".join(map(str, s.output_shape)),
+            )
+        )
+    rows.append(("total", "", f"{sum(s.flops for s in stats):,}", "100.0", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"parameters: {count_params(model):,}  size: {model_size_bytes(model):,} bytes")
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,254 @@
+"""Example models and the digits data set, named by spec strings in demos, tests and benches.
+
+Everything here is small enough to train on two CPU cores in seconds. scikit-learn's bundled
+digits (1,797 images of 8x8 pixels, ten classes) is the only data: no download at run time.
+Each factory is a plain callable so that `--model lyceum.deploy.examples:teacher_cnn` and
+`--dataset lyceum.deploy.examples:digits` work from the command line.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+Split = Literal["train", "val", "test", "all"]
+
+_N_TEST = 360
+_N_VAL = 180
+
+
+@cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = (data.images.astype(np.float32) / 16.0)[:, None, :, :]
+    labels = data.target.astype(np.int64)
+    # A fixed permutation so that every process (teacher, student, dump) agrees on the
+    # split and on what sample id N means.
+    perm = np.random.default_rng(0).permutation(len(labels))
+    return images, labels, perm
+
+
+class Digits(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Map-style digits split: item `i` is `(image [1, 8, 8] float32 in [0, 1], label)`.
+
+    `limit` keeps only the first N items of the split (e.g. a small labelled subset).
+    """
+
+    def __init__(self, split: Split = "train", limit: int | None = None) -> None:
+        images, labels, perm = _digits_arrays()
+        n_train = len(perm) - _N_TEST - _N_VAL
+        bounds = {
+            "train": (0, n_train),
+            "val": (n_train, n_train + _N_VAL),
+            "test": (n_train + _N_VAL, len(perm)),
+            "all": (0, len(perm)),
+        }
+        if split not in bounds:
+            raise ValueError(f"digits: unknown split {split!r}; expected one of {sorted(bounds)}")
+        lo, hi = bounds[split]
+        index = perm[lo:hi]
+        if limit is not None:
+            if limit <= 0:
+                raise ValueError(f"digits: limit must be positive, got {limit}")
+            index = index[:limit]
+        self.split = split
+        self.images = torch.from_numpy(np.ascontiguousarray(images[index]))
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels[index]))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def digits(split: Split = "train", limit: int | None = None) -> Digits:
+    """Dataset factory for specs: `lyceum.deploy.examples:digits` (kwargs `{"split": "test"}`)."""
+    return Digits(split, limit)
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TeacherCNN(nn.Module):
+    """The demo's teacher: three conv stages on 8x8 inputs, global pooling, a linear head."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.layer1 = _conv_bn(1, width)
+        self.layer2 = nn.Sequential(_conv_bn(width, 2 * width), nn.MaxPool2d(2))
+        self.layer3 = _conv_bn(2 * width, 2 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def teacher_cnn(width: int = 32, num_classes: int = 10) -> TeacherCNN:
+    return TeacherCNN(width, num_classes)
+
+
+def student_mlp(hidden: int = 32, num_classes: int = 10) -> nn.Sequential:
+    """The demo's student: a one-hidden-layer MLP on the flattened 8x8 image."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+class StudentCNN(nn.Module):
+    """A small CNN student (conv, conv, linear head), the target of compression demos."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn(1, width),
+            _conv_bn(width, 2 * width, stride=2),
+            _conv_bn(2 * width, 2 * width, stride=2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 2 * 2, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def student_cnn(width: int = 16, num_classes: int = 10) -> StudentCNN:
+    return StudentCNN(width, num_classes)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with batch norm and an identity or 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetCNN(nn.Module):
+    """A ResNet-style CNN for 8x8 inputs: stem, three stages of basic blocks, pooled head."""
+
+    def __init__(self, width: int = 16, blocks: int = 2, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(1, width)
+        stages: list[nn.Module] = []
+        cin = width
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                stages.append(BasicBlock(cin, cout, stride=2 if (i > 0 and b == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet_cnn(width: int = 16, blocks: int = 2, num_classes: int = 10) -> ResNetCNN:
+    return ResNetCNN(width, blocks, num_classes)
+
+
+class SeparableBlock(nn.Module):
+    """MobileNetV1 block: a depthwise 3x3 conv then a pointwise 1x1 conv, each with BN + ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.depthwise = _conv_bn(cin, cin, stride=stride, groups=cin)
+        self.pointwise = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class MobileNetCNN(nn.Module):
+    """A MobileNetV1-style CNN for 8x8 inputs built from depthwise separable blocks."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(1, width)
+        self.blocks = nn.Sequential(
+            SeparableBlock(width, 2 * width),
+            SeparableBlock(2 * width, 4 * width, stride=2),
+            SeparableBlock(4 * width, 4 * width),
+            SeparableBlock(4 * width, 8 * width, stride=2),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def mobilenet_cnn(width: int = 16, num_classes: int = 10) -> MobileNetCNN:
+    return MobileNetCNN(width, num_classes)
+
+
+def accuracy(
+    model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 512
+) -> float:
+    """Top-1 accuracy of `model` on `dataset` (eval mode, no gradients), in [0, 1]."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_classifier(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> nn.Module:
+    """Plain supervised training with Adam and cross-entropy; returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=generator
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()

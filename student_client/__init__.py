@@ -1,0 +1,1 @@
+"""Lyceum student client: knowledge sources, merger, DistillLoader, losses and trainer."""
