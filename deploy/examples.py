@@ -252,3 +252,48 @@ def train_classifier(
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
     return model.eval()
+
+
+class TinyCausalLM(nn.Module):
+    """A tiny causal language model: embedding, a causal conv, a vocabulary head.
+
+    Position t sees only tokens <= t, so right-padding a batch leaves real positions unchanged
+    (what the teacher engine relies on for token-level knowledge).
+    """
+
+    def __init__(self, vocab: int = 50, dim: int = 16, context: int = 3) -> None:
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Conv1d(dim, dim, context)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).transpose(1, 2)
+        x = torch.relu(self.mix(nn.functional.pad(x, (self.context - 1, 0))))
+        return self.head(x.transpose(1, 2))
+
+
+def tiny_lm(vocab: int = 50, dim: int = 16, context: int = 3) -> TinyCausalLM:
+    return TinyCausalLM(vocab, dim, context)
+
+
+class TokenSequences(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Random token sequences of varying length (item: `(tokens [T_i] int64, 0)`), seeded."""
+
+    def __init__(self, n: int = 64, vocab: int = 50, min_len: int = 3, max_len: int = 12) -> None:
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
+        self.items = [torch.randint(0, vocab, (int(n_),), generator=g) for n_ in lengths]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.items[i], 0
+
+
+def token_sequences(
+    n: int = 64, vocab: int = 50, min_len: int = 3, max_len: int = 12
+) -> TokenSequences:
+    return TokenSequences(n, vocab, min_len, max_len)
