@@ -47,7 +47,7 @@ class LayerStats:
 
 def _layer_flops(module: nn.Module, output: torch.Tensor) -> int:
     if isinstance(module, nn.modules.conv._ConvNd):
-        if isinstance(module, nn.modules.conv._ConvTransposeMixin):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
             # A transposed conv scatters every input element through the whole kernel.
             raise ValueError(
                 f"count_flops: transposed convolution {type(module).__name__} is not supported; "

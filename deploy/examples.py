@@ -215,9 +215,7 @@ def mobilenet_cnn(width: int = 16, num_classes: int = 10) -> MobileNetCNN:
     return MobileNetCNN(width, num_classes)
 
 
-def accuracy(
-    model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 512
-) -> float:
+def accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 512) -> float:
     """Top-1 accuracy of `model` on `dataset` (eval mode, no gradients), in [0, 1]."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     was_training = model.training

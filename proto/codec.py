@@ -31,12 +31,12 @@ from lyceum.proto.schema import (
     ARROW_VALUE_TYPES,
     SAMPLE_ID,
     TOPK_INDEX_TYPE,
+    DType,
     FieldSpec,
     KnowledgeSchema,
-    TopK,
 )
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
+TORCH_DTYPES: dict[DType, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -44,7 +44,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "bool": torch.bool,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+DTYPE_NAMES: dict[torch.dtype, DType] = {v: k for k, v in TORCH_DTYPES.items()}
 
 # Same-size integer types used to move bfloat16 and bool through numpy/Arrow unchanged.
 _CARRIER: dict[str, torch.dtype] = {"bfloat16": torch.int16, "bool": torch.uint8}
@@ -101,7 +101,9 @@ def check_unique_ids(ids: np.ndarray) -> None:
     uniq, counts = np.unique(ids, return_counts=True)
     if uniq.size != ids.size:
         dups = uniq[counts > 1][:5].tolist()
-        raise ValueError(f"sample ids: duplicate ids {dups} (each sample may appear once per batch)")
+        raise ValueError(
+            f"sample ids: duplicate ids {dups} (each sample may appear once per batch)"
+        )
 
 
 def _flat_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -134,14 +136,20 @@ def _column_array(
                 )
         flat = torch.cat([p.reshape(-1, *row_shape) for p in pieces]) if pieces else None
         values = (
-            _flat_numpy(flat, dtype) if flat is not None else np.empty(0, arrow_type.to_pandas_dtype())
+            _flat_numpy(flat, dtype)
+            if flat is not None
+            else np.empty(0, arrow_type.to_pandas_dtype())
         )
-        rows_arr = pa.FixedSizeListArray.from_arrays(pa.array(values, type=arrow_type), spec.row_size)
+        rows_arr = pa.FixedSizeListArray.from_arrays(
+            pa.array(values, type=arrow_type), spec.row_size
+        )
         offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return pa.LargeListArray.from_arrays(pa.array(offsets), rows_arr)
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"field {spec.name!r} column {column!r}: expected a tensor, got {type(value).__name__}")
+        raise ValueError(
+            f"field {spec.name!r} column {column!r}: expected a tensor, got {type(value).__name__}"
+        )
     if value.dtype != want or list(value.shape[1:]) != row_shape or value.shape[0] != rows:
         raise ValueError(
             f"field {spec.name!r} column {column!r}: expected {_describe_expected(spec, column)} "
@@ -249,7 +257,9 @@ def validate_arrow_schema(
         )
     for w, g in zip(want, arrow, strict=True):
         if not w.type.equals(g.type):
-            raise ValueError(f"{where}: column {g.name!r}: expected Arrow type {w.type}, got {g.type}")
+            raise ValueError(
+                f"{where}: column {g.name!r}: expected Arrow type {w.type}, got {g.type}"
+            )
     return schema
 
 
@@ -274,12 +284,16 @@ def _primitive_numpy(arr: pa.Array, column: str) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=True)
 
 
-def column_arrays(batch: pa.RecordBatch, spec: FieldSpec, column: str) -> tuple[np.ndarray, np.ndarray | None]:
+def column_arrays(
+    batch: pa.RecordBatch, spec: FieldSpec, column: str
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Zero-copy numpy views of one column: values `[rows, *row_shape]` and, for variable
     fields, int64 offsets `[samples + 1]` into those rows (starting at 0)."""
     col = batch.column(column)
     if col.null_count:
-        raise ValueError(f"column {column!r}: {col.null_count} null entries; knowledge has no nulls")
+        raise ValueError(
+            f"column {column!r}: {col.null_count} null entries; knowledge has no nulls"
+        )
     offsets: np.ndarray | None = None
     if spec.variable:
         raw = col.offsets.to_numpy(zero_copy_only=True)
@@ -315,7 +329,9 @@ def _check_values(spec: FieldSpec, column: str, values: np.ndarray) -> None:
                 f"field {spec.name!r}: top-k indices must be in [0, {vocab}), got [{lo}, {hi}]"
             )
     elif spec.dtype == "bool" and int(values.max()) > 1:
-        raise ValueError(f"field {spec.name!r}: bool values must be 0 or 1, got {int(values.max())}")
+        raise ValueError(
+            f"field {spec.name!r}: bool values must be 0 or 1, got {int(values.max())}"
+        )
 
 
 def from_record_batch(

@@ -112,7 +112,9 @@ class FieldSpec(BaseModel):
                     f"{self.shape[-1]}"
                 )
             if self.dtype in ("bool",):
-                raise ValueError(f"field {self.name!r}: topk of a {self.dtype} field makes no sense")
+                raise ValueError(
+                    f"field {self.name!r}: topk of a {self.dtype} field makes no sense"
+                )
         return self
 
     @property
@@ -214,9 +216,7 @@ class KnowledgeSchema(BaseModel):
                 arrow_fields.append(
                     pa.field(f.columns[0], _list_type(value_type, f), False, metadata=meta)
                 )
-                arrow_fields.append(
-                    pa.field(f.columns[1], _list_type(TOPK_INDEX_TYPE, f), False)
-                )
+                arrow_fields.append(pa.field(f.columns[1], _list_type(TOPK_INDEX_TYPE, f), False))
             else:
                 arrow_fields.append(
                     pa.field(f.name, _list_type(value_type, f), False, metadata=meta)

@@ -48,7 +48,9 @@ class Spec(BaseModel):
         try:
             obj: Any = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ValueError(f"spec {self.target!r}: cannot import module {module_name!r}: {exc}") from exc
+            raise ValueError(
+                f"spec {self.target!r}: cannot import module {module_name!r}: {exc}"
+            ) from exc
         for part in attr_path.split("."):
             try:
                 obj = getattr(obj, part)
@@ -57,7 +59,9 @@ class Spec(BaseModel):
                     f"spec {self.target!r}: module {module_name!r} has no attribute {attr_path!r}"
                 ) from None
         if not callable(obj):
-            raise ValueError(f"spec {self.target!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
+            raise ValueError(
+                f"spec {self.target!r}: {attr_path!r} is a {type(obj).__name__}, not callable"
+            )
         return obj
 
     def build(self) -> Any:
@@ -82,7 +86,9 @@ def _parse_kwargs(raw: str, spec: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"spec {spec!r}: keyword arguments are not valid JSON ({exc}): {raw!r}") from exc
+        raise ValueError(
+            f"spec {spec!r}: keyword arguments are not valid JSON ({exc}): {raw!r}"
+        ) from exc
     if not isinstance(value, dict):
         raise ValueError(f"spec {spec!r}: keyword arguments must be a JSON object, got {raw!r}")
     return value
@@ -116,7 +122,9 @@ def load_model(spec: Spec | str, checkpoint: str | Path | None = None) -> nn.Mod
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     model = spec.build()
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model spec {spec}: returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ValueError(
+            f"model spec {spec}: returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     if checkpoint is not None:
         try:
             model.load_state_dict(load_state_dict(checkpoint))

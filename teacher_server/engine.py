@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from lyceum.proto.codec import DTYPE_NAMES
-from lyceum.proto.schema import FieldSpec, KnowledgeSchema, Meaning, TopK
+from lyceum.proto.schema import DType, FieldSpec, KnowledgeSchema, Meaning, TopK
 
 Precision = Literal["fp32", "fp16", "bf16"]
 _PRECISION_DTYPES: dict[str, torch.dtype] = {
@@ -164,7 +164,9 @@ class TeacherEngine:
         out = self.model(batch.to(self.device, non_blocking=True))
         result = {}
         for o in self.config.outputs:
-            result[o.name] = _select_output(out, o.source) if o.is_model_output else self._captured[o.name]
+            result[o.name] = (
+                _select_output(out, o.source) if o.is_model_output else self._captured[o.name]
+            )
         return result
 
     def _probe(self) -> KnowledgeSchema:
@@ -187,19 +189,21 @@ class TeacherEngine:
             fields.append(self._field_spec(o, t, shape))
         return KnowledgeSchema(fields=tuple(fields))
 
-    def _field_spec(self, o: OutputSpec, t: torch.Tensor, shape: tuple[int | None, ...]) -> FieldSpec:
+    def _field_spec(
+        self, o: OutputSpec, t: torch.Tensor, shape: tuple[int | None, ...]
+    ) -> FieldSpec:
         is_logits = o.is_model_output
         meaning: Meaning = "features"
         temperature = 1.0
         if is_logits:
             meaning = "log_probs" if self.config.values == "log_probs" else "logits"
             temperature = self.config.temperature if meaning == "log_probs" else 1.0
-        if t.dtype.is_floating_point:
-            dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.config.precision]
-        else:
-            dtype = DTYPE_NAMES.get(t.dtype, "")
-            if not dtype:
-                raise ValueError(f"output {o.name!r}: dtype {t.dtype} is not supported")
+        found = DTYPE_NAMES.get(
+            _PRECISION_DTYPES[self.config.precision] if t.dtype.is_floating_point else t.dtype
+        )
+        if found is None:
+            raise ValueError(f"output {o.name!r}: dtype {t.dtype} is not supported")
+        dtype: DType = found
         encoding: Any = {"kind": "dense"}
         if self.config.topk is not None and is_logits:
             if not shape or shape[-1] is None or self.config.topk > shape[-1]:
@@ -210,7 +214,7 @@ class TeacherEngine:
             encoding = TopK(k=self.config.topk)
         return FieldSpec(
             name=o.name,
-            dtype=dtype,  # type: ignore[arg-type]  # checked against DTYPE_NAMES above
+            dtype=dtype,
             shape=shape,
             encoding=encoding,
             meaning=meaning,
@@ -244,7 +248,9 @@ class TeacherEngine:
                     value = value.to("cpu", non_blocking=False)
                     if spec.variable:
                         if lengths is None:
-                            raise ValueError(f"field {spec.name!r} is per-token: lengths are needed")
+                            raise ValueError(
+                                f"field {spec.name!r} is per-token: lengths are needed"
+                            )
                         columns[column] = [value[i, :n] for i, n in enumerate(lengths)]
                     else:
                         columns[column] = value

@@ -14,15 +14,14 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from lyceum.compression.pruning.config import Criterion
 from lyceum.compression.pruning.plan import PlanStep, PrunePlan
-
-Criterion = Literal["l1", "l2", "fpgm"]
 
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 

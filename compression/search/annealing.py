@@ -224,10 +224,16 @@ class SAController:
                 f"{path}: search state format_version {state.get('format_version')!r} is not "
                 f"{_STATE_VERSION}; delete the file to start a new search"
             )
-        for key, mine in (("range_table", self.table), ("config", self.config.model_dump())):
-            if state[key] != mine:
+        # max_iterations may differ: resuming with a larger budget extends a finished search.
+        saved_config = {k: v for k, v in state["config"].items() if k != "max_iterations"}
+        my_config = {k: v for k, v in self.config.model_dump().items() if k != "max_iterations"}
+        for key, saved, mine in (
+            ("range_table", state["range_table"], self.table),
+            ("config", saved_config, my_config),
+        ):
+            if saved != mine:
                 raise ValueError(
-                    f"{path}: saved {key} {state[key]} differs from this search's {mine}; "
+                    f"{path}: saved {key} {saved} differs from this search's {mine}; "
                     "use a new state path or the same settings to resume"
                 )
         self.iteration = int(state["iteration"])

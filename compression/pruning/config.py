@@ -1,0 +1,155 @@
+"""Pruning strategies as config objects: `prune(model, UniformPruning(flops=-0.5), x)`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lyceum.compression.search import SAConfig
+
+__all__ = ["AutoPruning", "Criterion", "PruningConfig", "SensitivityPruning", "UniformPruning"]
+
+Criterion = Literal["l1", "l2", "fpgm"]
+
+_DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class _Selection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    criterion: Criterion = Field(
+        "l1",
+        description="Channel importance: 'l1' or 'l2' norm of the group's weights, or 'fpgm' "
+        "(distance to the geometric median; removes the most replaceable filters).",
+    )
+    include: str | None = Field(
+        None,
+        description="Regex (re.fullmatch) on layer names: only groups with a matching layer "
+        "are pruned, e.g. '.*_sep_weights' or 'layers\\..*\\.conv1'. Default: all groups.",
+    )
+    exclude: str | None = Field(
+        None, description="Regex (re.fullmatch) on layer names: groups with a match are kept."
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"invalid regex {value!r}: {e}") from e
+        return value
+
+
+def _check_flops(flops: float) -> float:
+    if not -1.0 < flops < 0.0:
+        raise ValueError(
+            f"flops must be the relative FLOPs change in (-1, 0), e.g. -0.5 to remove half; "
+            f"got {flops}"
+        )
+    return flops
+
+
+class UniformPruning(_Selection):
+    """Remove the same fraction of channels from every selected group.
+
+    Give `ratio` directly, or `flops` (e.g. -0.5) and the ratio is found by bisection.
+    """
+
+    kind: Literal["uniform"] = "uniform"
+    ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Fraction of each group's channels to remove."
+    )
+    flops: float | None = Field(
+        None, description="Target relative FLOPs change, e.g. -0.5; the ratio is bisected."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if (self.ratio is None) == (self.flops is None):
+            raise ValueError(
+                f"UniformPruning: give exactly one of 'ratio' or 'flops' "
+                f"(got ratio={self.ratio}, flops={self.flops})"
+            )
+        if self.flops is not None:
+            _check_flops(self.flops)
+        return self
+
+
+class SensitivityPruning(_Selection):
+    """Per-group ratios from a sensitivity analysis, meeting a FLOPs target at least loss.
+
+    Each group is pruned alone at each of `ratios` and evaluated; then a loss threshold is
+    bisected so that every group gets the largest ratio whose (interpolated) metric loss stays
+    under it, and the FLOPs target is met (PaddleSlim's SensitivePruner).
+    """
+
+    kind: Literal["sensitivity"] = "sensitivity"
+    flops: float = Field(description="Target relative FLOPs change, e.g. -0.5.")
+    ratios: tuple[float, ...] = Field(
+        _DEFAULT_RATIOS, description="Ratios each group is tried at, increasing, in (0, 1)."
+    )
+    max_ratio: float = Field(
+        0.9, gt=0.0, lt=1.0, description="Largest fraction removed from any one group."
+    )
+    sensitivity_file: Path | None = Field(
+        None, description="JSON file the analysis is saved to as it runs and resumed from."
+    )
+
+    @field_validator("flops")
+    @classmethod
+    def _flops(cls, value: float) -> float:
+        return _check_flops(value)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0.0 < r < 1.0 for r in value) or list(value) != sorted(set(value)):
+            raise ValueError(f"ratios must be increasing, distinct, in (0, 1); got {value}")
+        return value
+
+
+class AutoPruning(_Selection):
+    """Per-group ratios searched by simulated annealing under a FLOPs or latency constraint.
+
+    Candidates are per-group ratios on a grid of `ratio_step` up to `max_layer_ratio`; a
+    candidate is feasible when it removes between `min_ratio` and `max_ratio` of the FLOPs
+    (PaddleSlim's auto_prune) and, if set, runs under `max_latency_ms`. Each feasible candidate
+    is fine-tuned briefly (the `candidate_finetune` callable given to `prune`) and scored by
+    `evaluate`.
+    """
+
+    kind: Literal["auto"] = "auto"
+    min_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="Least fraction of FLOPs removed.")
+    max_ratio: float = Field(0.55, gt=0.0, lt=1.0, description="Most fraction of FLOPs removed.")
+    max_latency_ms: float | None = Field(
+        None, gt=0.0, description="Optional measured-latency bound (median, 1 thread), in ms."
+    )
+    ratio_step: float = Field(0.1, gt=0.0, lt=1.0, description="Grid step of per-group ratios.")
+    max_layer_ratio: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Largest fraction removed from any one group."
+    )
+    search: SAConfig = Field(
+        default_factory=SAConfig, description="Simulated-annealing settings (seed, budget...)."
+    )
+    state_file: Path | None = Field(
+        None, description="JSON file the search state is saved to after every step."
+    )
+    init_tokens: list[int] | None = Field(
+        None, description="Start of the search, e.g. the best tokens of an earlier run."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(
+                f"AutoPruning: min_ratio {self.min_ratio} exceeds max_ratio {self.max_ratio}"
+            )
+        return self
+
+
+PruningConfig = UniformPruning | SensitivityPruning | AutoPruning

@@ -1,0 +1,184 @@
+"""A whole pruning job from one config: measure, prune, fine-tune, measure again, save.
+
+The config names the model and data set by `module:callable` spec strings, but this module does
+not resolve them: the caller (the `lyceum prune` CLI, or a script) builds the model and data
+sets and passes them in, so the library stays independent of how specs are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+from torch.utils.data import Dataset
+
+from lyceum.compression.analysis import (
+    count_flops,
+    count_params,
+    measure_latency,
+    model_size_bytes,
+)
+from lyceum.compression.pruning.api import prune
+from lyceum.compression.pruning.config import AutoPruning, SensitivityPruning, UniformPruning
+from lyceum.compression.pruning.finetune import evaluate_accuracy, finetune
+from lyceum.compression.pruning.plan import save_pruned
+from lyceum.compression.pruning.sensitivity import plot_sensitivity
+
+__all__ = ["ModelFigures", "PruneJobConfig", "PruneReport", "run_prune_job"]
+
+_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+REPORT_FILE = "report.json"
+
+
+class PruneJobConfig(BaseModel):
+    """Everything `lyceum prune CONFIG.yaml` needs; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Model factory spec 'module:callable'.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the model factory."
+    )
+    checkpoint: Path | None = Field(
+        None, description="safetensors state dict of the trained, unpruned model."
+    )
+    dataset: str = Field(description="Dataset factory spec 'module:callable', called with split=.")
+    dataset_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments of the dataset factory."
+    )
+    train_split: str = Field("train", description="Split used for fine-tuning.")
+    val_split: str = Field("val", description="Split scoring sensitivity/search candidates.")
+    test_split: str = Field("test", description="Split of the before/after accuracy.")
+    strategy: Annotated[
+        UniformPruning | SensitivityPruning | AutoPruning, Field(discriminator="kind")
+    ] = Field(description="Pruning strategy, selected by its 'kind' key.")
+    finetune_epochs: int = Field(10, ge=0, description="Fine-tuning epochs after pruning.")
+    candidate_finetune_epochs: int = Field(
+        1, ge=0, description="Fine-tuning epochs of each auto-pruning candidate."
+    )
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of fine-tuning.")
+    batch_size: int = Field(64, ge=1, description="Fine-tuning batch size.")
+    seed: int = Field(0, description="Seed of the fine-tuning data order.")
+    latency_runs: int = Field(50, ge=1, description="Timed runs of the latency median.")
+    out_dir: Path = Field(description="Directory for the pruned model, plan and report.")
+
+    @field_validator("model", "dataset")
+    @classmethod
+    def _spec(cls, value: str) -> str:
+        if not _SPEC.fullmatch(value):
+            raise ValueError(
+                f"expected a 'module:callable' spec such as 'lyceum.deploy.examples:resnet_cnn', "
+                f"got {value!r}"
+            )
+        return value
+
+
+class ModelFigures(BaseModel):
+    """Cost and quality of one model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flops: int = Field(description="Multiply-accumulates for one example input.")
+    params: int = Field(description="Number of parameters.")
+    size_bytes: int = Field(description="safetensors state-dict size.")
+    latency_ms: float = Field(description="Median CPU latency, 1 thread, batch of 1.")
+    accuracy: float = Field(description="Top-1 accuracy on the test split.")
+
+
+class PruneReport(BaseModel):
+    """What `run_prune_job` did and measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str = Field(description="Strategy kind.")
+    ratios: dict[str, float] = Field(description="Fraction of channels removed per group.")
+    before: ModelFigures = Field(description="The unpruned model.")
+    after: ModelFigures = Field(description="The pruned, fine-tuned model.")
+    flops_reduction: float = Field(description="Fraction of FLOPs removed.")
+    out_dir: str = Field(description="Where the plan, weights and report were written.")
+
+
+def _figures(model: nn.Module, x: Any, test: Dataset, runs: int) -> ModelFigures:
+    return ModelFigures(
+        flops=count_flops(model, x),
+        params=count_params(model),
+        size_bytes=model_size_bytes(model),
+        latency_ms=1000.0 * measure_latency(model, x, runs=runs),
+        accuracy=evaluate_accuracy(model, test),
+    )
+
+
+def run_prune_job(
+    config: PruneJobConfig,
+    *,
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    test_data: Dataset,
+) -> PruneReport:
+    """Prune `model` (built from `config.model`) and write plan, weights and report.
+
+    Writes `prune_plan.json` + `model.safetensors` (reload with `load_pruned`), `report.json`
+    and, for sensitivity pruning, `sensitivity.json` and `sensitivity.png` into `out_dir`.
+    """
+    if config.checkpoint is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(config.checkpoint)))
+    model.eval()
+    example = train_data[0][0].unsqueeze(0)
+    before = _figures(model, example, test_data, config.latency_runs)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    strategy = config.strategy
+    if isinstance(strategy, SensitivityPruning) and strategy.sensitivity_file is None:
+        strategy = strategy.model_copy(update={"sensitivity_file": out / "sensitivity.json"})
+    if isinstance(strategy, AutoPruning) and strategy.state_file is None:
+        strategy = strategy.model_copy(update={"state_file": out / "search_state.json"})
+
+    def candidate_finetune(candidate: nn.Module) -> None:
+        finetune(
+            candidate,
+            train_data,
+            epochs=config.candidate_finetune_epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed,
+        )
+
+    result = prune(
+        model,
+        strategy,
+        example,
+        evaluate=lambda m: evaluate_accuracy(m, val_data),
+        candidate_finetune=candidate_finetune,
+    )
+    if result.sensitivity is not None:
+        try:
+            plot_sensitivity(result.sensitivity, out / "sensitivity.png")
+        except ImportError:
+            pass  # the plot is optional; the JSON beside it holds the same numbers
+    finetune(
+        model,
+        train_data,
+        epochs=config.finetune_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+    )
+    after = _figures(model, example, test_data, config.latency_runs)
+    save_pruned(model, result.plan, out)
+    report = PruneReport(
+        strategy=strategy.kind,
+        ratios=result.ratios,
+        before=before,
+        after=after,
+        flops_reduction=result.flops_reduction,
+        out_dir=str(out),
+    )
+    (out / REPORT_FILE).write_text(json.dumps(report.model_dump(), indent=1))
+    return report

@@ -1,0 +1,165 @@
+"""Sensitivity analysis: each group pruned alone at several ratios, resumable JSON, plots.
+
+Results are written after every evaluation (temp file + rename, so an interruption never leaves
+a truncated file) and an analysis started again with the same file skips what is recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from lyceum.compression.pruning._graph import ChannelGraph, Criterion, prune_by_ratios
+
+__all__ = ["SensitivityResult", "analyze_sensitivity", "plot_sensitivity"]
+
+_VERSION = 1
+
+
+class SensitivityResult(BaseModel):
+    """Metric of the unpruned model and of each group pruned alone at each ratio."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int = Field(_VERSION, description="File format version.")
+    criterion: Criterion = Field(description="Channel importance used to pick channels.")
+    baseline: float = Field(description="Metric of the unpruned model.")
+    metrics: dict[str, dict[str, float]] = Field(
+        description="group name -> ratio (as '%.4g') -> metric with that group pruned alone."
+    )
+
+    def losses(self, group: str) -> list[tuple[float, float]]:
+        """(ratio, baseline - metric) for `group`, sorted by ratio."""
+        if group not in self.metrics:
+            raise ValueError(f"no sensitivity for group {group!r}; have {sorted(self.metrics)}")
+        return sorted((float(r), self.baseline - m) for r, m in self.metrics[group].items())
+
+
+def _key(ratio: float) -> str:
+    return f"{ratio:.4g}"
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def analyze_sensitivity(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    evaluate: Callable[[nn.Module], float],
+    *,
+    ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    criterion: Criterion = "l1",
+    include: str | None = None,
+    exclude: str | None = None,
+    path: str | Path | None = None,
+) -> SensitivityResult:
+    """Prune each selected group alone at each ratio (on a copy) and evaluate the metric.
+
+    `evaluate` returns a metric where higher is better (validation accuracy). With `path`,
+    results already in the file are reused and each new one is saved as soon as it is known.
+    """
+    file = Path(path) if path is not None else None
+    baseline: float | None = None
+    metrics: dict[str, dict[str, float]] = {}
+    if file is not None and file.exists():
+        saved = json.loads(file.read_text())
+        if saved.get("format_version") != _VERSION or saved.get("criterion") != criterion:
+            raise ValueError(
+                f"{file}: saved analysis has format_version {saved.get('format_version')!r} and "
+                f"criterion {saved.get('criterion')!r}, this run wants {_VERSION} and "
+                f"{criterion!r}; use another file or delete it"
+            )
+        baseline = saved.get("baseline")
+        metrics = {g: dict(v) for g, v in saved.get("metrics", {}).items()}
+
+    def save() -> None:
+        if file is not None:
+            _write_atomic(
+                file,
+                {
+                    "format_version": _VERSION,
+                    "criterion": criterion,
+                    "baseline": baseline,
+                    "metrics": metrics,
+                },
+            )
+
+    if baseline is None:
+        baseline = float(evaluate(copy.deepcopy(model)))
+        save()
+    groups = ChannelGraph(model, example_input, include=include, exclude=exclude).groups
+    for group in groups:
+        done = metrics.setdefault(group.name, {})
+        for ratio in ratios:
+            if _key(ratio) in done:
+                continue
+            candidate = copy.deepcopy(model)
+            prune_by_ratios(candidate, example_input, {group.name: ratio}, criterion)
+            done[_key(ratio)] = float(evaluate(candidate))
+            save()
+    return SensitivityResult(criterion=criterion, baseline=baseline, metrics=metrics)
+
+
+def plot_sensitivity(result: SensitivityResult, path: str | Path) -> Path:
+    """Plot metric loss against pruned ratio, one curve per group, to a PNG file."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(
+            "plot_sensitivity needs matplotlib: pip install 'lyceum-kd[plot]'"
+        ) from e
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in result.metrics:
+        points = [(0.0, 0.0), *result.losses(group)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=group)
+    ax.set_xlabel("fraction of the group's channels removed")
+    ax.set_ylabel("metric loss (baseline - metric)")
+    ax.set_title(f"Sensitivity ({result.criterion}), baseline {result.baseline:.4f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out = Path(path)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def ratio_for_loss(losses: list[tuple[float, float]], threshold: float, max_ratio: float) -> float:
+    """Largest ratio whose predicted loss is <= `threshold`, interpolating linearly.
+
+    The curve starts at (0, 0) and is made non-decreasing (running max): a noisy measurement
+    where pruning more *raised* the metric is not trusted to predict a free lunch.
+    """
+    points = [(0.0, 0.0)]
+    for ratio, loss in losses:
+        points.append((ratio, max(loss, points[-1][1])))
+    best = 0.0
+    for (r0, l0), (r1, l1) in zip(points, points[1:], strict=False):
+        if l1 <= threshold:
+            best = r1
+            continue
+        if l0 <= threshold < l1:
+            best = r0 + (r1 - r0) * (threshold - l0) / (l1 - l0)
+        break
+    return min(best, max_ratio)

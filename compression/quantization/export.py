@@ -1,0 +1,127 @@
+"""Saving, safely loading and compiling int8 programs; optional ONNX QDQ export.
+
+The int8 artefact is a `torch.export` program (`.pt2` archive): the graph as JSON and every
+tensor as raw bytes. `torch.export.load` is *not* pickle-free in torch 2.13, though: it
+unpickles weights/constants flagged `use_pickle` (tensor subclasses) and opaque objects, and it
+falls back to `torch.load(weights_only=False)` when the stored sample inputs do not load with
+`weights_only=True`. `load_int8` therefore inspects the archive first and refuses any of those
+before calling `torch.export.load`; archives written by `save_int8` never contain them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export.pt2_archive import constants as _pt2
+
+from .api import as_tuple
+
+
+def export_program(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
+) -> torch.export.ExportedProgram:
+    """`torch.export` a (converted) model with a dynamic batch dimension."""
+    args = as_tuple(example_inputs)
+    dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)
+    return torch.export.export(model, args, dynamic_shapes=dynamic)
+
+
+def save_program(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], path: str | Path
+) -> int:
+    """Export `model` (int8 or fp32) and save it as a `.pt2` archive; returns its size in bytes."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"save_program: {str(path)!r} should end in '.pt2' (a torch.export archive)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(export_program(model, example_inputs), path)
+    return os.path.getsize(path)
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse archive contents that would make `torch.export.load` unpickle or load code."""
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"load_int8: refusing {str(path)!r}: {why}; re-export it with save_program")
+
+    if not zipfile.is_zipfile(path):
+        raise refuse("not a .pt2 zip archive")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        if not any(n.endswith(_pt2.ARCHIVE_FORMAT_PATH) for n in names):
+            raise refuse("no archive_format entry (legacy format, loaded through pickle)")
+        for name in names:
+            inner = name.split("/", 1)[1] if "/" in name else name
+            if inner.startswith((_pt2.AOTINDUCTOR_DIR, _pt2.EXECUTORCH_DIR, _pt2.EXTRA_DIR)):
+                raise refuse(f"it contains {name!r} (compiled code or extra files)")
+            if name.endswith(".json") and inner.startswith((_pt2.WEIGHTS_DIR, _pt2.CONSTANTS_DIR)):
+                config = json.loads(archive.read(name)).get("config", {})
+                for fqn, meta in config.items():
+                    if meta.get("use_pickle"):
+                        raise refuse(f"tensor {fqn!r} is stored pickled")
+                    if inner.startswith(_pt2.CONSTANTS_DIR) and not str(
+                        meta.get("path_name", "")
+                    ).startswith(_pt2.TENSOR_CONSTANT_FILENAME_PREFIX):
+                        raise refuse(f"constant {fqn!r} is an object, not a tensor")
+            if inner.startswith(_pt2.SAMPLE_INPUTS_DIR):
+                data = archive.read(name)
+                if data:
+                    try:
+                        torch.load(io.BytesIO(data), weights_only=True)
+                    except Exception as exc:
+                        raise refuse(f"sample inputs {name!r} need full unpickling ({exc})") from exc
+
+
+def load_int8(path: str | Path) -> torch.export.ExportedProgram:
+    """Load a program written by `save_program`, after checking it needs no unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"load_int8: {str(path)!r} does not exist; expected a .pt2 archive")
+    _check_archive(path)
+    return torch.export.load(path)
+
+
+def compile_int8(module: nn.Module | torch.export.ExportedProgram) -> Callable[..., Any]:
+    """`torch.compile` for x86 CPU with freezing, which is what lowers to oneDNN int8 kernels.
+
+    Inductor's quantization fusion (dequantize + conv/linear + quantize -> `onednn.qconv` /
+    `onednn.qlinear`) runs in the freezing passes; without `freezing=True` the int8 graph is
+    compiled as dequantize + float conv, i.e. no faster than fp32.
+    """
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    return torch.compile(module, options={"freezing": True})
+
+
+def export_onnx(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], path: str | Path
+) -> int:
+    """Optional: export the converted model to ONNX (QuantizeLinear/DequantizeLinear pairs).
+
+    Needs the `onnx` package (and `onnxscript`, used by torch's exporter); raises ValueError
+    naming what is missing otherwise. Returns the file size in bytes.
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(
+            f"export_onnx needs the optional packages onnx and onnxscript ({exc}); "
+            "pip install onnx onnxscript"
+        ) from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = export_program(model, example_inputs)
+    onnx_program = torch.onnx.export(program, as_tuple(example_inputs), dynamo=True)
+    if onnx_program is None:
+        raise ValueError("export_onnx: torch.onnx.export returned nothing for this program")
+    onnx_program.save(str(path))
+    return os.path.getsize(path)

@@ -1,0 +1,125 @@
+"""Configuration of an online teacher server: endpoints, batching, limits, security, lifecycle."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LOOPBACK = "127.0.0.1"
+
+
+class SecurityConfig(BaseModel):
+    """Who may talk to the teacher. Everything off by default: loopback-only is the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding a bearer token every request must carry (both transports).",
+    )
+    tls_cert: Path | None = Field(default=None, description="gRPC server certificate (PEM).")
+    tls_key: Path | None = Field(default=None, description="gRPC server private key (PEM).")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) for mutual TLS: gRPC clients must present a cert it signed.",
+    )
+    zmq_curve_secret_key: Path | None = Field(
+        default=None,
+        description="The ZeroMQ server's CURVE secret key: a z85 key file or a zmq secret "
+        "certificate (zmq.auth.create_certificates).",
+    )
+    zmq_curve_clients: Path | None = Field(
+        default=None,
+        description="Allowed CURVE client public keys: a file of z85 keys (one per line) or a "
+        "directory of zmq public certificates. Without it any CURVE client is accepted "
+        "(encryption only).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SecurityConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.zmq_curve_clients is not None and self.zmq_curve_secret_key is None:
+            raise ValueError("--zmq-curve-clients needs --zmq-curve-secret-key")
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca", "zmq_curve_secret_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name.replace('_', '-')} {str(path)!r}: no such file")
+        if self.zmq_curve_clients is not None and not Path(self.zmq_curve_clients).exists():
+            raise ValueError(f"zmq-curve-clients {str(self.zmq_curve_clients)!r}: no such file or directory")
+        return self
+
+
+class ServerConfig(BaseModel):
+    """Endpoints, dynamic batching, limits and lifecycle of one teacher server process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(
+        default=LOOPBACK,
+        description="Address TCP endpoints bind; loopback unless a wider host is chosen explicitly.",
+    )
+    grpc_port: int | None = Field(default=None, ge=0, le=65535, description="gRPC TCP port; 0 = any free.")
+    zmq_port: int | None = Field(default=None, ge=0, le=65535, description="ZeroMQ TCP port; 0 = any free.")
+    grpc_unix: Path | None = Field(default=None, description="gRPC unix socket path (same-host students).")
+    zmq_ipc: Path | None = Field(default=None, description="ZeroMQ ipc socket path (same-host students).")
+    max_batch: int = Field(default=64, gt=0, description="Most samples in one device batch.")
+    max_delay_ms: float = Field(
+        default=2.0, ge=0, description="Longest a request waits for others to fill a device batch."
+    )
+    max_queue_samples: int | None = Field(
+        default=None,
+        gt=0,
+        description="Samples that may wait for a device; beyond it requests get RESOURCE_EXHAUSTED. "
+        "Default 8 x max_batch x devices.",
+    )
+    max_message_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Largest message accepted or sent; default: sized for a full batch of "
+        "inputs or knowledge (at least 64 MiB).",
+    )
+    grpc_workers: int = Field(default=32, gt=0, description="gRPC handler threads (2 per open stream).")
+    zmq_send_timeout_ms: int = Field(
+        default=5000, gt=0, description="Drop a ZeroMQ reply to a student that stops reading after this."
+    )
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Prometheus metrics HTTP port (on `host`)."
+    )
+    grace_s: float = Field(default=10.0, ge=0, description="SIGTERM drain time for requests in flight.")
+    exit_after_s: float | None = Field(
+        default=None, gt=0, description="Drain and exit after this many seconds (tests, batch jobs)."
+    )
+    ready_file: Path | None = Field(
+        default=None, description="Write the bound endpoints here as JSON once serving."
+    )
+    teacher_id: str = Field(default="", description="Free-form identity reported by Describe.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        if all(e is None for e in (self.grpc_port, self.zmq_port, self.grpc_unix, self.zmq_ipc)):
+            raise ValueError(
+                "no endpoint to serve on: give --grpc-port and/or --zmq-port (0 picks a free "
+                "port), or --grpc-unix / --zmq-ipc"
+            )
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            if self.host != "localhost":
+                raise ValueError(
+                    f"host {self.host!r}: expected an IP address (127.0.0.1, ::1, or 0.0.0.0 to "
+                    f"listen on every interface)"
+                ) from None
+        if self.security.tls_cert is not None and self.grpc_port is None and self.grpc_unix is None:
+            raise ValueError("--tls-cert is for gRPC: also give --grpc-port or --grpc-unix")
+        if self.security.zmq_curve_secret_key is not None and self.zmq_port is None and self.zmq_ipc is None:
+            raise ValueError("--zmq-curve-secret-key is for ZeroMQ: also give --zmq-port or --zmq-ipc")
+        return self
+
+    def queue_samples(self, devices: int) -> int:
+        return self.max_queue_samples or 8 * self.max_batch * devices
