@@ -17,6 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from math import prod
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ __all__ = [
     "layer_stats",
     "measure_latency",
     "model_size_bytes",
+    "print_table",
 ]
 
 _COUNTED = (nn.modules.conv._ConvNd, nn.Linear)
@@ -123,6 +125,7 @@ def measure_latency(
     runs: int = 50,
     warmup: int = 10,
     threads: int = 1,
+    clock: Literal["wall", "thread"] = "wall",
 ) -> float:
     """Median wall-clock seconds of one forward pass on the current device.
 
@@ -130,6 +133,11 @@ def measure_latency(
     passes (the median, not the mean, so that a scheduler hiccup on a shared machine does not
     move the figure). The intra-op thread count is fixed to `threads` for the measurement and
     restored afterwards, since latency depends on it more than on anything else on CPU.
+
+    `clock="thread"` times with the calling thread's CPU clock instead of the wall clock. With
+    `threads=1` every op runs on that thread, so this is the forward's compute time without
+    the time spent descheduled: the figure to compare models by on a shared, loaded machine
+    (it is not a latency a user would see). CPU tensors only.
     """
     if runs < 1:
         raise ValueError(f"measure_latency: runs must be >= 1, got {runs}")
@@ -137,6 +145,14 @@ def measure_latency(
         raise ValueError(f"measure_latency: warmup must be >= 0, got {warmup}")
     if threads < 1:
         raise ValueError(f"measure_latency: threads must be >= 1, got {threads}")
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"measure_latency: clock must be 'wall' or 'thread', got {clock!r}")
+    if clock == "thread" and (example_input.is_cuda or threads != 1):
+        raise ValueError(
+            "measure_latency: clock='thread' needs a CPU input and threads=1 (other threads' "
+            f"work would not be counted); got device {example_input.device}, threads={threads}"
+        )
+    now = time.perf_counter if clock == "wall" else time.thread_time
     previous_threads = torch.get_num_threads()
     was_training = model.training
     model.eval()
@@ -148,12 +164,12 @@ def measure_latency(
             for i in range(warmup + runs):
                 if cuda:
                     torch.cuda.synchronize()
-                start = time.perf_counter()
+                start = now()
                 model(example_input)
                 if cuda:
                     torch.cuda.synchronize()
                 if i >= warmup:
-                    times.append(time.perf_counter() - start)
+                    times.append(now() - start)
     finally:
         torch.set_num_threads(previous_threads)
         model.train(was_training)
@@ -186,3 +202,8 @@ def format_table(model: nn.Module, example_input: torch.Tensor) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"parameters: {count_params(model):,}  size: {model_size_bytes(model):,} bytes")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def print_table(model: nn.Module, example_input: torch.Tensor) -> None:
+    """Print `format_table(model, example_input)`."""
+    print(format_table(model, example_input))

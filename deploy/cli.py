@@ -10,7 +10,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lyceum.deploy import _cli_demo, _cli_dump
+from lyceum.deploy import (
+    _cli_demo,
+    _cli_dump,
+    _cli_knowledge,
+    _cli_prune,
+    _cli_serve,
+    _cli_student,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("teacher", help="run a teacher: dump knowledge or serve it")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     _cli_dump.add_parser(teacher_sub)
+    _cli_serve.add_parser(teacher_sub)
 
+    student = sub.add_parser("student", help="train a student distilled from teachers")
+    _cli_student.add_parser(
+        student.add_subparsers(dest="student_command", required=True, metavar="ACTION")
+    )
+
+    _cli_knowledge.add_parser(sub)
+    _cli_prune.add_parser(sub)
     _cli_demo.add_parser(sub)
     return parser
 

@@ -12,9 +12,11 @@ small sub-messages (`SampleIds`, `Error`) still go through the generated classes
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from google.protobuf.message import DecodeError
 
 from lyceum.v1 import knowledge_pb2 as pb
@@ -24,7 +26,12 @@ _MAX_VARINT_BYTES = 10
 
 
 class WireError(ValueError):
-    """A message that is not a well-formed `DistillRequest` / `DistillReply`."""
+    """A message that is not a well-formed `DistillRequest` / `DistillReply`; `request_id` is
+    the id it carried, if that much could be read (else 0), so the error reply can be matched."""
+
+    def __init__(self, message: str, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 def _varint(value: int) -> bytes:
@@ -39,6 +46,11 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _id_field(request_id: int) -> bytes:
+    # proto3 leaves out fields at their default (0), so the bytes match protobuf's own.
+    return b"\x08" + _varint(request_id) if request_id else b""
+
+
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     for i in range(pos, min(pos + _MAX_VARINT_BYTES, len(buf))):
@@ -50,9 +62,10 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     raise WireError(f"truncated or over-long varint at byte {pos} of {len(buf)}")
 
 
-def _fields(data: bytes | memoryview) -> list[tuple[int, int, int | memoryview]]:
-    """(field number, wire type, value) for each field; LEN values are views of `data`."""
-    buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+def _fields(data: bytes | memoryview) -> list[tuple[int, int | memoryview]]:
+    """(field number, value) for each field: varints and fixed-width values as ints,
+    length-delimited ones as views of `data`."""
+    buf = memoryview(data).cast("B")
     pos, out = 0, []
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
@@ -77,7 +90,7 @@ def _fields(data: bytes | memoryview) -> list[tuple[int, int, int | memoryview]]
             value, pos = int.from_bytes(buf[pos : pos + width], "little"), pos + width
         else:
             raise WireError(f"field {number}: unsupported wire type {wire_type}")
-        out.append((number, wire_type, value))
+        out.append((number, value))
     return out
 
 
@@ -94,7 +107,7 @@ def encode_request(request_id: int, inputs: object = None, ids: object = None) -
     """`DistillRequest` bytes; `inputs` is Arrow IPC bytes (any buffer), `ids` integers."""
     if (inputs is None) == (ids is None):
         raise ValueError("a request carries either inputs (query mode) or ids (index mode)")
-    head = b"\x08" + _varint(request_id)
+    head = _id_field(request_id)
     if ids is not None:
         body = pb.SampleIds(ids=[int(i) for i in np.asarray(ids).reshape(-1)]).SerializeToString()
         return head + b"\x1a" + _varint(len(body)) + body
@@ -105,39 +118,61 @@ def encode_request(request_id: int, inputs: object = None, ids: object = None) -
 def decode_request(data: bytes | memoryview) -> Request:
     """Parse `DistillRequest` bytes; raises `WireError` naming what is malformed."""
     request_id, inputs, ids = 0, None, None
-    for number, wire_type, value in _fields(data):
-        if number == 1 and wire_type == _VARINT:
-            request_id = int(value)  # type: ignore[arg-type]
-        elif number == 2 and wire_type == _LEN:
-            inputs, ids = value, None  # type: ignore[assignment]
-        elif number == 3 and wire_type == _LEN:
+    for number, value in _fields(data):
+        if number == 1 and isinstance(value, int):
+            request_id = value
+        elif number == 2 and isinstance(value, memoryview):
+            inputs, ids = value, None
+        elif number == 3 and isinstance(value, memoryview):
             try:
-                sample_ids = pb.SampleIds.FromString(bytes(value))  # type: ignore[arg-type]
+                sample_ids = pb.SampleIds.FromString(bytes(value))
             except DecodeError as exc:
-                raise WireError(f"request {request_id}: malformed sample ids: {exc}") from exc
+                raise WireError(f"malformed sample ids: {exc}", request_id) from exc
             ids, inputs = np.fromiter(sample_ids.ids, dtype=np.uint64), None
         # Unknown fields are skipped, as protobuf does, for forward compatibility.
     if inputs is None and ids is None:
-        raise WireError(
-            f"request {request_id}: carries neither inputs (query mode) nor ids (index mode)"
-        )
+        raise WireError("carries neither inputs (query mode) nor ids (index mode)", request_id)
     return Request(request_id=request_id, inputs=inputs, ids=ids)
 
 
 def knowledge_header(request_id: int, nbytes: int) -> bytes:
     """The bytes that precede `nbytes` of knowledge in a `DistillReply`."""
-    return b"\x08" + _varint(request_id) + b"\x12" + _varint(nbytes)
+    return _id_field(request_id) + b"\x12" + _varint(nbytes)
 
 
-def encode_knowledge_reply(request_id: int, knowledge: object) -> bytes:
-    """`DistillReply` bytes carrying Arrow IPC knowledge (one copy of the payload)."""
-    view = memoryview(knowledge).cast("B")  # type: ignore[arg-type]
-    return b"".join((knowledge_header(request_id, view.nbytes), view))
+def _write_ipc(sink: pa.NativeFile, batch: pa.RecordBatch) -> None:
+    # The same stream as lyceum.proto.codec.to_ipc (schema message + one batch).
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+def encode_batch_reply(request_id: int, batch: pa.RecordBatch) -> bytes:
+    """`DistillReply` bytes with `batch` as Arrow IPC, its values copied exactly once.
+
+    grpcio only sends `bytes`, so the usual path (IPC into an Arrow buffer, then header +
+    buffer joined into bytes) copies the knowledge twice. Here the IPC size is measured
+    first (a mock stream counts bytes without copying them), then the header and the IPC
+    stream are written straight into a new `bytes` object. Writing into a fresh bytes object
+    before anything else holds a reference is the C API's own idiom
+    (PyBytes_FromStringAndSize(NULL, n), then fill); ctypes gives Arrow a view of its memory.
+    """
+    mock = pa.MockOutputStream()
+    _write_ipc(mock, batch)
+    header = knowledge_header(request_id, mock.size())
+    out = bytes(len(header) + mock.size())
+    address = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
+    view = memoryview((ctypes.c_char * len(out)).from_address(address)).cast("B")  # type: ignore[operator]
+    view[: len(header)] = header
+    sink = pa.FixedSizeBufferWriter(pa.py_buffer(view[len(header) :]))
+    _write_ipc(sink, batch)
+    sink.close()
+    return out
 
 
 def encode_error_reply(request_id: int, code: int, message: str) -> bytes:
     return pb.DistillReply(
-        request_id=request_id, error=pb.Error(code=code, message=message)  # type: ignore[arg-type]
+        request_id=request_id,
+        error=pb.Error(code=code, message=message),  # type: ignore[arg-type]
     ).SerializeToString()
 
 
@@ -153,19 +188,19 @@ class Reply:
 
 def decode_reply(data: bytes | memoryview) -> Reply:
     request_id, knowledge, error = 0, None, None
-    for number, wire_type, value in _fields(data):
-        if number == 1 and wire_type == _VARINT:
-            request_id = int(value)  # type: ignore[arg-type]
-        elif number == 2 and wire_type == _LEN:
-            knowledge, error = value, None  # type: ignore[assignment]
-        elif number == 3 and wire_type == _LEN:
+    for number, value in _fields(data):
+        if number == 1 and isinstance(value, int):
+            request_id = value
+        elif number == 2 and isinstance(value, memoryview):
+            knowledge, error = value, None
+        elif number == 3 and isinstance(value, memoryview):
             try:
-                error = pb.Error.FromString(bytes(value))  # type: ignore[arg-type]
+                error = pb.Error.FromString(bytes(value))
             except DecodeError as exc:
-                raise WireError(f"reply {request_id}: malformed error: {exc}") from exc
+                raise WireError(f"malformed error: {exc}", request_id) from exc
             knowledge = None
     if error is not None:
         return Reply(request_id, error_code=int(error.code), error_message=error.message)
     if knowledge is None:
-        raise WireError(f"reply {request_id}: carries neither knowledge nor an error")
+        raise WireError("carries neither knowledge nor an error", request_id)
     return Reply(request_id, knowledge=knowledge)

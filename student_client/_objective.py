@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
@@ -28,7 +27,9 @@ class DistillTerm(BaseModel):
 
     name: str = Field(description="Name of the term in the logged values; unique per objective.")
     weight: float = Field(ge=0, description="Multiplier of this term in the total loss.")
-    loss: nn.Module = Field(description="The loss module, called as loss(student, teacher[, mask]).")
+    loss: nn.Module = Field(
+        description="The loss module, called as loss(student, teacher[, mask])."
+    )
     student: str | tuple[str, ...] = Field(description="Key(s) of the student's outputs.")
     teacher: str | tuple[str, ...] = Field(description="Field name(s) in the merged knowledge.")
     masked: bool = Field(
@@ -84,7 +85,9 @@ class DistillObjective(nn.Module):
         names = [t.name for t in terms]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"duplicate distillation term names {dup}; give each term its own name")
+            raise ValueError(
+                f"duplicate distillation term names {dup}; give each term its own name"
+            )
         if not terms:
             raise ValueError("DistillObjective needs at least one term; use the task loss alone")
         self.task_weight = task_weight
@@ -110,4 +113,5 @@ class DistillObjective(nn.Module):
             value = loss_fn(s, t, mask=mask) if term.masked else loss_fn(s, t)
             logged[term.name] = value.detach()
             parts.append(term.weight * value)
-        return DistillOutput(total=torch.stack(parts).sum(), terms=logged)
+        # sum(), not torch.stack: terms may differ in dtype (e.g. a bf16 task loss).
+        return DistillOutput(total=sum(parts[1:], start=parts[0]), terms=logged)

@@ -21,6 +21,12 @@ def _describe(t: Tensor) -> str:
     return f"{list(t.shape)}"
 
 
+def jagged_offsets(t: Tensor) -> Tensor:
+    """Offsets `[B + 1]` of a `torch.jagged` nested tensor."""
+    # The jagged NestedTensor subclass has offsets(); torch's Tensor stubs do not list it.
+    return t.offsets()  # type: ignore[attr-defined,no-any-return]
+
+
 def _padded_keep(t: Tensor, lengths: Tensor, what: str) -> Tensor:
     """Bool [B, T] marking the positions of padded `t` that exist in the jagged reference."""
     if t.dim() < 2 or t.shape[0] != lengths.numel():
@@ -74,12 +80,12 @@ def flatten_positions(
             rows = [r[keep_rows] for r in rows]
         return rows[0], rows[1:]
 
-    offsets = jagged[0].offsets()
+    offsets = jagged_offsets(jagged[0])
     for t in jagged[1:]:
-        if t.offsets() is not offsets and not torch.equal(t.offsets(), offsets):
+        if not torch.equal(jagged_offsets(t), offsets):
             raise ValueError(
                 "student and teacher jagged tensors have different sequence lengths "
-                f"({jagged[0].offsets().diff().tolist()} vs {t.offsets().diff().tolist()}); "
+                f"({jagged_offsets(jagged[0]).diff().tolist()} vs {jagged_offsets(t).diff().tolist()}); "
                 "the knowledge must come from the same tokenisation as the student's inputs"
             )
     lengths = offsets.diff()
@@ -92,8 +98,10 @@ def flatten_positions(
             positions.append(t[_padded_keep(t, lengths, name)])
     if mask is not None:
         if mask.is_nested:
-            if not torch.equal(mask.offsets(), offsets):
-                raise ValueError("mask: jagged mask has different sequence lengths than the knowledge")
+            if not torch.equal(jagged_offsets(mask), offsets):
+                raise ValueError(
+                    "mask: jagged mask has different sequence lengths than the knowledge"
+                )
             keep = mask.values()
         else:
             keep = mask[_padded_keep(mask, lengths, "mask")]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from lyceum.proto.schema import FieldSpec, TopK
@@ -50,7 +50,7 @@ def merged_dtype(spec: FieldSpec) -> str:
     return "float32" if spec.dtype in FLOAT_DTYPES else spec.dtype
 
 
-def _with(spec: FieldSpec, **update: object) -> FieldSpec:
+def with_updates(spec: FieldSpec, **update: object) -> FieldSpec:
     # model_copy(update=...) would skip validation; rebuild so the result is a valid spec.
     return FieldSpec.model_validate({**spec.model_dump(), **update})
 
@@ -72,7 +72,7 @@ def _require_numeric(name: str, field: str, spec: FieldSpec) -> None:
 
 def _numeric_spec(name: str, field: str, spec: FieldSpec) -> FieldSpec:
     _require_numeric(name, field, spec)
-    return _with(spec, dtype="float32")
+    return with_updates(spec, dtype="float32")
 
 
 class _Elementwise:
@@ -149,6 +149,13 @@ class Weighted(BaseModel):
     name: Literal["weighted"] = "weighted"
     weights: dict[str, float] = Field(description="Weight of each teacher, by teacher name; >= 0.")
 
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        if any(not w >= 0 for w in weights.values()) or not sum(weights.values()) > 0:
+            raise ValueError(f"weights {weights} must be >= 0 with a positive sum")
+        return weights
+
     def merged_spec(
         self, field: str, specs: Sequence[FieldSpec], teachers: Sequence[str]
     ) -> FieldSpec:
@@ -159,11 +166,6 @@ class Weighted(BaseModel):
                 f"field {field!r}: weighted strategy has weights for {sorted(self.weights)} but "
                 f"the teachers sending it are {list(teachers)} (no weight for {missing}, "
                 f"unknown {extra}); give exactly one weight per teacher"
-            )
-        negative = {t: w for t, w in self.weights.items() if not w >= 0}
-        if negative or not sum(self.weights.values()) > 0:
-            raise ValueError(
-                f"field {field!r}: weights {self.weights} must be >= 0 with a positive sum"
             )
         return _numeric_spec(self.name, field, specs[0])
 
@@ -182,7 +184,7 @@ class First:
     def merged_spec(
         self, field: str, specs: Sequence[FieldSpec], teachers: Sequence[str]
     ) -> FieldSpec:
-        return _with(specs[0], dtype=merged_dtype(specs[0]))
+        return with_updates(specs[0], dtype=merged_dtype(specs[0]))
 
     def __call__(self, tensors: Sequence[Tensor], teachers: Sequence[str]) -> Tensor:
         return tensors[0]
@@ -203,7 +205,7 @@ class Stack:
     ) -> FieldSpec:
         spec, n = specs[0], len(specs)
         shape = (None, n, *spec.shape[1:]) if spec.variable else (n, *spec.shape)
-        return _with(spec, dtype=merged_dtype(spec), shape=shape)
+        return with_updates(spec, dtype=merged_dtype(spec), shape=shape)
 
     def __call__(self, tensors: Sequence[Tensor], teachers: Sequence[str]) -> Tensor:
         return torch.stack(list(tensors), dim=1)
@@ -218,7 +220,7 @@ class CallableStrategy:
 
     def __init__(self, fn: Callable[[list[Tensor]], Tensor], name: str | None = None) -> None:
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.name: str = name or str(getattr(fn, "__name__", type(fn).__name__))
 
     def merged_spec(
         self, field: str, specs: Sequence[FieldSpec], teachers: Sequence[str]
@@ -228,7 +230,7 @@ class CallableStrategy:
                 f"field {field!r} is top-k: a callable strategy would get values and indices "
                 f"separately; use 'first' or 'stack', or have the teachers send it dense"
             )
-        return _with(specs[0], dtype=merged_dtype(specs[0]))
+        return with_updates(specs[0], dtype=merged_dtype(specs[0]))
 
     def __call__(self, tensors: Sequence[Tensor], teachers: Sequence[str]) -> Tensor:
         return self.fn(list(tensors))

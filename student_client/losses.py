@@ -146,6 +146,7 @@ def soft_label_kd(
             f"student has {s.shape[-1]} classes, teacher {t.shape[-1]}: soft-label KD needs the "
             f"same classes (for a top-k teacher use TopKKD)"
         )
+    s = _float(s, s)  # bf16/fp16 student logits: take the softmax in float32
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = teacher_log_probs(_float(t, s), meaning, temperature, teacher_temperature)
     return _mean_over_rows(_kl_rows(log_p, log_q)) * temperature**2
@@ -190,12 +191,16 @@ def topk_kd(
         raise ValueError(f"top-k values have k={k} but indices k={idx.shape[-1]}")
     if k > vocab:
         raise ValueError(f"top-k k={k} exceeds the student's vocabulary {vocab}")
+    s = _float(s, s)  # bf16/fp16 student logits: take the softmax in float32
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_q_kept = log_q.gather(-1, idx.long())
     a = teacher_temperature / temperature
     scores = _scores(_float(v, s), meaning)
     if missing == "zero":
-        return _mean_over_rows(_kl_rows(F.log_softmax(scores * a, dim=-1), log_q_kept)) * temperature**2
+        return (
+            _mean_over_rows(_kl_rows(F.log_softmax(scores * a, dim=-1), log_q_kept))
+            * temperature**2
+        )
 
     n_missing = vocab - k
     lp = scores  # real log-probabilities at T_f here ('logits' was refused above)
@@ -210,7 +215,8 @@ def topk_kd(
     kept = _kl_rows(lp * a - log_z, log_q_kept)
     log_pu = (log_u * a - log_z).squeeze(-1)
     p_u = log_pu.exp()
-    log_q_dropped = log_q.sum(-1) - log_q_kept.sum(-1)
+    # Zero the kept entries and sum, rather than subtract two large sums over V.
+    log_q_dropped = log_q.scatter(-1, idx.long(), 0.0).sum(-1)
     safe = torch.where(p_u > 0, log_pu, torch.zeros_like(log_pu))
     dropped = torch.where(p_u > 0, p_u * (n_missing * safe - log_q_dropped), torch.zeros_like(p_u))
     return _mean_over_rows(kept + dropped) * temperature**2
@@ -241,7 +247,9 @@ class SoftLabelKD(nn.Module):
         _check_meaning(spec.meaning)
         return cls(temperature, spec.meaning, spec.temperature)  # type: ignore[arg-type]
 
-    def forward(self, student_logits: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, student_logits: Tensor, teacher: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
         return soft_label_kd(
             student_logits,
             teacher,

@@ -50,7 +50,9 @@ class SecurityConfig(BaseModel):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name.replace('_', '-')} {str(path)!r}: no such file")
         if self.zmq_curve_clients is not None and not Path(self.zmq_curve_clients).exists():
-            raise ValueError(f"zmq-curve-clients {str(self.zmq_curve_clients)!r}: no such file or directory")
+            raise ValueError(
+                f"zmq-curve-clients {str(self.zmq_curve_clients)!r}: no such file or directory"
+            )
         return self
 
 
@@ -63,10 +65,18 @@ class ServerConfig(BaseModel):
         default=LOOPBACK,
         description="Address TCP endpoints bind; loopback unless a wider host is chosen explicitly.",
     )
-    grpc_port: int | None = Field(default=None, ge=0, le=65535, description="gRPC TCP port; 0 = any free.")
-    zmq_port: int | None = Field(default=None, ge=0, le=65535, description="ZeroMQ TCP port; 0 = any free.")
-    grpc_unix: Path | None = Field(default=None, description="gRPC unix socket path (same-host students).")
-    zmq_ipc: Path | None = Field(default=None, description="ZeroMQ ipc socket path (same-host students).")
+    grpc_port: int | None = Field(
+        default=None, ge=0, le=65535, description="gRPC TCP port; 0 = any free."
+    )
+    zmq_port: int | None = Field(
+        default=None, ge=0, le=65535, description="ZeroMQ TCP port; 0 = any free."
+    )
+    grpc_unix: Path | None = Field(
+        default=None, description="gRPC unix socket path (same-host students)."
+    )
+    zmq_ipc: Path | None = Field(
+        default=None, description="ZeroMQ ipc socket path (same-host students)."
+    )
     max_batch: int = Field(default=64, gt=0, description="Most samples in one device batch.")
     max_delay_ms: float = Field(
         default=2.0, ge=0, description="Longest a request waits for others to fill a device batch."
@@ -83,17 +93,25 @@ class ServerConfig(BaseModel):
         description="Largest message accepted or sent; default: sized for a full batch of "
         "inputs or knowledge (at least 64 MiB).",
     )
-    grpc_workers: int = Field(default=32, gt=0, description="gRPC handler threads (2 per open stream).")
+    grpc_workers: int = Field(
+        default=32, gt=0, description="gRPC handler threads (2 per open stream)."
+    )
     zmq_send_timeout_ms: int = Field(
-        default=5000, gt=0, description="Drop a ZeroMQ reply to a student that stops reading after this."
+        default=5000,
+        gt=0,
+        description="Drop a ZeroMQ reply to a student that stops reading after this.",
     )
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Prometheus metrics HTTP port (on `host`)."
     )
-    grace_s: float = Field(default=10.0, ge=0, description="SIGTERM drain time for requests in flight.")
+    grace_s: float = Field(
+        default=10.0, ge=0, description="SIGTERM drain time for requests in flight."
+    )
     exit_after_s: float | None = Field(
-        default=None, gt=0, description="Drain and exit after this many seconds (tests, batch jobs)."
+        default=None,
+        gt=0,
+        description="Drain and exit after this many seconds (tests, batch jobs).",
     )
     ready_file: Path | None = Field(
         default=None, description="Write the bound endpoints here as JSON once serving."
@@ -117,8 +135,14 @@ class ServerConfig(BaseModel):
                 ) from None
         if self.security.tls_cert is not None and self.grpc_port is None and self.grpc_unix is None:
             raise ValueError("--tls-cert is for gRPC: also give --grpc-port or --grpc-unix")
-        if self.security.zmq_curve_secret_key is not None and self.zmq_port is None and self.zmq_ipc is None:
-            raise ValueError("--zmq-curve-secret-key is for ZeroMQ: also give --zmq-port or --zmq-ipc")
+        if (
+            self.security.zmq_curve_secret_key is not None
+            and self.zmq_port is None
+            and self.zmq_ipc is None
+        ):
+            raise ValueError(
+                "--zmq-curve-secret-key is for ZeroMQ: also give --zmq-port or --zmq-ipc"
+            )
         return self
 
     def queue_samples(self, devices: int) -> int:

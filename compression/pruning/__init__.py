@@ -1,9 +1,9 @@
 """Structured filter pruning: channels really removed, dependencies followed by Torch-Pruning.
 
-    result = prune(model, UniformPruning(flops=-0.5), example_input)
-    finetune(result.model, train_set, epochs=10)
-    save_pruned(result.model, result.plan, "out/")
-    rebuilt = load_pruned(resnet_cnn(), "out/")   # identical outputs, no pickle
+result = prune(model, UniformPruning(flops=-0.5), example_input)
+finetune(result.model, train_set, epochs=10)
+save_pruned(result.model, result.plan, "out/")
+rebuilt = load_pruned(resnet_cnn(), "out/")   # identical outputs, no pickle
 """
 
 from lyceum.compression.pruning.api import PruneResult, prune, prune_to_flops

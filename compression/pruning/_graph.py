@@ -34,6 +34,23 @@ class Group:
     layers: list[str]
     channels: int
     root: nn.Module
+    # Grouped convs among the members split the channels into this many equal blocks, and
+    # every block must lose the same positions (see `channels_to_remove`).
+    blocks: int = 1
+
+    def removal_count(self, ratio: float) -> int:
+        """Channels removed at `ratio`: rounded per block, at least one channel kept per block."""
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"group {self.name!r}: ratio must be in [0, 1), got {ratio}")
+        size = self.channels // self.blocks
+        return self.blocks * min(size - 1, round(ratio * size))
+
+
+def _conv_blocks(conv: nn.Module) -> int:
+    """Channel blocks a grouped (not depthwise) conv imposes on the channels it touches."""
+    if isinstance(conv, nn.modules.conv._ConvNd) and 1 < conv.groups < conv.out_channels:
+        return int(conv.groups)
+    return 1
 
 
 @contextlib.contextmanager
@@ -108,8 +125,15 @@ class ChannelGraph:
                 continue
             if exclude_re is not None and any(exclude_re.fullmatch(n) for n in layers):
                 continue
+            blocks = max(_conv_blocks(dep.target.module) for dep, _ in g)
             self.groups.append(
-                Group(name=layers[0], layers=layers, channels=len(g[0].idxs), root=members[0])
+                Group(
+                    name=layers[0],
+                    layers=layers,
+                    channels=len(g[0].idxs),
+                    root=members[0],
+                    blocks=blocks,
+                )
             )
         self.groups.sort(key=lambda grp: order[grp.root])
 
@@ -135,14 +159,19 @@ class ChannelGraph:
         return scores
 
     def channels_to_remove(self, group: Group, ratio: float, criterion: Criterion) -> list[int]:
-        """The `round(ratio * channels)` least important channels (at least one is kept)."""
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"group {group.name!r}: ratio must be in [0, 1), got {ratio}")
-        n = min(group.channels - 1, round(ratio * group.channels))
+        """The least important `group.removal_count(ratio)` channels (at least one is kept).
+
+        With grouped convs in the group (`blocks` > 1), importance is averaged over the blocks
+        and the same positions are removed from every block, which keeps each conv group the
+        same width (Torch-Pruning's pruners do the same; its raw dependency graph does not).
+        """
+        n = group.removal_count(ratio)
         if n <= 0:
             return []
-        scores = self.importance(group, criterion)
-        return sorted(int(i) for i in torch.argsort(scores, stable=True)[:n])
+        size = group.channels // group.blocks
+        scores = self.importance(group, criterion).view(group.blocks, size).mean(0)
+        positions = torch.argsort(scores, stable=True)[: n // group.blocks]
+        return sorted(b * size + int(i) for b in range(group.blocks) for i in positions)
 
     def prune_group(self, group: Group, removed: list[int]) -> PlanStep:
         """Remove `removed` output channels from `group` and all coupled layers."""

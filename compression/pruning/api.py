@@ -28,7 +28,10 @@ from lyceum.compression.search import SAController, SearchResult
 
 __all__ = ["PruneResult", "prune", "prune_to_flops"]
 
-_BISECT_STEPS = 24
+_BISECT_STEPS = 40
+# How far (in fractions of the unpruned FLOPs) a FLOPs-targeted result may land from its
+# target before it is an error rather than channel granularity.
+_TARGET_TOLERANCE = 0.02
 
 
 @dataclass
@@ -72,12 +75,17 @@ def _bisect(
             lo = mid
         else:
             hi = mid
-    return best[1], reduction_of(best[1])
+    got = reduction_of(best[1])
+    if abs(got - target) > _TARGET_TOLERANCE:
+        raise ValueError(
+            f"prune: cannot remove {target:.1%} of the FLOPs; the closest reachable is "
+            f"{got:.1%}. Lower the target, or select more layers (include/exclude) or allow "
+            "larger per-layer ratios (max_ratio)"
+        )
+    return best[1], got
 
 
-def _uniform_ratios(
-    oracle: FlopsOracle, config: UniformPruning
-) -> dict[str, float]:
+def _uniform_ratios(oracle: FlopsOracle, config: UniformPruning) -> dict[str, float]:
     names = [g.name for g in oracle.groups]
     if config.ratio is not None:
         return dict.fromkeys(names, config.ratio)
@@ -98,7 +106,7 @@ def _sensitivity_ratios(
     # Bisect on the loss threshold: every group gets the largest ratio whose predicted loss
     # stays under it, so groups that tolerate pruning give up the most channels.
     top = max((loss for c in curves.values() for _, loss in c), default=0.0)
-    top = max(top, 0.0) + 1e-6
+    top = max(top, 0.0) + 1e-3  # above every point, tie-breaking slope included
     threshold, _ = _bisect(lambda t: oracle.reduction(ratios_at(t)), -config.flops, top)
     return ratios_at(threshold)
 

@@ -36,9 +36,7 @@ class FlopsOracle:
         self._cache: dict[tuple[int, ...], tuple[int, float | None]] = {}
 
     def _counts(self, ratios: dict[str, float]) -> tuple[int, ...]:
-        return tuple(
-            min(g.channels - 1, round(ratios.get(g.name, 0.0) * g.channels)) for g in self.groups
-        )
+        return tuple(g.removal_count(ratios.get(g.name, 0.0)) for g in self.groups)
 
     def pruned(self, ratios: dict[str, float]) -> nn.Module:
         candidate = copy.deepcopy(self.model)

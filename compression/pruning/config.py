@@ -21,17 +21,18 @@ class _Selection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     criterion: Criterion = Field(
-        "l1",
+        default="l1",
         description="Channel importance: 'l1' or 'l2' norm of the group's weights, or 'fpgm' "
         "(distance to the geometric median; removes the most replaceable filters).",
     )
     include: str | None = Field(
-        None,
+        default=None,
         description="Regex (re.fullmatch) on layer names: only groups with a matching layer "
         "are pruned, e.g. '.*_sep_weights' or 'layers\\..*\\.conv1'. Default: all groups.",
     )
     exclude: str | None = Field(
-        None, description="Regex (re.fullmatch) on layer names: groups with a match are kept."
+        default=None,
+        description="Regex (re.fullmatch) on layer names: groups with a match are kept.",
     )
 
     @field_validator("include", "exclude")
@@ -62,10 +63,10 @@ class UniformPruning(_Selection):
 
     kind: Literal["uniform"] = "uniform"
     ratio: float | None = Field(
-        None, ge=0.0, lt=1.0, description="Fraction of each group's channels to remove."
+        default=None, ge=0.0, lt=1.0, description="Fraction of each group's channels to remove."
     )
     flops: float | None = Field(
-        None, description="Target relative FLOPs change, e.g. -0.5; the ratio is bisected."
+        default=None, description="Target relative FLOPs change, e.g. -0.5; the ratio is bisected."
     )
 
     @model_validator(mode="after")
@@ -91,13 +92,13 @@ class SensitivityPruning(_Selection):
     kind: Literal["sensitivity"] = "sensitivity"
     flops: float = Field(description="Target relative FLOPs change, e.g. -0.5.")
     ratios: tuple[float, ...] = Field(
-        _DEFAULT_RATIOS, description="Ratios each group is tried at, increasing, in (0, 1)."
+        default=_DEFAULT_RATIOS, description="Ratios each group is tried at, increasing, in (0, 1)."
     )
     max_ratio: float = Field(
-        0.9, gt=0.0, lt=1.0, description="Largest fraction removed from any one group."
+        default=0.9, gt=0.0, lt=1.0, description="Largest fraction removed from any one group."
     )
     sensitivity_file: Path | None = Field(
-        None, description="JSON file the analysis is saved to as it runs and resumed from."
+        default=None, description="JSON file the analysis is saved to as it runs and resumed from."
     )
 
     @field_validator("flops")
@@ -124,23 +125,31 @@ class AutoPruning(_Selection):
     """
 
     kind: Literal["auto"] = "auto"
-    min_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="Least fraction of FLOPs removed.")
-    max_ratio: float = Field(0.55, gt=0.0, lt=1.0, description="Most fraction of FLOPs removed.")
-    max_latency_ms: float | None = Field(
-        None, gt=0.0, description="Optional measured-latency bound (median, 1 thread), in ms."
+    min_ratio: float = Field(
+        default=0.5, ge=0.0, lt=1.0, description="Least fraction of FLOPs removed."
     )
-    ratio_step: float = Field(0.1, gt=0.0, lt=1.0, description="Grid step of per-group ratios.")
+    max_ratio: float = Field(
+        default=0.55, gt=0.0, lt=1.0, description="Most fraction of FLOPs removed."
+    )
+    max_latency_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Optional measured-latency bound (median, 1 thread), in ms.",
+    )
+    ratio_step: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="Grid step of per-group ratios."
+    )
     max_layer_ratio: float = Field(
-        0.8, gt=0.0, lt=1.0, description="Largest fraction removed from any one group."
+        default=0.8, gt=0.0, lt=1.0, description="Largest fraction removed from any one group."
     )
     search: SAConfig = Field(
         default_factory=SAConfig, description="Simulated-annealing settings (seed, budget...)."
     )
     state_file: Path | None = Field(
-        None, description="JSON file the search state is saved to after every step."
+        default=None, description="JSON file the search state is saved to after every step."
     )
     init_tokens: list[int] | None = Field(
-        None, description="Start of the search, e.g. the best tokens of an earlier run."
+        default=None, description="Start of the search, e.g. the best tokens of an earlier run."
     )
 
     @model_validator(mode="after")

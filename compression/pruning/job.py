@@ -7,6 +7,7 @@ sets and passes them in, so the library stays independent of how specs are loade
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -44,26 +45,28 @@ class PruneJobConfig(BaseModel):
         default_factory=dict, description="Keyword arguments of the model factory."
     )
     checkpoint: Path | None = Field(
-        None, description="safetensors state dict of the trained, unpruned model."
+        default=None, description="safetensors state dict of the trained, unpruned model."
     )
     dataset: str = Field(description="Dataset factory spec 'module:callable', called with split=.")
     dataset_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of the dataset factory."
     )
-    train_split: str = Field("train", description="Split used for fine-tuning.")
-    val_split: str = Field("val", description="Split scoring sensitivity/search candidates.")
-    test_split: str = Field("test", description="Split of the before/after accuracy.")
+    train_split: str = Field(default="train", description="Split used for fine-tuning.")
+    val_split: str = Field(
+        default="val", description="Split scoring sensitivity/search candidates."
+    )
+    test_split: str = Field(default="test", description="Split of the before/after accuracy.")
     strategy: Annotated[
         UniformPruning | SensitivityPruning | AutoPruning, Field(discriminator="kind")
     ] = Field(description="Pruning strategy, selected by its 'kind' key.")
-    finetune_epochs: int = Field(10, ge=0, description="Fine-tuning epochs after pruning.")
+    finetune_epochs: int = Field(default=10, ge=0, description="Fine-tuning epochs after pruning.")
     candidate_finetune_epochs: int = Field(
-        1, ge=0, description="Fine-tuning epochs of each auto-pruning candidate."
+        default=1, ge=0, description="Fine-tuning epochs of each auto-pruning candidate."
     )
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of fine-tuning.")
-    batch_size: int = Field(64, ge=1, description="Fine-tuning batch size.")
-    seed: int = Field(0, description="Seed of the fine-tuning data order.")
-    latency_runs: int = Field(50, ge=1, description="Timed runs of the latency median.")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate of fine-tuning.")
+    batch_size: int = Field(default=64, ge=1, description="Fine-tuning batch size.")
+    seed: int = Field(default=0, description="Seed of the fine-tuning data order.")
+    latency_runs: int = Field(default=50, ge=1, description="Timed runs of the latency median.")
     out_dir: Path = Field(description="Directory for the pruned model, plan and report.")
 
     @field_validator("model", "dataset")
@@ -99,6 +102,10 @@ class PruneReport(BaseModel):
     before: ModelFigures = Field(description="The unpruned model.")
     after: ModelFigures = Field(description="The pruned, fine-tuned model.")
     flops_reduction: float = Field(description="Fraction of FLOPs removed.")
+    best_tokens: list[int] | None = Field(
+        default=None,
+        description="Auto pruning: best tokens, reusable as AutoPruning(init_tokens=...).",
+    )
     out_dir: str = Field(description="Where the plan, weights and report were written.")
 
 
@@ -158,10 +165,9 @@ def run_prune_job(
         candidate_finetune=candidate_finetune,
     )
     if result.sensitivity is not None:
-        try:
+        # The plot is optional (matplotlib is an extra); the JSON beside it has the numbers.
+        with contextlib.suppress(ImportError):
             plot_sensitivity(result.sensitivity, out / "sensitivity.png")
-        except ImportError:
-            pass  # the plot is optional; the JSON beside it holds the same numbers
     finetune(
         model,
         train_data,
@@ -178,6 +184,7 @@ def run_prune_job(
         before=before,
         after=after,
         flops_reduction=result.flops_reduction,
+        best_tokens=result.search.best_tokens if result.search is not None else None,
         out_dir=str(out),
     )
     (out / REPORT_FILE).write_text(json.dumps(report.model_dump(), indent=1))

@@ -49,9 +49,11 @@ class PrunePlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: int = Field(_PLAN_VERSION, description="Plan file format version.")
+    format_version: int = Field(default=_PLAN_VERSION, description="Plan file format version.")
     input_shape: list[int] = Field(description="Shape of the example input used for tracing.")
-    input_dtype: str = Field("float32", description="dtype of the example input (torch name).")
+    input_dtype: str = Field(
+        default="float32", description="dtype of the example input (torch name)."
+    )
     steps: list[PlanStep] = Field(default_factory=list, description="Groups, in pruning order.")
 
     def example_input(self) -> torch.Tensor:

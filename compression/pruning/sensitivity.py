@@ -7,6 +7,7 @@ a truncated file) and an analysis started again with the same file skips what is
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from lyceum.compression.pruning._graph import ChannelGraph, Criterion, prune_by_
 __all__ = ["SensitivityResult", "analyze_sensitivity", "plot_sensitivity"]
 
 _VERSION = 1
+_TIE_SLOPE = 1e-4
 
 
 class SensitivityResult(BaseModel):
@@ -30,7 +32,7 @@ class SensitivityResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: int = Field(_VERSION, description="File format version.")
+    format_version: int = Field(default=_VERSION, description="File format version.")
     criterion: Criterion = Field(description="Channel importance used to pick channels.")
     baseline: float = Field(description="Metric of the unpruned model.")
     metrics: dict[str, dict[str, float]] = Field(
@@ -126,9 +128,7 @@ def plot_sensitivity(result: SensitivityResult, path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError(
-            "plot_sensitivity needs matplotlib: pip install 'lyceum-kd[plot]'"
-        ) from e
+        raise ImportError("plot_sensitivity needs matplotlib: pip install 'lyceum-kd[plot]'") from e
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for group in result.metrics:
         points = [(0.0, 0.0), *result.losses(group)]
@@ -149,13 +149,19 @@ def ratio_for_loss(losses: list[tuple[float, float]], threshold: float, max_rati
     """Largest ratio whose predicted loss is <= `threshold`, interpolating linearly.
 
     The curve starts at (0, 0) and is made non-decreasing (running max): a noisy measurement
-    where pruning more *raised* the metric is not trusted to predict a free lunch.
+    where pruning more *raised* the metric is not trusted to predict a free lunch. A tiny slope
+    (`_TIE_SLOPE` per unit ratio, far below one validation sample) is then added so the curve is
+    strictly increasing: metrics such as accuracy are quantised, many groups share the same
+    flat loss levels, and without it every group would jump together at one threshold, making
+    FLOPs targets between those jumps unreachable.
     """
     points = [(0.0, 0.0)]
+    level = 0.0
     for ratio, loss in losses:
-        points.append((ratio, max(loss, points[-1][1])))
+        level = max(level, loss)
+        points.append((ratio, level + _TIE_SLOPE * ratio))
     best = 0.0
-    for (r0, l0), (r1, l1) in zip(points, points[1:], strict=False):
+    for (r0, l0), (r1, l1) in itertools.pairwise(points):
         if l1 <= threshold:
             best = r1
             continue

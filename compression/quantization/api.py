@@ -9,6 +9,7 @@ int8 graph (quantize/dequantize around float ops) that inductor lowers to oneDNN
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -32,13 +33,13 @@ def as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[tor
     return tuple(example_inputs)
 
 
-def capture(
-    model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
-) -> GraphModule:
+def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> GraphModule:
     """`torch.export` the model with a dynamic leading (batch) dimension on every input."""
     args = as_tuple(example_inputs)
     if not args:
-        raise ValueError("example_inputs is empty; pass one example batch, e.g. torch.randn(8, 1, 8, 8)")
+        raise ValueError(
+            "example_inputs is empty; pass one example batch, e.g. torch.randn(8, 1, 8, 8)"
+        )
     for i, a in enumerate(args):
         if a.dim() == 0 or a.shape[0] < 2:
             # torch.export specialises a dimension of size 0 or 1 to a constant.
@@ -63,19 +64,17 @@ def quantize(
       `convert` it. The input model is captured in eval mode (BN folded with running stats).
 
     The returned module supports `.train()` / `.eval()` (which switch BN and dropout in the
-    captured graph). The input model is not modified. A pruned model is just a smaller module
+    captured graph). The input model is not modified (it is copied). A pruned model is just a smaller module
     and goes through the same path.
     """
     if not isinstance(config, QAT | PTQ):
         raise ValueError(
             f"quantize: config must be QAT(...) or PTQ(...), got {type(config).__name__}"
         )
-    was_training = model.training
-    model.train(isinstance(config, QAT))
-    try:
-        graph = capture(model, example_inputs)
-    finally:
-        model.train(was_training)
+    # A copy: the captured graph shares parameter tensors with the module it came from, and
+    # QAT training (or BN folding) must not change the caller's float model.
+    model = copy.deepcopy(model).train(isinstance(config, QAT))
+    graph = capture(model, example_inputs)
     layers = quantizable_layers(graph)
     if not layers:
         raise ValueError(
@@ -137,7 +136,9 @@ def convert(prepared: GraphModule) -> GraphModule:
     _drop_unused_attributes(converted)
     converted.meta["lyceum_quant_layers"] = layers
     allow_exported_model_train_eval(converted)
-    return converted.eval()
+    # torchao's train/eval replacements return None, so no chaining.
+    converted.eval()
+    return converted
 
 
 def _drop_unused_attributes(module: GraphModule) -> None:

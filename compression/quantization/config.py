@@ -32,7 +32,9 @@ def _check_regex(pattern: str) -> str:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"layer pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+        raise ValueError(
+            f"layer pattern {pattern!r} is not a valid regular expression: {exc}"
+        ) from exc
     return pattern
 
 

@@ -48,7 +48,8 @@ class _AbsMaxBase(UniformQuantizationObserverBase):
                 "calibration batches (PTQ) through the prepared model before convert()"
             )
         scale = torch.clamp(abs_max.detach().float() / QMAX, min=float(self.eps)).reshape(-1)
-        zero_point = torch.full_like(scale, _zero_point_for(self.dtype), dtype=torch.int64)
+        # int32: half the bytes of int64 in the exported program (one per channel).
+        zero_point = torch.full_like(scale, _zero_point_for(self.dtype), dtype=torch.int32)
         return scale, zero_point
 
     def extra_repr(self) -> str:
@@ -85,7 +86,9 @@ class AbsMaxObserver(_AbsMaxBase):
                 "expected 'tensor', 'channel' or 'shared_channel'"
             )
         per_channel = granularity != "tensor"
-        kwargs["qscheme"] = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+        kwargs["qscheme"] = (
+            torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+        )
         super().__init__(**kwargs)
         self.granularity = granularity
         self.accumulate = accumulate

@@ -46,6 +46,8 @@ from .observers import (
 _aten = torch.ops.aten
 # The ops PaddleSlim quantizes (conv2d, depthwise_conv2d via groups, mul/matmul as linear).
 QUANTIZABLE_OPS = (_aten.conv2d.default, _aten.linear.default)
+# Smallest dynamic scale: keeps an all-zero batch from dividing by zero.
+_DYNAMIC_EPS = 2**-20
 
 
 def layer_name(node: Node) -> str:
@@ -103,10 +105,11 @@ def _activation_spec(scheme: ActivationScheme, config: QAT | PTQ) -> Quantizatio
         # after convert, choose_qparams_symmetric computes the same scale at inference.
         dynamic_ctr = (
             FakeQuantize.with_args(
-                observer=MovingAverageMinMaxObserver.with_args(averaging_constant=1)
+                observer=MovingAverageMinMaxObserver.with_args(averaging_constant=1),
+                eps=_DYNAMIC_EPS,
             )
             if is_qat
-            else PlaceholderObserver
+            else PlaceholderObserver.with_args(eps=_DYNAMIC_EPS)
         )
         return QuantizationSpec(
             dtype=torch.int8,
@@ -114,7 +117,7 @@ def _activation_spec(scheme: ActivationScheme, config: QAT | PTQ) -> Quantizatio
             quant_max=QMAX,
             qscheme=torch.per_tensor_symmetric,
             is_dynamic=True,
-            observer_or_fake_quant_ctr=dynamic_ctr.with_args(eps=2**-20),
+            observer_or_fake_quant_ctr=dynamic_ctr,
         )
     if isinstance(config, QAT):
         ctr = FakeQuantize.with_args(

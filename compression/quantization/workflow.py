@@ -6,7 +6,7 @@ strings, so the library stays independent of how the CLI or a demo builds them.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import statistics
 import tempfile
 import time
@@ -28,7 +28,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """`loss_fn(outputs, inputs, labels) -> scalar`; a distillation loss can run its teacher on `inputs`."""
 
 
-def _cross_entropy(outputs: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _cross_entropy(
+    outputs: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     return nn.functional.cross_entropy(outputs, labels)
 
 
@@ -58,10 +60,15 @@ class QuantReport(BaseModel):
     program_path: str | None = Field(description="Where the int8 program was saved, if kept.")
 
 
-def evaluate(model: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int = 512) -> float:
+def evaluate(
+    model: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int = 512
+) -> float:
     """Top-1 accuracy of `model` on a map-style dataset of `(input, label)` pairs, in [0, 1]."""
     if isinstance(model, nn.Module):
-        model.eval()
+        # A module from `ExportedProgram.module()` refuses .eval(); it is fixed in the mode it
+        # was exported in (programs from save_program are exported in eval mode).
+        with contextlib.suppress(NotImplementedError):
+            model.eval()
     correct = total = 0
     with torch.no_grad():
         for x, y in DataLoader(dataset, batch_size=batch_size):
@@ -116,7 +123,8 @@ def train_qat(
             optimizer.zero_grad(set_to_none=True)
             loss_fn(prepared(x), x, y).backward()
             optimizer.step()
-    return prepared.eval()
+    prepared.eval()  # torchao's replacement returns None
+    return prepared
 
 
 def report(
@@ -137,7 +145,10 @@ def report(
         fp32_bytes = save_program(fp32_model, example_inputs, fp32_path)
         int8_bytes = save_program(int8_model, example_inputs, int8_path)
         fp32_program, int8_program = load_int8(fp32_path), load_int8(int8_path)
-        fp32_tensor_bytes, int8_tensor_bytes = tensor_bytes(fp32_program), tensor_bytes(int8_program)
+        fp32_tensor_bytes, int8_tensor_bytes = (
+            tensor_bytes(fp32_program),
+            tensor_bytes(int8_program),
+        )
         eager = compiled = compiled_int8 = None
         if measure_latency:
             if eval_dataset is not None:
@@ -192,11 +203,17 @@ def qat_int8(
     (`channel_wise_abs_max` weights, `moving_average_abs_max` activations).
     """
     scheme = scheme or QAT()
-    prepared = quantize(copy.deepcopy(model), scheme, example_input)
+    prepared = quantize(model, scheme, example_input)
     train_qat(prepared, train_dataset, epochs, loss_fn=loss_fn, lr=lr, batch_size=batch_size)
     int8_model = convert(prepared)
     return int8_model, report(
-        scheme, model, int8_model, example_input, eval_dataset, out_dir, measure_latency=measure_latency
+        scheme,
+        model,
+        int8_model,
+        example_input,
+        eval_dataset,
+        out_dir,
+        measure_latency=measure_latency,
     )
 
 
@@ -217,5 +234,11 @@ def ptq_int8(
     calibrate(prepared, DataLoader(calibration_dataset, batch_size=batch_size), num_batches)
     int8_model = convert(prepared)
     return int8_model, report(
-        scheme, model, int8_model, example_input, eval_dataset, out_dir, measure_latency=measure_latency
+        scheme,
+        model,
+        int8_model,
+        example_input,
+        eval_dataset,
+        out_dir,
+        measure_latency=measure_latency,
     )

@@ -44,18 +44,22 @@ class SAConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     init_temperature: float = Field(
-        1.0, gt=0, description="Starting temperature, in units of the running reward spread."
+        default=1.0,
+        gt=0,
+        description="Starting temperature, in units of the running reward spread.",
     )
     reduce_rate: float = Field(
-        0.9, gt=0, lt=1, description="Temperature multiplier applied after every step."
+        default=0.9, gt=0, lt=1, description="Temperature multiplier applied after every step."
     )
     max_iterations: int = Field(
-        100, ge=0, description="Candidates evaluated after the initial tokens."
+        default=100, ge=0, description="Candidates evaluated after the initial tokens."
     )
     max_resample: int = Field(
-        300, ge=1, description="Draws allowed to find a feasible neighbour before giving up."
+        default=300,
+        ge=1,
+        description="Draws allowed to find a feasible neighbour before giving up.",
     )
-    seed: int = Field(0, description="Seed of the controller's own random generator.")
+    seed: int = Field(default=0, description="Seed of the controller's own random generator.")
 
 
 class SearchResult(BaseModel):
@@ -105,12 +109,15 @@ class SAController:
         self.config = config or SAConfig()
         self.table = list(space.range_table())
         if not self.table or any(n < 1 for n in self.table):
-            raise ValueError(f"SAController: range table must be non-empty with entries >= 1, got {self.table}")
+            raise ValueError(
+                f"SAController: range table must be non-empty with entries >= 1, got {self.table}"
+            )
         self.state_path = Path(state_path) if state_path is not None else None
         self._rng = random.Random(self.config.seed)
         self.iteration = 0
         self.current_tokens: list[int] = self._check_tokens(
-            list(init_tokens) if init_tokens is not None else list(space.init_tokens()), "init_tokens"
+            list(init_tokens) if init_tokens is not None else list(space.init_tokens()),
+            "init_tokens",
         )
         self.current_reward: float | None = None
         self.best_tokens: list[int] = list(self.current_tokens)
@@ -127,7 +134,9 @@ class SAController:
 
     def _check_tokens(self, tokens: list[int], what: str) -> list[int]:
         if len(tokens) != len(self.table):
-            raise ValueError(f"{what}: expected {len(self.table)} tokens, got {len(tokens)}: {tokens}")
+            raise ValueError(
+                f"{what}: expected {len(self.table)} tokens, got {len(tokens)}: {tokens}"
+            )
         for i, (t, n) in enumerate(zip(tokens, self.table, strict=True)):
             if not 0 <= t < n:
                 raise ValueError(f"{what}: token {i} is {t}, outside its range [0, {n - 1}]")
@@ -137,7 +146,9 @@ class SAController:
         """A feasible neighbour of the current tokens (one token changed), re-sampled as needed."""
         mutable = [i for i, n in enumerate(self.table) if n > 1]
         if not mutable:
-            raise InfeasibleSearchError("SAController: every token has a single value; nothing to search")
+            raise InfeasibleSearchError(
+                "SAController: every token has a single value; nothing to search"
+            )
         for _ in range(self.config.max_resample):
             tokens = list(self.current_tokens)
             i = self._rng.choice(mutable)

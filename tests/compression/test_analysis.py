@@ -57,6 +57,10 @@ def test_latency_is_positive_and_restores_threads() -> None:
     latency = measure_latency(model, torch.zeros(1, 2, 5, 5), runs=5, warmup=1, threads=1)
     assert 0 < latency < 1.0
     assert torch.get_num_threads() == before
+    cpu = measure_latency(model, torch.zeros(1, 2, 5, 5), runs=5, warmup=1, clock="thread")
+    assert 0 < cpu < 1.0
+    with pytest.raises(ValueError, match=r"clock='thread' needs a CPU input and threads=1"):
+        measure_latency(model, torch.zeros(1, 2, 5, 5), threads=2, clock="thread")
     with pytest.raises(ValueError, match="runs must be >= 1, got 0"):
         measure_latency(model, torch.zeros(1, 2, 5, 5), runs=0)
 

@@ -145,7 +145,9 @@ def test_include_and_exclude_select_groups_by_name() -> None:
     model = resnet_cnn().eval()
     result = prune(model, UniformPruning(ratio=0.5, exclude=r"stem.*|layers\.4.*"), X[:1])
     layers = {s.layer for s in result.plan.steps}
-    assert "stem.0" not in layers and "layers.4.conv1" not in layers and "layers.4.conv2" not in layers
+    assert (
+        "stem.0" not in layers and "layers.4.conv1" not in layers and "layers.4.conv2" not in layers
+    )
     assert "layers.2.conv2" in layers
     with pytest.raises(ValueError, match="no prunable groups selected"):
         prune(resnet_cnn(), UniformPruning(ratio=0.5, include="nothing"), X[:1])
@@ -154,11 +156,11 @@ def test_include_and_exclude_select_groups_by_name() -> None:
 
 
 def _two_layer(weights: list[float]) -> nn.Sequential:
-    model = nn.Sequential(nn.Conv2d(1, len(weights), 1, bias=False), nn.Conv2d(len(weights), 2, 1))
+    first, second = nn.Conv2d(1, len(weights), 1, bias=False), nn.Conv2d(len(weights), 2, 1)
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor(weights).view(-1, 1, 1, 1))
-        model[1].weight.fill_(1.0)  # identical consumers: only the producer ranks channels
-    return model
+        first.weight.copy_(torch.tensor(weights).view(-1, 1, 1, 1))
+        second.weight.fill_(1.0)  # identical consumers: only the producer ranks channels
+    return nn.Sequential(first, second)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +188,10 @@ def test_saved_and_reloaded_model_gives_identical_outputs(tmp_path: Path) -> Non
     rebuilt = load_pruned(resnet_cnn(), tmp_path)
     assert torch.equal(rebuilt(X), model(X))
     assert str(rebuilt) == str(model)
-    with pytest.raises(ValueError, match="width differs|do not match|not a prunable group"):
+    with pytest.raises(
+        ValueError,
+        match=r"has 8 channels but the plan removes index \d+; the model.s width differs",
+    ):
         load_pruned(resnet_cnn(width=8), tmp_path)
 
 
@@ -207,3 +212,59 @@ def test_prune_to_flops_finetunes_and_configs_validate() -> None:
         UniformPruning()
     with pytest.raises(ValueError, match="relative FLOPs change in \\(-1, 0\\)"):
         UniformPruning(flops=0.5)
+
+
+def test_tracing_leaves_batchnorm_statistics_and_mode_alone() -> None:
+    model = resnet_cnn().train()
+    stem_bn = model.get_submodule("stem.1")
+    assert isinstance(stem_bn, nn.BatchNorm2d)
+    mean, tracked = stem_bn.running_mean, stem_bn.num_batches_tracked
+    assert mean is not None and tracked is not None
+    stats = (mean.clone(), int(tracked))
+    # Only conv1 groups are pruned, so the stem's BN keeps all its channels.
+    prune(model, UniformPruning(ratio=0.5, include=r"layers\.\d\.conv1"), X)
+    assert model.training
+    assert torch.equal(mean, stats[0])
+    assert int(tracked) == stats[1]
+
+
+class _Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.g = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        self.head = nn.Linear(16, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g(torch.relu(self.a(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_grouped_conv_loses_the_same_positions_in_every_group() -> None:
+    torch.manual_seed(4)
+    model = _Grouped().eval()
+    original = copy.deepcopy(model)
+    result = prune(model, UniformPruning(ratio=0.5), X[:1])
+    removed = {s.layer: s.removed for s in result.plan.steps}
+    # `a` feeds 4 conv groups of 2 channels: one position per group goes, the same in each.
+    assert len(removed["a"]) == 4 and len({i % 2 for i in removed["a"]}) == 1
+    assert (model.g.in_channels, model.g.out_channels, model.g.groups) == (4, 8, 4)
+    # Same function as the original with the removed channels silenced.
+    with torch.no_grad():
+        bias = original.a.bias
+        assert bias is not None
+        original.a.weight[removed["a"]] = 0
+        bias[removed["a"]] = 0
+        keep_out = [i for i in range(16) if i not in removed["g"]]
+        expected = original.features(X)[:, keep_out]
+        assert torch.allclose(model.features(X), expected, atol=1e-6)
+    assert model(X).shape == (2, 10)
+
+
+def test_unreachable_flops_target_is_an_error() -> None:
+    # One group (the last block's conv1 outputs and conv2 inputs) holds under a fifth of the
+    # MACs, so removing half of them is out of reach.
+    with pytest.raises(ValueError, match=r"cannot remove 50\.0% of the FLOPs; the closest"):
+        prune(resnet_cnn(), UniformPruning(flops=-0.5, include=r"layers\.5\.conv1"), X[:1])

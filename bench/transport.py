@@ -1,0 +1,335 @@
+"""Knowledge throughput over loopback: Lyceum gRPC / ZeroMQ next to raw TCP, bare pyzmq and a
+bare grpcio stream moving the same bytes, plus unix:// and ipc:// endpoints.
+
+Three payloads: ~64 KB (16x1000 fp32 logits), ~1 MB (256x1000 fp32 logits) and 16 MiB
+(8x2048x256 fp32 features). Every server runs in its own process; the client (this process)
+keeps `--window` requests in flight and counts payload bytes received per second. The Lyceum
+rows go through everything a student sees: index-mode request, dynamic batcher, engine
+(a model returning a fixed tensor, so no compute), Arrow encode, transport, Arrow decode.
+Each figure is the median of `--repeats` runs; ratios are taken within this one run.
+
+    .venv/bin/python bench/transport.py                 # ~2 min on two cores
+    .venv/bin/python bench/transport.py --cases 16MiB --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CASES: dict[str, tuple[int, ...]] = {
+    "64KB": (16, 1000),
+    "1MB": (256, 1000),
+    "16MiB": (8, 2048, 256),
+}
+
+
+def payload_bytes(case: str) -> int:
+    n = 4
+    for d in CASES[case]:
+        n *= d
+    return n
+
+
+class FixedOutput(nn.Module):
+    """Returns rows of one preallocated tensor: the engine's cost without any compute."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("out", torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out[: len(x)]
+
+
+class Ids(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Index-mode samples that cost nothing to load (one shared tensor)."""
+
+    def __init__(self) -> None:
+        self.x = torch.zeros(1)
+
+    def __len__(self) -> int:
+        return 1 << 20
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x, 0
+
+
+# ---------------------------------------------------------------- servers (child processes)
+
+
+def _announce(**info: object) -> None:
+    print(json.dumps(info), flush=True)
+
+
+def serve_raw_tcp(case: str) -> None:
+    data = os.urandom(payload_bytes(case))
+    lsock = socket.create_server(("127.0.0.1", 0))
+    _announce(port=lsock.getsockname()[1])
+    while True:  # one connection per run
+        conn, _ = lsock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while conn.recv(1):
+                conn.sendall(data)
+        except ConnectionError:
+            pass
+        conn.close()
+
+
+def serve_bare_zmq(case: str) -> None:
+    import zmq
+
+    data = os.urandom(payload_bytes(case))
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    _announce(port=port)
+    while True:
+        peer, rid = sock.recv_multipart()
+        sock.send_multipart([peer, rid, data], copy=False)
+
+
+def serve_bare_grpc(case: str) -> None:
+    import grpc
+
+    data = os.urandom(payload_bytes(case))
+
+    def distill(requests: Iterator[bytes], _context: object) -> Iterator[bytes]:
+        for _ in requests:
+            yield data
+
+    server = grpc.server(
+        ThreadPoolExecutor(4),
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+    )
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Bare", {"Distill": grpc.stream_stream_rpc_method_handler(distill)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    _announce(port=port)
+    server.wait_for_termination()
+
+
+def serve_lyceum(case: str, workdir: str) -> None:
+    from lyceum.teacher_server.config import ServerConfig
+    from lyceum.teacher_server.engine import EngineConfig, OutputSpec, TeacherEngine
+    from lyceum.teacher_server.server import create_server
+
+    shape = CASES[case]
+    output = "features" if len(shape) == 3 else "logits"
+    engine = TeacherEngine(
+        FixedOutput(shape),
+        EngineConfig(outputs=(OutputSpec(name=output, source="@output"),)),
+        torch.zeros(1),
+    )
+    config = ServerConfig(
+        grpc_port=0,
+        zmq_port=0,
+        grpc_unix=Path(workdir) / "grpc.sock",
+        zmq_ipc=Path(workdir) / "zmq.ipc",
+        max_batch=shape[0],
+        max_delay_ms=0.0,
+    )
+    server, _ports = create_server(config, [engine], Ids())
+    server.start()
+    _announce(endpoints=server.endpoints)
+    server.wait()
+
+
+# ---------------------------------------------------------------- clients (this process)
+
+
+def run_raw_tcp(info: dict, case: str, seconds: float, window: int) -> float:
+    size = payload_bytes(case)
+    sock = socket.create_connection(("127.0.0.1", info["port"]))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = memoryview(bytearray(size))
+    sock.sendall(b"x" * window)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        got = 0
+        while got < size:
+            got += sock.recv_into(buf[got:], size - got)
+        count += 1
+        sock.sendall(b"x")
+    elapsed = time.perf_counter() - start
+    sock.close()
+    return count * size / elapsed
+
+
+def run_bare_zmq(info: dict, case: str, seconds: float, window: int) -> float:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{info['port']}")
+    for i in range(window):
+        sock.send(i.to_bytes(8, "little"))
+    count, nbytes, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        frames = sock.recv_multipart(copy=False)
+        nbytes += len(frames[1].buffer)
+        count += 1
+        sock.send(count.to_bytes(8, "little"))
+    elapsed = time.perf_counter() - start
+    sock.close(linger=0)
+    ctx.term()
+    return nbytes / elapsed
+
+
+def run_bare_grpc(info: dict, case: str, seconds: float, window: int) -> float:
+    import grpc
+
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{info['port']}", options=[("grpc.max_receive_message_length", -1)]
+    )
+    tokens: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    for _ in range(window):
+        tokens.put(b"x")
+
+    def requests() -> Iterator[bytes]:
+        while (t := tokens.get()) is not None:
+            yield t
+
+    call = channel.stream_stream("/bench.Bare/Distill")(requests())
+    nbytes, start = 0, time.perf_counter()
+    for reply in call:
+        nbytes += len(reply)
+        if time.perf_counter() - start >= seconds:
+            break
+        tokens.put(b"x")
+    elapsed = time.perf_counter() - start
+    tokens.put(None)
+    call.cancel()
+    channel.close()
+    return nbytes / elapsed
+
+
+def run_lyceum(endpoint: str, case: str, seconds: float, window: int) -> float:
+    from lyceum.student_client.online import OnlineTeacher, TeacherError
+
+    rows = CASES[case][0]
+    with OnlineTeacher(endpoint) as teacher:
+        teacher.describe()
+        next_id = 0
+
+        def submit() -> None:
+            nonlocal next_id
+            teacher.submit(range(next_id, next_id + rows))
+            next_id += rows
+
+        for _ in range(window):
+            submit()
+        nbytes, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _rid, batch in teacher.poll(10):
+                if isinstance(batch, TeacherError):
+                    raise batch
+                nbytes += sum(t.numel() * t.element_size() for t in batch.tensors.values())
+                submit()
+        elapsed = time.perf_counter() - start
+        # Let the last requests finish so the next run starts on an idle server.
+        end = time.monotonic() + 30
+        while time.monotonic() < end and teacher.poll(0.2):
+            pass
+    return nbytes / elapsed
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def _start(role: str, case: str, workdir: str) -> tuple[subprocess.Popen[str], dict]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", role, "--case", case, "--workdir", workdir],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{role} server for {case} did not start")
+    return proc, json.loads(line)
+
+
+def measure(case: str, seconds: float, repeats: int, window: int) -> dict[str, float]:
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        servers = {role: _start(role, case, workdir) for role in ("raw-tcp", "bare-zmq", "bare-grpc", "lyceum")}
+        try:
+            endpoints = {e.split("://")[0]: e for e in servers["lyceum"][1]["endpoints"]}
+            runs: dict[str, Callable[[], float]] = {
+                "raw TCP": lambda: run_raw_tcp(servers["raw-tcp"][1], case, seconds, window),
+                "bare pyzmq": lambda: run_bare_zmq(servers["bare-zmq"][1], case, seconds, window),
+                "bare grpcio": lambda: run_bare_grpc(servers["bare-grpc"][1], case, seconds, window),
+                "Lyceum ZMQ tcp": lambda: run_lyceum(endpoints["zmq"], case, seconds, window),
+                "Lyceum gRPC tcp": lambda: run_lyceum(endpoints["grpc"], case, seconds, window),
+                "Lyceum ZMQ ipc://": lambda: run_lyceum(endpoints["ipc"], case, seconds, window),
+                "Lyceum gRPC unix://": lambda: run_lyceum(endpoints["unix"], case, seconds, window),
+            }
+            # Interleaved, so a slow moment of the machine hits every path alike.
+            for _ in range(repeats):
+                for name, run in runs.items():
+                    results.setdefault(name, []).append(run())
+        finally:
+            for proc, _info in servers.values():
+                proc.kill()
+                proc.wait()
+    return {name: statistics.median(v) for name, v in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of one run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--window", type=int, default=4, help="requests in flight")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.serve:
+        servers = {
+            "raw-tcp": serve_raw_tcp,
+            "bare-zmq": serve_bare_zmq,
+            "bare-grpc": serve_bare_grpc,
+        }
+        if args.serve == "lyceum":
+            serve_lyceum(args.case, args.workdir)
+        else:
+            servers[args.serve](args.case)
+        return
+    print(f"loopback throughput, GB/s (median of {args.repeats} runs of {args.seconds}s, window {args.window})")
+    header = f"{'payload':>8} | {'path':<20} | {'GB/s':>6} | {'x raw TCP':>9} | {'x bare':>7}"
+    print(header)
+    print("-" * len(header))
+    for case in args.cases:
+        r = measure(case, args.seconds, args.repeats, args.window)
+        raw = r["raw TCP"]
+        bare = {"ZMQ": r["bare pyzmq"], "gRPC": r["bare grpcio"]}
+        for name, value in r.items():
+            kind = "ZMQ" if "ZMQ" in name or "pyzmq" in name else "gRPC" if "gRPC" in name or "grpcio" in name else ""
+            vs_bare = f"{value / bare[kind]:7.2f}" if name.startswith("Lyceum") else f"{'':>7}"
+            print(f"{case:>8} | {name:<20} | {value / 1e9:6.2f} | {value / raw:9.2f} | {vs_bare}")
+        print("-" * len(header))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""A whole quantization job from one config: (train float,) quantize, train or calibrate, export, report.
+
+`QuantizeJobConfig` names the model and data set by `module:callable` spec strings, but this
+module never resolves them: the caller (the `lyceum quantize` CLI, or a script) builds the
+model and data sets and passes them to `quantize_job`, so the library stays spec-agnostic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .config import PTQ, QAT
+from .workflow import QuantReport, ptq_int8, qat_int8
+
+__all__ = ["REPORT_FILE", "QuantizeJobConfig", "quantize_job"]
+
+_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+REPORT_FILE = "report.json"
+
+
+class QuantizeJobConfig(BaseModel):
+    """Everything `lyceum quantize CONFIG.yaml` needs; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Model factory spec 'module:callable'.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the model factory."
+    )
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Trained float weights: a .safetensors file, or a state dict saved with "
+        "torch.save (loaded with weights_only=True).",
+    )
+    dataset: str = Field(description="Dataset factory spec 'module:callable', called with split=.")
+    dataset_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments of the dataset factory."
+    )
+    train_split: str = Field(
+        default="train", description="Split for QAT training / PTQ calibration."
+    )
+    test_split: str = Field(default="test", description="Split of the fp32 vs int8 accuracy.")
+    scheme: Annotated[QAT | PTQ, Field(discriminator="kind")] = Field(
+        description="QAT(...) or PTQ(...) scheme, selected by its 'kind' key ('qat' or 'ptq')."
+    )
+    float_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="Plain float training epochs before quantizing (for a model with no checkpoint).",
+    )
+    epochs: int = Field(default=3, ge=1, description="QAT epochs (ignored by PTQ).")
+    calibration_batches: int = Field(default=8, ge=1, description="PTQ calibration batches.")
+    lr: float = Field(
+        default=1e-3, gt=0, description="Adam learning rate (float and QAT training)."
+    )
+    batch_size: int = Field(default=64, ge=2, description="Training / calibration batch size.")
+    seed: int = Field(default=0, description="Seed of the training data order.")
+    latency: bool = Field(
+        default=True, description="Measure fp32 vs int8 CPU latency (compiles both)."
+    )
+    out_dir: Path = Field(
+        description="Directory for model_int8.pt2, model_fp32.pt2 and report.json."
+    )
+
+    @field_validator("model", "dataset")
+    @classmethod
+    def _spec(cls, value: str) -> str:
+        if not _SPEC.fullmatch(value):
+            raise ValueError(
+                f"expected a 'module:callable' spec such as 'lyceum.deploy.examples:student_cnn', "
+                f"got {value!r}"
+            )
+        return value
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load float weights without unpickling objects (safetensors or weights_only torch.load)."""
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a state dict"
+        )
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit the model ({exc}); check model_kwargs"
+        ) from exc
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit the model: missing {missing}, "
+            f"unexpected {unexpected}; check model_kwargs"
+        )
+
+
+def _train_float(model: nn.Module, data: Dataset, config: QuantizeJobConfig) -> None:
+    loader = DataLoader(
+        data,
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model.train()
+    for _ in range(config.float_epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    model.eval()
+
+
+def quantize_job(
+    config: QuantizeJobConfig, *, model: nn.Module, train_data: Dataset, test_data: Dataset
+) -> QuantReport:
+    """Run the job on built objects; writes the int8 and fp32 programs and `report.json`."""
+    if config.checkpoint is not None:
+        load_checkpoint(model, config.checkpoint)
+    if config.float_epochs:
+        _train_float(model, train_data, config)
+    model.eval()
+    n = min(config.batch_size, len(train_data))  # type: ignore[arg-type]
+    example = torch.stack([train_data[i][0] for i in range(n)])
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(config.scheme, QAT):
+        _, report = qat_int8(
+            model,
+            train_data,
+            example,
+            epochs=config.epochs,
+            scheme=config.scheme,
+            eval_dataset=test_data,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            out_dir=config.out_dir,
+            measure_latency=config.latency,
+        )
+    else:
+        _, report = ptq_int8(
+            model,
+            train_data,
+            example,
+            num_batches=config.calibration_batches,
+            scheme=config.scheme,
+            eval_dataset=test_data,
+            batch_size=config.batch_size,
+            out_dir=config.out_dir,
+            measure_latency=config.latency,
+        )
+    payload = {
+        "config": json.loads(config.model_dump_json()),
+        "report": json.loads(report.model_dump_json()),
+    }
+    (config.out_dir / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    return report

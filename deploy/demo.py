@@ -1,0 +1,171 @@
+"""The main job (`lyceum demo`): distillation on scikit-learn's digits, end to end.
+
+A teacher CNN trains on the training split and dumps its knowledge offline (sharded Arrow
+files). A small MLP student then trains twice with the same steps and seeds: from scratch on
+the few labels it has, and distilled from the teacher's knowledge, which covers every
+training input (the transfer set). That is the setting where distillation earns its keep: with
+every label available the gain was within noise (-0.8 to +0.8 points) when we measured it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from lyceum.deploy.examples import accuracy, digits, student_mlp, teacher_cnn, train_classifier
+from lyceum.proto.manifest import model_identity
+from lyceum.student_client.losses import soft_label_kd
+from lyceum.student_client.offline import OfflineKnowledge
+from lyceum.teacher_server.dump import DumpConfig, dump_knowledge
+from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
+
+
+class DemoConfig(BaseModel):
+    """Settings of the demo; the defaults are what `make demo` runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seeds: tuple[int, ...] = Field(default=(0, 1, 2), description="One student run per seed.")
+    steps: int = Field(default=600, gt=0, description="Optimizer steps per student run.")
+    labeled: int = Field(default=100, gt=0, description="Training labels the student may use.")
+    batch_size: int = Field(default=32, gt=0, description="Labelled samples per step.")
+    transfer_batch: int = Field(default=64, gt=0, description="Transfer-set samples per step.")
+    temperature: float = Field(default=4.0, gt=0, description="Distillation temperature.")
+    kd_weight: float = Field(default=1.0, ge=0, description="Weight of the KD term.")
+    teacher_width: int = Field(default=16, gt=0, description="Teacher CNN width (channels).")
+    teacher_epochs: int = Field(default=10, gt=0, description="Teacher training epochs.")
+    workdir: Path | None = Field(default=None, description="Where knowledge is dumped (temp dir).")
+
+
+@dataclass
+class DemoRow:
+    name: str
+    accuracy: float
+    per_seed: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class DemoResult:
+    rows: list[DemoRow]
+    knowledge_bytes: int
+    knowledge_rows: int
+    seconds: float
+
+    def table(self) -> str:
+        lines = [
+            f"{'model':<40} {'test acc':>9}  {'per seed':<24} note",
+            f"{'-' * 40} {'-' * 9}  {'-' * 24} {'-' * 30}",
+        ]
+        for r in self.rows:
+            seeds = " ".join(f"{a * 100:.1f}" for a in r.per_seed)
+            lines.append(f"{r.name:<40} {r.accuracy * 100:>8.1f}%  {seeds:<24} {r.note}")
+        lines.append("")
+        lines.append(
+            f"knowledge on disk: {self.knowledge_bytes / 1024:.1f} KiB for {self.knowledge_rows} "
+            f"samples ({self.knowledge_bytes / max(self.knowledge_rows, 1):.0f} B/sample)"
+        )
+        lines.append(f"wall time: {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _train_student(
+    config: DemoConfig,
+    seed: int,
+    labeled: torch.utils.data.Dataset,
+    kd: Callable[[nn.Module, torch.Generator], torch.Tensor] | None,
+) -> nn.Module:
+    """Same steps, batches and seed for both students; `kd` adds the distillation term."""
+    torch.manual_seed(seed)
+    student = student_mlp(hidden=32)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.stack([labeled[i][0] for i in range(len(labeled))])
+    labels = torch.tensor([labeled[i][1] for i in range(len(labeled))])
+    student.train()
+    for _ in range(config.steps):
+        pick = torch.randint(0, len(labels), (config.batch_size,), generator=g)
+        loss = nn.functional.cross_entropy(student(images[pick]), labels[pick])
+        kd_g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        if kd is not None:
+            loss = loss + config.kd_weight * kd(student, kd_g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return student.eval()
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
+    start = time.perf_counter()
+    train, test = digits("train"), digits("test")
+    labeled = digits("train", limit=config.labeled)
+
+    log(f"[1/3] training the teacher CNN on {len(train)} labelled digits")
+    torch.manual_seed(0)
+    teacher = train_classifier(
+        teacher_cnn(width=config.teacher_width), train, epochs=config.teacher_epochs, lr=3e-3
+    )
+    teacher_acc = accuracy(teacher, test)
+
+    with tempfile.TemporaryDirectory(prefix="lyceum-demo-") as tmp:
+        workdir = config.workdir or Path(tmp)
+        knowledge_dir = workdir / "knowledge"
+        log(f"[2/3] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
+        engine = TeacherEngine(teacher, EngineConfig(), train[0][0])
+        manifest = dump_knowledge(
+            engine,
+            train,
+            knowledge_dir,
+            DumpConfig(batch_size=256, shard_rows=512, workers=0, progress=False),
+            model_identity(
+                f'lyceum.deploy.examples:teacher_cnn{{"width": {config.teacher_width}}}', teacher
+            ),
+        )
+        knowledge = OfflineKnowledge(knowledge_dir, dataset=train)
+        transfer = train.images
+        field = knowledge.schema.fields[0]
+
+        def kd_term(student: nn.Module, g: torch.Generator) -> torch.Tensor:
+            ids = torch.randint(0, len(train), (config.transfer_batch,), generator=g)
+            batch = knowledge.get(ids.tolist())
+            return soft_label_kd(
+                student(transfer[ids]),
+                batch.tensors[field.name],
+                meaning=field.meaning,
+                temperature=config.temperature,
+            )
+
+        log(
+            f"[3/3] training students ({config.steps} steps, {config.labeled} labels, seeds "
+            f"{list(config.seeds)}): from scratch and distilled"
+        )
+        scratch = [accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds]
+        distilled = [
+            accuracy(_train_student(config, s, labeled, kd_term), test) for s in config.seeds
+        ]
+        knowledge_bytes = manifest.bytes
+        rows = manifest.rows
+
+    rows_out = [
+        DemoRow("teacher CNN (all labels)", teacher_acc, [teacher_acc]),
+        DemoRow(
+            f"student MLP, scratch ({config.labeled} labels)",
+            statistics.mean(scratch),
+            scratch,
+        ),
+        DemoRow(
+            "student MLP, distilled (offline knowledge)",
+            statistics.mean(distilled),
+            distilled,
+            f"gain {100 * (statistics.mean(distilled) - statistics.mean(scratch)):+.1f} points",
+        ),
+    ]
+    return DemoResult(rows_out, knowledge_bytes, rows, time.perf_counter() - start)

@@ -1,0 +1,298 @@
+"""`DistillLoader`: the student's batches joined with their teachers' knowledge, prefetched.
+
+    loader = DistillLoader(train_set, {"cnn": OnlineTeacher(...), "dump": OfflineTeacher(...)},
+                           batch_size=64, shuffle=True, window=4,
+                           merger=Merger({"logits": "mean"}))
+    for epoch in range(epochs):
+        for inputs, labels, knowledge in loader:   # one epoch per pass
+            ...
+
+Each pass is one epoch in the sampler's order. While the student trains on batch k, the
+knowledge of batches k+1..k+window is already being computed (online teachers work in other
+processes), so the student only waits when the teachers are slower than its step;
+`stats.knowledge_wait_s` says how long it did. `knowledge` holds the merged fields keyed by
+column, plus `sample_id` (the ids of the batch, int64), which the merger joined on.
+
+Resuming: `state_dict()` is `{epoch, seed, position}` (position = batches already yielded in
+this epoch); after `load_state_dict`, the next pass yields the remaining batches of that
+epoch, with the same order, not the epoch from its start. The order must be reproducible: the
+built-in shuffle draws it from `seed + epoch`; a `sampler` must be deterministic given its
+`set_epoch` (as `DistributedSampler` is, one shard of ids per rank).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from lyceum.proto.codec import KnowledgeBatch
+from lyceum.proto.schema import SAMPLE_ID
+from lyceum.student_client._connections import TeacherError
+from lyceum.student_client.merger import MergedSchema, Merger
+from lyceum.student_client.sources import KnowledgeSource, TeacherUnavailableError
+
+__all__ = ["DistillLoader", "LoaderStats"]
+
+_POLL_S = 0.05  # longest single wait on one teacher before checking the others again
+
+
+@dataclass
+class LoaderStats:
+    """Counters since the loader was built; `knowledge_wait_s` is the student's idle time."""
+
+    batches: int = 0
+    samples: int = 0
+    knowledge_wait_s: float = 0.0
+    last_wait_s: float = 0.0
+
+
+class _WithIds(Dataset[tuple[int, Any]]):
+    """Item i -> (i, dataset[i]): the sample id travels with the sample through workers."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.dataset[i]
+
+
+class _Collate:
+    """Ids to an int64 tensor; items through the user's collate (default: torch's)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+        ids = torch.tensor([i for i, _ in items], dtype=torch.int64)
+        return ids, self.collate_fn([item for _, item in items])
+
+
+@dataclass
+class _InFlight:
+    request_id: int
+    ids: torch.Tensor
+    inputs: Any
+    labels: Any
+
+
+def _pin(value: Any) -> Any:
+    return value.pin_memory() if isinstance(value, torch.Tensor) else value
+
+
+def _move(value: Any, device: torch.device, non_blocking: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    return value
+
+
+class DistillLoader:
+    """Yields `(inputs, labels, knowledge)` per batch, with knowledge prefetched (see above).
+
+    `teachers`: name -> `KnowledgeSource`. `merger`: how fields of several teachers combine
+    (default: each field passes through, which refuses fields sent by several teachers).
+    `shuffle`/`seed` or `sampler` choose the order; `window` is how many batches ahead the
+    knowledge is requested. `num_workers`, `collate_fn` and `pin_memory` are the DataLoader's,
+    for the student's own data; `pin_memory` also pins the knowledge, and `device` moves
+    inputs, labels and knowledge there (non-blocking when pinned).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        teachers: Mapping[str, KnowledgeSource],
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        sampler: Sampler[int] | None = None,
+        seed: int = 0,
+        window: int = 4,
+        merger: Merger | None = None,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if window < 0:
+            raise ValueError(f"window must be >= 0 (batches requested ahead), got {window}")
+        if shuffle and sampler is not None:
+            raise ValueError(
+                "give shuffle=True or a sampler, not both (a sampler decides the order itself)"
+            )
+        if not teachers:
+            raise ValueError("DistillLoader needs at least one teacher; use a DataLoader without")
+        self.dataset = dataset
+        self.teachers = dict(teachers)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.sampler = sampler
+        self.seed = seed
+        self.window = window
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.collate = _Collate(collate_fn or default_collate)
+        self.pin_memory = pin_memory
+        self.device = torch.device(device) if device is not None else None
+        self.merger = merger or Merger({})
+        # Validate the teachers' schemas against the strategies now, before any training.
+        self.merged: MergedSchema = self.merger.check(
+            {name: source.schema for name, source in self.teachers.items()}
+        )
+        self.epoch = 0
+        self.position = 0
+        self.stats = LoaderStats()
+        self._request_ids = itertools.count()
+
+    # -- order and resumption ------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first batch at the next pass."""
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "seed": self.seed, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        missing = [k for k in ("epoch", "seed", "position") if k not in state]
+        if missing:
+            raise ValueError(f"loader state {dict(state)}: missing keys {missing}")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"loader state has seed {state['seed']} but this loader has seed {self.seed}: "
+                f"the remaining ids of the epoch would differ; build the loader with "
+                f"seed={state['seed']}"
+            )
+        if not 0 <= int(state["position"]) <= len(self):
+            raise ValueError(
+                f"loader state position {state['position']} is outside 0..{len(self)} batches "
+                f"of an epoch: the checkpoint is from another dataset or batch size"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _order(self) -> list[int]:
+        if self.sampler is not None:
+            set_epoch = getattr(self.sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.epoch)
+            return [int(i) for i in self.sampler]
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return torch.randperm(n, generator=g).tolist()
+        return list(range(n))
+
+    def batches(self) -> list[list[int]]:
+        """The sample ids of every batch of the current epoch, in order."""
+        order = self._order()
+        out = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and out and len(out[-1]) < self.batch_size:
+            out.pop()
+        return out
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.dataset)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    # -- iteration -----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, dict[str, torch.Tensor]]]:
+        remaining = self.batches()[self.position :]
+        data = iter(
+            DataLoader(
+                _WithIds(self.dataset),
+                batch_sampler=remaining,  # type: ignore[arg-type]
+                num_workers=self.num_workers,
+                collate_fn=self.collate,
+                pin_memory=self.pin_memory,
+            )
+        )
+        inflight: collections.deque[_InFlight] = collections.deque()
+        results: dict[str, dict[int, KnowledgeBatch]] = {name: {} for name in self.teachers}
+        exhausted = False
+        while True:
+            while not exhausted and len(inflight) <= self.window:
+                try:
+                    ids, (inputs, labels) = next(data)
+                except StopIteration:
+                    exhausted = True
+                    break
+                inflight.append(self._submit(ids, inputs, labels))
+            if not inflight:
+                break
+            head = inflight.popleft()
+            knowledge = self._wait(head, results, {b.request_id for b in inflight})
+            self.position += 1
+            self.stats.batches += 1
+            self.stats.samples += len(head.ids)
+            yield self._deliver(head.inputs, head.labels, knowledge)
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def _submit(self, ids: torch.Tensor, inputs: Any, labels: Any) -> _InFlight:
+        rid = next(self._request_ids)
+        for name, source in self.teachers.items():
+            try:
+                source.submit(rid, ids, inputs if source.needs_inputs else None)
+            except TeacherError as exc:
+                raise _named(name, exc) from exc
+        return _InFlight(rid, ids, inputs, labels)
+
+    def _wait(
+        self,
+        head: _InFlight,
+        results: dict[str, dict[int, KnowledgeBatch]],
+        pending: set[int],
+    ) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        while True:
+            missing = [name for name in self.teachers if head.request_id not in results[name]]
+            if not missing:
+                break
+            for name in self.teachers:
+                # Only the teacher the head waits on is waited for; the others are drained.
+                timeout = _POLL_S if name == missing[0] else 0.0
+                try:
+                    done = self.teachers[name].poll(timeout)
+                except TeacherError as exc:
+                    raise _named(name, exc) from exc
+                for rid, batch in done:
+                    # Requests of an abandoned pass (e.g. stopped for a checkpoint) are dropped.
+                    if rid == head.request_id or rid in pending:
+                        results[name][rid] = batch
+        wait = time.perf_counter() - started
+        self.stats.last_wait_s = wait
+        self.stats.knowledge_wait_s += wait
+        batches = {name: results[name].pop(head.request_id) for name in self.teachers}
+        knowledge = self.merger.merge(head.ids, batches)
+        knowledge[SAMPLE_ID] = head.ids
+        return knowledge
+
+    def _deliver(
+        self, inputs: Any, labels: Any, knowledge: dict[str, torch.Tensor]
+    ) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+        if self.pin_memory:
+            knowledge = {k: _pin(v) for k, v in knowledge.items()}
+        if self.device is None:
+            return inputs, labels, knowledge
+        nb = self.pin_memory
+        return (
+            _move(inputs, self.device, nb),
+            _move(labels, self.device, nb),
+            {k: _move(v, self.device, nb) for k, v in knowledge.items()},
+        )
+
+
+def _named(name: str, exc: TeacherError) -> TeacherError:
+    """The same error, saying which of the loader's teachers it came from."""
+    message = f"distillation teacher {name!r}: {exc.message}"
+    if isinstance(exc, TeacherUnavailableError):
+        return TeacherUnavailableError(message)
+    return TeacherError(exc.code, message)

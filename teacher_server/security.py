@@ -1,0 +1,136 @@
+"""Credentials of the online server: bearer token, TLS / mutual TLS for gRPC, CURVE for ZeroMQ.
+
+Why each exists: a teacher port runs the model on whatever arrives, so by default it binds
+loopback only; once it listens wider, TLS (gRPC) or CURVE (ZeroMQ) keep knowledge and inputs
+private and authenticate the server, mutual TLS or a CURVE allow-list authenticate students,
+and a bearer token is the simple shared secret that works on both transports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from lyceum.teacher_server.config import SecurityConfig
+from lyceum.teacher_server.metrics import log_event
+
+_Z85_KEY_LEN = 40
+_ZAP_DOMAIN = "lyceum"
+
+
+def read_token(path: Path) -> bytes:
+    """The bearer token in `path`, without surrounding whitespace; refuses an empty file."""
+    token = Path(path).read_bytes().strip()
+    if not token:
+        raise ValueError(f"token file {str(path)!r} is empty; put a random secret in it")
+    if any(c < 0x21 or c > 0x7E for c in token):
+        raise ValueError(
+            f"token file {str(path)!r}: the token must be printable ASCII without spaces "
+            f"(it travels in an HTTP header), e.g. `openssl rand -hex 32`"
+        )
+    return token
+
+
+def grpc_server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials, or None for plaintext; with a client CA, clients must present a cert."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    root = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+
+
+def read_curve_key(path: Path, secret: bool) -> bytes:
+    """A z85 CURVE key from a bare key file or a zmq certificate file (zmq.auth format)."""
+    text = Path(path).read_text().strip()
+    if len(text) == _Z85_KEY_LEN and "\n" not in text:
+        return text.encode()
+    try:
+        public, secret_key = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as exc:
+        raise ValueError(
+            f"CURVE key file {str(path)!r}: neither a 40-character z85 key nor a zmq certificate "
+            f"({exc}); create keys with zmq.curve_keypair() or zmq.auth.create_certificates"
+        ) from exc
+    key = secret_key if secret else public
+    if key is None:
+        raise ValueError(
+            f"CURVE key file {str(path)!r} holds no secret key; pass the *.key_secret certificate"
+        )
+    return key
+
+
+def read_allowed_keys(path: Path) -> frozenset[bytes]:
+    """Allowed client public keys: a directory of zmq certificates or a file of z85 keys."""
+    path = Path(path)
+    if path.is_dir():
+        keys = frozenset(zmq.auth.load_certificates(str(path)).keys())
+    else:
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        keys = frozenset(ln.encode() for ln in lines if ln and not ln.startswith("#"))
+        bad = [k for k in keys if len(k) != _Z85_KEY_LEN]
+        if bad:
+            raise ValueError(
+                f"CURVE client key file {str(path)!r}: {len(bad)} lines are not 40-character z85 "
+                f"public keys (one key per line, '#' comments allowed)"
+            )
+    if not keys:
+        raise ValueError(
+            f"CURVE client keys {str(path)!r}: no keys found, so no student could connect"
+        )
+    return keys
+
+
+class _AllowList:
+    """ZAP credentials provider: accepts exactly the listed client public keys."""
+
+    def __init__(self, keys: frozenset[bytes]) -> None:
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        # pyzmq's authenticator passes the client's key z85-encoded.
+        allowed = key in self.keys
+        if not allowed:
+            log_event("auth_refused", transport="zmq", reason="CURVE client key not allowed")
+        return allowed
+
+
+class CurveServerKeys:
+    """The server's CURVE secret key and who may connect (any client, or an allow-list)."""
+
+    def __init__(self, secret_key: bytes, allowed: frozenset[bytes] | None) -> None:
+        self.secret_key = secret_key
+        self.public_key = zmq.curve_public(secret_key)
+        self.allowed = allowed
+
+    @classmethod
+    def from_config(cls, config: SecurityConfig) -> CurveServerKeys | None:
+        if config.zmq_curve_secret_key is None:
+            return None
+        secret = read_curve_key(config.zmq_curve_secret_key, secret=True)
+        allowed = read_allowed_keys(config.zmq_curve_clients) if config.zmq_curve_clients else None
+        return cls(secret, allowed)
+
+    def start_authenticator(self, ctx: zmq.Context) -> ThreadAuthenticator:  # type: ignore[type-arg]
+        """ZAP handler on `ctx`: checks each client's public key during the handshake."""
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        if self.allowed is None:
+            auth.configure_curve(domain=_ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            auth.configure_curve_callback(
+                domain=_ZAP_DOMAIN, credentials_provider=_AllowList(self.allowed)
+            )
+        return auth
+
+    def apply(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+        sock.curve_server = True
+        sock.curve_secretkey = self.secret_key
+        sock.zap_domain = _ZAP_DOMAIN.encode()

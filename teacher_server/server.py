@@ -1,0 +1,215 @@
+"""The online teacher server: engines + dynamic batcher + transports, and its lifecycle.
+
+`create_server(config, engines, dataset)` builds and binds everything and returns the server
+with its bound ports (tests bind port 0); `server.start()` starts serving; `serve(...)` is the
+whole process lifecycle: start, announce the endpoints (stdout line and `--ready-file`), wait
+for SIGTERM/SIGINT or `exit_after_s`, then drain: refuse new requests (UNAVAILABLE), finish
+those in flight within the grace period, stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lyceum.teacher_server.batcher import DynamicBatcher
+from lyceum.teacher_server.config import ServerConfig
+from lyceum.teacher_server.engine import TeacherEngine
+from lyceum.teacher_server.metrics import ServerMetrics, log_event
+from lyceum.teacher_server.security import CurveServerKeys, grpc_server_credentials, read_token
+from lyceum.teacher_server.transport.base import TeacherService, Transport
+from lyceum.teacher_server.transport.grpc import GrpcTransport
+from lyceum.teacher_server.transport.zmq import ZmqTransport
+
+_MIN_MESSAGE_LIMIT = 64 << 20
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1}
+
+
+def message_limit(engine: TeacherEngine, max_batch: int) -> int:
+    """A message limit that fits a full batch of inputs or knowledge, with room to spare.
+
+    Variable-length (sequence) fields cannot be sized in advance; the 64 MiB floor covers
+    typical ones and `max_message_bytes` raises it.
+    """
+    per_sample = engine.example_input.numel() * engine.example_input.element_size()
+    knowledge = 0
+    for spec in engine.schema.fields:
+        if spec.variable:
+            continue
+        size = math.prod(d for d in spec.stored_shape if d is not None)
+        knowledge += size * _ITEM_BYTES[spec.dtype] + (4 * size if len(spec.columns) == 2 else 0)
+    return max(_MIN_MESSAGE_LIMIT, 2 * max_batch * max(per_sample, knowledge) + (1 << 20))
+
+
+class TeacherServer:
+    """One process's teacher: an engine per device, one batcher, gRPC and/or ZeroMQ."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        engines: Sequence[TeacherEngine],
+        dataset: torch.utils.data.Dataset | None = None,
+    ) -> None:
+        if not engines:
+            raise ValueError("a teacher server needs at least one engine (one per --device)")
+        self.config = config
+        self.metrics = ServerMetrics()
+        limit = config.max_message_bytes or message_limit(engines[0], config.max_batch)
+        self.batcher = DynamicBatcher(
+            engines,
+            max_batch=config.max_batch,
+            max_delay_s=config.max_delay_ms / 1000,
+            max_queue_samples=config.queue_samples(len(engines)),
+            metrics=self.metrics,
+        )
+        security = config.security
+        self.service = TeacherService(
+            self.batcher,
+            input_schema=engines[0].input_schema,
+            sequence_input=engines[0].sequence_input,
+            dataset=dataset,
+            token=read_token(security.token_file) if security.token_file else None,
+            max_message_bytes=limit,
+            metrics=self.metrics,
+            teacher_id=config.teacher_id,
+        )
+        self.transports: list[Transport] = []
+        if config.grpc_port is not None or config.grpc_unix is not None:
+            self.transports.append(
+                GrpcTransport(
+                    self.service,
+                    config.host,
+                    config.grpc_port,
+                    config.grpc_unix,
+                    config.grpc_workers,
+                    grpc_server_credentials(security),
+                )
+            )
+        if config.zmq_port is not None or config.zmq_ipc is not None:
+            self.transports.append(
+                ZmqTransport(
+                    self.service,
+                    config.host,
+                    config.zmq_port,
+                    config.zmq_ipc,
+                    config.zmq_send_timeout_ms,
+                    CurveServerKeys.from_config(security),
+                )
+            )
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e for t in self.transports for e in t.endpoints]
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Bound TCP ports by name (`grpc`, `zmq`, `metrics`), for whichever are enabled."""
+        ports = {}
+        for t in self.transports:
+            for e in t.endpoints:
+                if e.startswith(("grpc://", "grpcs://", "zmq://")):
+                    ports[t.name] = int(e.rsplit(":", 1)[1])
+        if self.metrics_port is not None:
+            ports["metrics"] = self.metrics_port
+        return ports
+
+    def start(self) -> None:
+        self.batcher.start()
+        for t in self.transports:
+            t.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
+        log_event("serving", endpoints=self.endpoints, ports=self.ports, pid=os.getpid())
+
+    def stop(self, grace_s: float | None = None) -> bool:
+        """Drain and stop: refuse new requests, finish those in flight within `grace_s`
+        (default: the config's), then close every transport. True if nothing was cut short."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return True
+            started = time.monotonic()
+            self.service.draining = True
+            self.batcher.stop_accepting()
+            for t in self.transports:
+                if isinstance(t, GrpcTransport):
+                    t.begin_drain()
+            log_event("draining", in_flight_samples=self.batcher.in_flight, grace_s=grace)
+            drained = self.batcher.drain(grace)
+            # Replies of the last batches may still sit in transport queues: give them a
+            # moment to leave before connections close.
+            flush = max(0.5, min(2.0, grace - (time.monotonic() - started)))
+            for t in self.transports:
+                t.stop(flush)
+            self.batcher.close()
+            self.metrics.close_http()
+            self._stopped.set()
+            log_event("stopped", drained=drained, seconds=round(time.monotonic() - started, 3))
+            return drained
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the server has stopped; True if it did within the timeout."""
+        return self._stopped.wait(timeout_s)
+
+
+def create_server(
+    config: ServerConfig,
+    engines: Sequence[TeacherEngine],
+    dataset: torch.utils.data.Dataset | None = None,
+) -> tuple[TeacherServer, dict[str, int]]:
+    """Build and bind a teacher server (not yet serving: call `.start()`) and its TCP ports.
+
+    Binding happens here, so port 0 resolves to the real port before anything is served.
+    """
+    server = TeacherServer(config, engines, dataset)
+    return server, server.ports
+
+
+def _announce(server: TeacherServer, ready_file: Path | None) -> None:
+    info: dict[str, Any] = {"pid": os.getpid(), "endpoints": server.endpoints, **server.ports}
+    line = json.dumps(info, sort_keys=True)
+    # The stdout line is the contract for harnesses without a ready file; flush it at once.
+    print(f"lyceum teacher serving {line}", flush=True)
+    if ready_file is not None:
+        tmp = Path(f"{ready_file}.tmp")
+        tmp.write_text(line)
+        tmp.replace(ready_file)  # atomic: a reader never sees half a file
+
+
+def serve(
+    config: ServerConfig,
+    engines: Sequence[TeacherEngine],
+    dataset: torch.utils.data.Dataset | None = None,
+) -> int:
+    """Run a teacher until SIGTERM/SIGINT (or `exit_after_s`), then drain; returns an exit code."""
+    server, _ports = create_server(config, engines, dataset)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log_event("signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        _announce(server, config.ready_file)
+        stop.wait(config.exit_after_s)
+    finally:
+        drained = server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sys.stdout.flush()
+    return 0 if drained else 1

@@ -1,0 +1,191 @@
+"""What every transport shares: the `Transport` contract and the request path behind it.
+
+`TeacherService` is the transport-independent half of a request: authenticate, check limits,
+decode query inputs (or load index-mode samples from the dataset), and hand the request to
+the dynamic batcher. Both transports call it the same way, so gRPC and ZeroMQ give the same
+answers, codes and messages for the same request.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from lyceum.proto.codec import from_record_batch, read_ipc
+from lyceum.proto.schema import FORMAT_VERSION, KnowledgeSchema
+from lyceum.teacher_server.batcher import Done, DynamicBatcher, Job
+from lyceum.teacher_server.errors import (
+    FAILED_PRECONDITION,
+    INVALID_ARGUMENT,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    ServeError,
+)
+from lyceum.teacher_server.metrics import ServerMetrics, log_event
+from lyceum.v1 import knowledge_pb2 as pb
+
+QUERY, INDEX = "query", "index"
+
+
+class Transport(Protocol):
+    """A way for students to reach the teacher (gRPC, ZeroMQ).
+
+    Exists so the server can start, drain and stop every transport the same way and a new one
+    (e.g. shared memory) plugs in without touching the batcher or the request path.
+    """
+
+    name: str
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Bound endpoints as URLs students can use (`grpc://127.0.0.1:50051`, `ipc://...`)."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting connections; finish replies in flight within `grace_s`."""
+        ...
+
+
+class TeacherService:
+    """Authentication, limits, decoding and submission of one request, for every transport."""
+
+    def __init__(
+        self,
+        batcher: DynamicBatcher,
+        input_schema: KnowledgeSchema,
+        sequence_input: bool,
+        dataset: torch.utils.data.Dataset | None,
+        token: bytes | None,
+        max_message_bytes: int,
+        metrics: ServerMetrics,
+        teacher_id: str,
+    ) -> None:
+        self.batcher = batcher
+        self.input_schema = input_schema
+        self.sequence_input = sequence_input
+        self.dataset = dataset
+        self.dataset_len = len(dataset) if dataset is not None else 0  # type: ignore[arg-type]
+        self.token = token
+        self.max_message_bytes = max_message_bytes
+        self.metrics = metrics
+        self.draining = False
+        self.describe_reply = pb.DescribeReply(
+            format_version=FORMAT_VERSION,
+            knowledge_schema_json=batcher.schema.to_json(),
+            input_schema_json=input_schema.to_json(),
+            teacher_id=teacher_id,
+            accepts_index=dataset is not None,
+            max_request_samples=batcher.max_batch,
+            max_message_bytes=max_message_bytes,
+        )
+
+    def authenticate(self, presented: bytes | None) -> None:
+        """Raise UNAUTHENTICATED unless the request carries the server's token (if it has one)."""
+        if self.token is None:
+            return
+        if presented is None:
+            raise ServeError(UNAUTHENTICATED, "this teacher requires a bearer token; none was sent")
+        # Constant time: the comparison must not leak how many leading bytes matched.
+        if not hmac.compare_digest(presented, self.token):
+            raise ServeError(UNAUTHENTICATED, "invalid bearer token")
+
+    def submit(
+        self,
+        transport: str,
+        mode: str,
+        payload: memoryview | np.ndarray,
+        done: Done,
+    ) -> None:
+        """Decode (query) or load (index) a request and queue it; raises `ServeError` if refused.
+
+        `payload` is Arrow IPC bytes in query mode and an array of sample ids in index mode.
+        """
+        self.metrics.requests.labels(transport, mode).inc()
+        if self.draining:
+            raise ServeError(UNAVAILABLE, "the teacher is shutting down; use another replica")
+        if mode == QUERY:
+            ids, inputs = self._decode_query(payload)  # type: ignore[arg-type]
+        else:
+            ids, inputs = self._load_index(payload)  # type: ignore[arg-type]
+        samples = self.metrics.samples.labels(transport, mode)
+
+        def finished(result: object) -> None:
+            if not isinstance(result, ServeError):
+                samples.inc(len(ids))
+            done(result)  # type: ignore[arg-type]
+
+        self.batcher.submit(Job(ids=ids, inputs=inputs, done=finished))
+
+    def record_error(self, transport: str, error: ServeError, peer: str, request_id: int) -> None:
+        self.metrics.errors.labels(transport, error.code_name).inc()
+        log_event(
+            "request_error",
+            transport=transport,
+            peer=peer,
+            request_id=request_id,
+            code=error.code_name,
+            message=error.message[:300],
+        )
+
+    def _check_count(self, n: int) -> None:
+        if n == 0:
+            raise ServeError(INVALID_ARGUMENT, "request has no samples; send at least one id")
+        if n > self.batcher.max_batch:
+            raise ServeError(
+                INVALID_ARGUMENT,
+                f"request has {n} samples, more than this teacher's limit of "
+                f"{self.batcher.max_batch} per request (Describe.max_request_samples); split it",
+            )
+
+    def _decode_query(
+        self, data: memoryview
+    ) -> tuple[np.ndarray, torch.Tensor | list[torch.Tensor]]:
+        if data.nbytes > self.max_message_bytes:
+            raise ServeError(
+                INVALID_ARGUMENT,
+                f"inputs of {data.nbytes} bytes exceed the limit of {self.max_message_bytes}",
+            )
+        try:
+            record_batch = read_ipc(data)
+            # Arrow trusts the buffers and offsets a message declares; hostile ones would make
+            # later reads run out of bounds, so check every one before touching the values.
+            record_batch.validate(full=True)
+            batch = from_record_batch(record_batch, self.input_schema, where="query inputs")
+        except ValueError as exc:
+            raise ServeError(INVALID_ARGUMENT, f"query inputs rejected: {exc}") from None
+        except Exception as exc:  # pyarrow raises many types on hostile bytes: all are bad input
+            raise ServeError(
+                INVALID_ARGUMENT, f"query inputs are not a valid Arrow IPC stream: {exc!r}"
+            ) from None
+        self._check_count(len(batch))
+        ids = batch.sample_ids.numpy().view(np.uint64)
+        x = batch.tensors[self.input_schema.fields[0].name]
+        return ids, (list(x.unbind()) if self.sequence_input else x)
+
+    def _load_index(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor | list[torch.Tensor]]:
+        if self.dataset is None:
+            raise ServeError(
+                FAILED_PRECONDITION,
+                "index mode needs a teacher started with --dataset; this one has none, so send "
+                "inputs (query mode) instead",
+            )
+        self._check_count(len(ids))
+        if int(ids.max()) >= self.dataset_len:
+            bad = ids[ids >= self.dataset_len][:5].tolist()
+            raise ServeError(
+                INVALID_ARGUMENT,
+                f"sample ids {bad} are out of range: the teacher's dataset has "
+                f"{self.dataset_len} samples (ids 0..{self.dataset_len - 1})",
+            )
+        if len(np.unique(ids)) != len(ids):
+            raise ServeError(INVALID_ARGUMENT, "request repeats sample ids; send each id once")
+        samples = []
+        for i in ids.tolist():
+            x = self.dataset[i][0]  # type: ignore[index]
+            samples.append(x if isinstance(x, torch.Tensor) else torch.as_tensor(x))
+        return ids, (samples if self.sequence_input else torch.stack(samples))

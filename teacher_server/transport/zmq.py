@@ -1,0 +1,253 @@
+"""The ZeroMQ transport: a ROUTER socket speaking multipart frames, same semantics as gRPC.
+
+Request frames (a DEALER sends them; ROUTER prepends the peer's identity):
+    [request id (8 bytes, little-endian uint64), kind, payload] + [token] if the teacher has one
+    kind b"query":    payload is Arrow IPC inputs with a sample_id column
+    kind b"index":    payload is the sample ids as little-endian uint64s
+    kind b"describe": payload is empty
+Reply frames, the request id echoed:
+    [request id, b"knowledge", Arrow IPC]  |  [request id, b"describe", DescribeReply protobuf]
+    [request id, b"error", code (ASCII decimal, the proto's ErrorCode = gRPC status), message]
+
+One thread owns the socket (ZeroMQ sockets are not thread-safe). Batcher workers hand replies
+back through a queue and wake the thread with a byte on a pipe the poller watches. Large
+frames are sent zero-copy (the Arrow buffer itself). ROUTER_MANDATORY makes a send to a peer
+at its high-water mark block (up to `send_timeout_ms`) or fail instead of silently dropping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from lyceum.proto.codec import to_ipc
+from lyceum.teacher_server.batcher import Done
+from lyceum.teacher_server.errors import INVALID_ARGUMENT, ServeError
+from lyceum.teacher_server.metrics import log_event
+from lyceum.teacher_server.security import CurveServerKeys
+from lyceum.teacher_server.transport.base import INDEX, QUERY, TeacherService
+
+KIND_QUERY, KIND_INDEX, KIND_DESCRIBE = b"query", b"index", b"describe"
+KIND_KNOWLEDGE, KIND_ERROR = b"knowledge", b"error"
+_KINDS = {KIND_QUERY: QUERY, KIND_INDEX: INDEX}
+_MONITOR_EVENTS: dict[int, str] = {
+    zmq.EVENT_ACCEPTED: "connect",
+    zmq.EVENT_DISCONNECTED: "disconnect",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+}
+_RECV_BURST = 64
+
+
+class ZmqTransport:
+    """ROUTER socket on TCP and/or ipc, optional CURVE encryption with ZAP authentication."""
+
+    name = "zmq"
+
+    def __init__(
+        self,
+        service: TeacherService,
+        host: str,
+        port: int | None,
+        ipc_path: Path | None,
+        send_timeout_ms: int,
+        curve: CurveServerKeys | None,
+    ) -> None:
+        self._service = service
+        self._ctx = zmq.Context()
+        self._auth = curve.start_authenticator(self._ctx) if curve is not None else None
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A hard cap far above the configured limit: frames between the two get a polite
+        # INVALID_ARGUMENT from the service; beyond it libzmq drops the connection.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * service.max_message_bytes + (1 << 20))
+        if curve is not None:
+            curve.apply(sock)
+        self._sock = sock
+        self._endpoints: list[str] = []
+        if port is not None:
+            shown = f"[{host}]" if ":" in host else host
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+            bound = self._bind(f"tcp://{shown}:{port if port else '*'}")
+            self._endpoints.append(f"zmq://{shown}:{bound.rsplit(':', 1)[1]}")
+        if ipc_path is not None:
+            path = Path(ipc_path).resolve()
+            self._bind(f"ipc://{path}")
+            self._endpoints.append(f"ipc://{path}")
+        self._monitor = sock.get_monitor_socket(events=sum(_MONITOR_EVENTS))
+        self._outbox: queue.SimpleQueue[list[object]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lyceum-zmq", daemon=True)
+
+    def _bind(self, address: str) -> str:
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError as exc:
+            raise ValueError(
+                f"ZeroMQ cannot bind {address!r} (in use? no permission?): {exc}"
+            ) from exc
+        return self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._endpoints)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, grace_s: float) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(timeout=grace_s + 5)
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        # One unread byte is enough to wake the loop; a full pipe means a wake-up is pending.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            self._flush()
+            if self._stop.is_set():
+                return
+            if self._monitor in ready:
+                self._log_connections()
+            if self._sock in ready:
+                for _ in range(_RECV_BURST):
+                    try:
+                        frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+
+    def _log_connections(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            name = _MONITOR_EVENTS.get(int(event["event"])) or str(event["event"])
+            endpoint = event["endpoint"]
+            log_event(
+                f"connection_{name}",
+                transport=self.name,
+                endpoint=endpoint.decode() if isinstance(endpoint, bytes) else endpoint,
+                fd=event["value"],
+            )
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._send(frames)
+
+    def _send(self, frames: list[object]) -> None:
+        try:
+            self._sock.send_multipart(frames, copy=False)  # type: ignore[arg-type]
+        except zmq.Again:
+            log_event(
+                "reply_dropped", transport=self.name, reason="student not reading (send timeout)"
+            )
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH under ROUTER_MANDATORY: the student disconnected before its reply.
+            log_event("reply_dropped", transport=self.name, reason=str(exc))
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        peer = frames[0].bytes
+        rid = frames[1].bytes if len(frames) > 1 else b""
+        peer_name = peer.hex()
+        try:
+            if len(frames) not in (4, 5):
+                raise ServeError(
+                    INVALID_ARGUMENT,
+                    f"expected frames [request id, kind, payload] (+ [token]), got {len(frames) - 1} frames",
+                )
+            token = frames[4].bytes if len(frames) == 5 else None
+            # Credentials first: nothing from an unauthenticated peer is parsed or run.
+            self._service.authenticate(token)
+            if len(rid) != 8:
+                raise ServeError(
+                    INVALID_ARGUMENT,
+                    f"request id frame must be 8 bytes (little-endian uint64), got {len(rid)}",
+                )
+            kind = frames[2].bytes
+            payload = frames[3]
+            if kind == KIND_DESCRIBE:
+                self._outbox.put(
+                    [peer, rid, KIND_DESCRIBE, self._service.describe_reply.SerializeToString()]
+                )
+                self._wake()
+                return
+            mode = _KINDS.get(kind)
+            if mode is None:
+                raise ServeError(
+                    INVALID_ARGUMENT,
+                    f"unknown request kind {kind[:32]!r}; expected b'query', b'index' or b'describe'",
+                )
+            self._service.submit(
+                self.name, mode, self._payload(mode, payload), self._replier(peer, rid)
+            )
+        except ServeError as exc:
+            self._service.record_error(self.name, exc, peer_name, int.from_bytes(rid[:8], "little"))
+            self._send([peer, rid, KIND_ERROR, str(exc.code).encode(), exc.message.encode()])
+
+    def _payload(self, mode: str, frame: zmq.Frame) -> memoryview | np.ndarray:
+        view = frame.buffer
+        if mode == QUERY:
+            return view
+        if view.nbytes % 8:
+            raise ServeError(
+                INVALID_ARGUMENT,
+                f"index payload of {view.nbytes} bytes is not a whole number of uint64 ids",
+            )
+        return np.frombuffer(view, dtype="<u8").astype(np.uint64)
+
+    def _replier(self, peer: bytes, rid: bytes) -> Done:
+        def done(result: pa.RecordBatch | ServeError) -> None:
+            if isinstance(result, ServeError):
+                self._service.record_error(
+                    self.name, result, peer.hex(), int.from_bytes(rid, "little")
+                )
+                frames: list[object] = [
+                    peer,
+                    rid,
+                    KIND_ERROR,
+                    str(result.code).encode(),
+                    result.message.encode(),
+                ]
+            else:
+                frames = [peer, rid, KIND_KNOWLEDGE, to_ipc(result)]
+            self._outbox.put(frames)
+            self._wake()
+
+        return done

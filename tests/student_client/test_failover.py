@@ -1,0 +1,116 @@
+"""Failover with real teacher processes: kill -9 a replica mid-epoch, restart one, lose one."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from teachers import DIGITS, ENV, SLOW, reference_logits, save_checkpoint
+
+from lyceum.deploy.examples import digits
+from lyceum.deploy.launcher import TeacherProcess, start_teacher
+from lyceum.student_client.loader import DistillLoader
+from lyceum.student_client.sources import OnlineTeacher, TeacherUnavailableError
+
+pytestmark = pytest.mark.integration
+
+# Enough to finish a test, short enough that a leaked server stops by itself soon.
+EXIT_AFTER_S = 120.0
+
+
+def _epoch(loader: DistillLoader, after_batch: int = -1, action=None) -> dict[int, torch.Tensor]:
+    """Run one epoch; returns sample id -> logits, failing on any id delivered twice."""
+    seen: dict[int, torch.Tensor] = {}
+    for k, (_x, _y, knowledge) in enumerate(loader):
+        for i, row in zip(knowledge["sample_id"].tolist(), knowledge["logits"], strict=True):
+            assert i not in seen, f"sample {i} delivered twice"
+            seen[i] = row.clone()
+        if k == after_batch and action is not None:
+            action()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "teacher.safetensors", seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> torch.Tensor:
+    return reference_logits(checkpoint, digits("train"))
+
+
+def _serve(checkpoint: Path, **kwargs: Any) -> AbstractContextManager[TeacherProcess]:
+    return start_teacher(
+        SLOW, dataset=DIGITS, checkpoint=checkpoint, env=ENV, exit_after_s=EXIT_AFTER_S, **kwargs
+    )
+
+
+def test_kill_one_of_two_replicas_mid_epoch(checkpoint: Path, reference: torch.Tensor) -> None:
+    data = digits("train")
+    with _serve(checkpoint) as a, _serve(checkpoint, grpc=False, zmq=True) as b:
+        endpoints = [a.endpoint("grpc"), b.endpoint("zmq")]
+        source = OnlineTeacher(endpoints, mode="index", timeout_s=20, request_timeout_s=2)
+        loader = DistillLoader(data, {"t": source}, 32, shuffle=True, seed=1, window=6)
+        # Fault-free epoch first, then the same epoch again with replica a killed at batch 3.
+        clean = _epoch(loader)
+        loader.set_epoch(0)
+        faulty = _epoch(loader, after_batch=3, action=a.kill)
+        assert a.proc.returncode is not None  # really dead (SIGKILL)
+        source.close()
+    assert sorted(faulty) == list(range(len(data)))
+    assert source.failovers > 0, "nothing was re-asked: the kill came too late to test failover"
+    for i in range(len(data)):
+        torch.testing.assert_close(faulty[i], clean[i])
+        torch.testing.assert_close(faulty[i], reference[i])
+
+
+def test_single_replica_restarted_within_timeout(
+    checkpoint: Path, reference: torch.Tensor, tmp_path: Path
+) -> None:
+    data = digits("train")
+    with _serve(checkpoint) as first:
+        port = first.port("grpc")
+        endpoint = first.endpoint("grpc")
+        source = OnlineTeacher(endpoint, mode="index", timeout_s=60)
+        loader = DistillLoader(data, {"t": source}, 32, shuffle=True, window=4)
+        it = iter(loader)
+        seen = {}
+        for _ in range(3):
+            _x, _y, k = next(it)
+            seen.update(zip(k["sample_id"].tolist(), k["logits"], strict=True))
+        first.kill()
+    # The replica comes back at the same port; the loader carries on where it was.
+    with _serve(checkpoint, grpc_port=port):
+        for _x, _y, k in it:
+            for i, row in zip(k["sample_id"].tolist(), k["logits"], strict=True):
+                assert i not in seen
+                seen[i] = row
+        source.close()
+    assert sorted(seen) == list(range(len(data)))
+    for i, row in seen.items():
+        torch.testing.assert_close(row, reference[i])
+
+
+def test_single_replica_lost_raises_naming_endpoint(checkpoint: Path) -> None:
+    data = digits("train")
+    with _serve(checkpoint) as only:
+        endpoint = only.endpoint("grpc")
+        source = OnlineTeacher(endpoint, mode="index", timeout_s=3)
+        loader = DistillLoader(data, {"cnn": source}, 32, window=2)
+        it = iter(loader)
+        next(it)
+        only.kill()
+        started = time.monotonic()
+        with pytest.raises(TeacherUnavailableError) as err:
+            for _ in it:
+                pass
+        elapsed = time.monotonic() - started
+        source.close()
+    message = str(err.value)
+    assert "'cnn'" in message and endpoint in message and "within 3s" in message
+    assert elapsed < 3 + 2, f"the error came after {elapsed:.1f}s, the timeout is 3s"

@@ -1,0 +1,139 @@
+"""The dynamic batcher in-process: coalescing, limits, splitting results back, refusals."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lyceum.proto.codec import from_record_batch
+from lyceum.teacher_server.batcher import DynamicBatcher, Job
+from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
+from lyceum.teacher_server.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, ServeError
+from lyceum.teacher_server.metrics import ServerMetrics
+
+
+class Recording(TeacherEngine):
+    """An engine that records the size of every device batch (and can be slowed down)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(4, 3), EngineConfig(), torch.zeros(4))
+        self.sizes: list[int] = []
+        self.delay_s = delay_s
+
+    def infer(self, batch, lengths=None):  # type: ignore[no-untyped-def]
+        self.sizes.append(len(batch))
+        time.sleep(self.delay_s)
+        return super().infer(batch, lengths)
+
+
+class Results:
+    def __init__(self) -> None:
+        self.items: dict[int, object] = {}
+        self.event = threading.Event()
+
+    def callback(self, key: int, expected: int):  # type: ignore[no-untyped-def]
+        def done(result: object) -> None:
+            self.items[key] = result
+            if len(self.items) == expected:
+                self.event.set()
+
+        return done
+
+
+def _job(ids: list[int], done) -> Job:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    x = torch.arange(len(ids) * 4, dtype=torch.float32).reshape(len(ids), 4) + ids[0]
+    return Job(ids=np.asarray(ids, dtype=np.uint64), inputs=x, done=done)
+
+
+def _batcher(engines, max_batch=8, delay_s=0.05, queue=64) -> DynamicBatcher:  # type: ignore[no-untyped-def]
+    b = DynamicBatcher(engines, max_batch, delay_s, queue, ServerMetrics())
+    b.start()
+    return b
+
+
+def test_requests_coalesce_up_to_max_batch_and_split_back():
+    engine = Recording()
+    batcher = _batcher([engine], max_batch=8, delay_s=0.2)
+    results = Results()
+    jobs = [_job([3 * k, 3 * k + 1, 3 * k + 2], results.callback(k, 5)) for k in range(5)]
+    for job in jobs:
+        batcher.submit(job)
+    assert results.event.wait(10)
+    batcher.close()
+    # 3+3 fit in 8, a third request of 3 would not: batches of 6, 6 and 3 samples.
+    assert engine.sizes == [6, 6, 3]
+    for k, job in enumerate(jobs):
+        got = from_record_batch(results.items[k])  # type: ignore[arg-type]
+        assert got.sample_ids.tolist() == [3 * k, 3 * k + 1, 3 * k + 2]
+        with torch.inference_mode():
+            want = engine.model(job.inputs)
+        assert torch.equal(got.tensors["logits"], want)
+
+
+def test_a_lone_request_waits_at_most_max_delay():
+    engine = Recording()
+    batcher = _batcher([engine], delay_s=0.05)
+    results = Results()
+    start = time.monotonic()
+    batcher.submit(_job([1], results.callback(0, 1)))
+    assert results.event.wait(5)
+    elapsed = time.monotonic() - start
+    batcher.close()
+    assert engine.sizes == [1] and 0.04 <= elapsed < 1.0
+
+
+def test_full_queue_refuses_and_shutdown_refuses():
+    engine = Recording(delay_s=0.3)
+    batcher = _batcher([engine], max_batch=4, delay_s=0.0, queue=8)
+    results = Results()
+    batcher.submit(_job([0, 1, 2, 3], results.callback(0, 3)))
+    time.sleep(0.1)  # the first batch is running: the queue is empty again
+    batcher.submit(_job([4, 5, 6, 7], results.callback(1, 3)))
+    batcher.submit(_job([8, 9, 10, 11], results.callback(2, 3)))
+    with pytest.raises(ServeError) as err:
+        batcher.submit(_job([12], results.callback(3, 3)))
+    assert err.value.code == RESOURCE_EXHAUSTED and "8 of 8 samples" in err.value.message
+    assert batcher.in_flight == 12
+    batcher.stop_accepting()
+    with pytest.raises(ServeError) as err:
+        batcher.submit(_job([13], results.callback(4, 3)))
+    assert err.value.code == UNAVAILABLE
+    assert batcher.drain(5)
+    batcher.close()
+    assert sorted(results.items) == [0, 1, 2] and batcher.in_flight == 0
+
+
+def test_one_worker_per_engine_runs_batches_in_parallel():
+    engines = [Recording(delay_s=0.2), Recording(delay_s=0.2)]
+    batcher = _batcher(engines, max_batch=2, delay_s=0.0)
+    results = Results()
+    start = time.monotonic()
+    for k in range(4):
+        batcher.submit(_job([2 * k, 2 * k + 1], results.callback(k, 4)))
+    assert results.event.wait(5)
+    elapsed = time.monotonic() - start
+    batcher.close()
+    assert [len(e.sizes) for e in engines] == [2, 2]
+    assert elapsed < 0.7  # 4 batches of 0.2 s on two engines, not 0.8 s on one
+
+
+def test_close_answers_queued_requests_unavailable():
+    engine = Recording(delay_s=0.3)
+    batcher = _batcher([engine], max_batch=1, delay_s=0.0)
+    results = Results()
+    for k in range(3):
+        batcher.submit(_job([k], results.callback(k, 3)))
+    time.sleep(0.1)
+    batcher.close()
+    assert results.event.wait(5)
+    codes = [
+        r.code if isinstance(r, ServeError) else "ok" for _, r in sorted(results.items.items())
+    ]
+    assert codes == ["ok", UNAVAILABLE, UNAVAILABLE]

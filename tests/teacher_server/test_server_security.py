@@ -1,0 +1,115 @@
+"""Credentials on both transports: bearer token, mutual TLS (gRPC), CURVE allow-list (ZeroMQ).
+
+Every refused student must get UNAUTHENTICATED (or fail its handshake) and the server must
+not have decoded or run anything it sent: the request counter only counts accepted requests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zmq
+from servers import DATASET, MODEL, ServerProcess, make_certs
+
+from lyceum.student_client.online import OnlineTeacher, TeacherError
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token-0123456789abcdef"
+UNAUTHENTICATED, UNAVAILABLE = 16, 14
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    work = tmp_path_factory.mktemp("secure")
+    certs = make_certs(work)
+    (work / "token").write_text(TOKEN + "\n")
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    (work / "server.key_z85").write_bytes(server_secret)
+    (work / "clients.txt").write_bytes(b"# the one student allowed in\n" + client_public + b"\n")
+    proc = ServerProcess(
+        [
+            "--model", MODEL, "--dataset", DATASET, "--grpc-port", "0", "--zmq-port", "0",
+            "--metrics-port", "0", "--token-file", str(work / "token"),
+            "--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]),
+            "--tls-client-ca", str(certs["ca.pem"]),
+            "--zmq-curve-secret-key", str(work / "server.key_z85"),
+            "--zmq-curve-clients", str(work / "clients.txt"),
+        ],
+        work,
+    )  # fmt: skip
+    yield {
+        "proc": proc,
+        "certs": certs,
+        "curve": {"curve_server_key": server_public, "curve_public_key": client_public,
+                  "curve_secret_key": client_secret},
+    }  # fmt: skip
+    assert proc.terminate() == 0, proc.log()
+
+
+def _refused(
+    endpoint: str, expected_code: int, query: bool = False, timeout_s: float = 5, **options: object
+) -> str:
+    """Make one request that must fail with `expected_code`; returns the error message."""
+    inputs = torch.rand(2, 1, 8, 8) if query else None
+    with (
+        OnlineTeacher(endpoint, timeout_s=timeout_s, **options) as teacher,  # type: ignore[arg-type]
+        pytest.raises(TeacherError) as err,
+    ):
+        teacher.request([1, 2], inputs=inputs)
+    assert err.value.code == expected_code, err.value
+    return err.value.message
+
+
+def test_grpc_requires_token_and_client_certificate(secure):
+    proc, certs = secure["proc"], secure["certs"]
+    endpoint = proc.endpoint("grpcs")
+    mtls = {
+        "tls_ca": certs["ca.pem"],
+        "tls_cert": certs["client.pem"],
+        "tls_key": certs["client.key"],
+    }
+    before = proc.metrics()
+    assert "token" in _refused(endpoint, UNAUTHENTICATED, **mtls)
+    assert "invalid bearer token" in _refused(endpoint, UNAUTHENTICATED, token="wrong", **mtls)
+    # Right token but no client certificate: the TLS handshake itself fails.
+    _refused(endpoint, UNAVAILABLE, token=TOKEN, tls_ca=certs["ca.pem"])
+    # Plaintext to a TLS port: no connection.
+    _refused(endpoint.replace("grpcs://", "grpc://"), UNAVAILABLE, token=TOKEN)
+    after = proc.metrics()
+    assert _requests(after) == _requests(before)  # nothing refused was decoded or run
+    assert after['lyceum_teacher_errors_total{code="UNAUTHENTICATED",transport="grpc"}'] >= 2
+    with OnlineTeacher(endpoint, token=TOKEN, **mtls) as teacher:
+        assert teacher.describe().accepts_index
+        assert teacher.request([1, 2]).sample_ids.tolist() == [1, 2]
+    assert _requests(proc.metrics()) == _requests(before) + 1
+
+
+def test_zmq_requires_token_and_allowed_curve_key(secure):
+    proc, curve = secure["proc"], secure["curve"]
+    endpoint = proc.endpoint("zmq")
+    before = proc.metrics()
+    assert "token" in _refused(endpoint, UNAUTHENTICATED, query=True, **curve)
+    assert "invalid bearer token" in _refused(
+        endpoint, UNAUTHENTICATED, token="nope", query=True, **curve
+    )
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    message = _refused(
+        endpoint, UNAUTHENTICATED, token=TOKEN, curve_server_key=curve["curve_server_key"],
+        curve_public_key=stranger_public, curve_secret_key=stranger_secret,
+    )  # fmt: skip
+    assert "CURVE" in message
+    # No CURVE at all: the handshake never completes, so no reply arrives.
+    _refused(endpoint, UNAVAILABLE, token=TOKEN, timeout_s=1.5)
+    after = proc.metrics()
+    assert _requests(after) == _requests(before)
+    assert after['lyceum_teacher_errors_total{code="UNAUTHENTICATED",transport="zmq"}'] >= 2
+    with OnlineTeacher(endpoint, token=TOKEN, **curve) as teacher:
+        x = torch.rand(3, 1, 8, 8)
+        assert teacher.request([4, 5, 6], inputs=x).tensors["logits"].shape == (3, 10)
+    assert _requests(proc.metrics()) == _requests(before) + 1
+
+
+def _requests(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("lyceum_teacher_requests_total"))
