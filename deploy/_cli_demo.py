@@ -22,7 +22,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
     p.add_argument("--labeled", type=int, default=100, help="labels the student may use")
     p.add_argument("--workdir", type=Path, help="keep the knowledge here (default: a temp dir)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: these models are tiny, and more threads "
+        "spin against each other and against the teacher processes on a small machine)",
+    )
     p.set_defaults(func=_run)
 
 

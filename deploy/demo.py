@@ -9,6 +9,7 @@ every label available the gain was within noise (-0.8 to +0.8 points) when we me
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -20,6 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lyceum.compression.analysis import count_flops
+from lyceum.compression.pruning import prune_to_flops
 from lyceum.deploy.examples import accuracy, digits, student_mlp, teacher_cnn, train_classifier
 from lyceum.proto.manifest import model_identity
 from lyceum.student_client.losses import soft_label_kd
@@ -42,6 +45,9 @@ class DemoConfig(BaseModel):
     kd_weight: float = Field(default=1.0, ge=0, description="Weight of the KD term.")
     teacher_width: int = Field(default=16, gt=0, description="Teacher CNN width (channels).")
     teacher_epochs: int = Field(default=10, gt=0, description="Teacher training epochs.")
+    finetune_steps: int = Field(
+        default=200, gt=0, description="Fine-tuning steps after pruning or quantization."
+    )
     workdir: Path | None = Field(default=None, description="Where knowledge is dumped (temp dir).")
 
 
@@ -62,12 +68,12 @@ class DemoResult:
 
     def table(self) -> str:
         lines = [
-            f"{'model':<40} {'test acc':>9}  {'per seed':<24} note",
-            f"{'-' * 40} {'-' * 9}  {'-' * 24} {'-' * 30}",
+            f"{'model':<46} {'test acc':>9}  {'per seed':<18} note",
+            f"{'-' * 46} {'-' * 9}  {'-' * 18} {'-' * 30}",
         ]
         for r in self.rows:
             seeds = " ".join(f"{a * 100:.1f}" for a in r.per_seed)
-            lines.append(f"{r.name:<40} {r.accuracy * 100:>8.1f}%  {seeds:<24} {r.note}")
+            lines.append(f"{r.name:<46} {r.accuracy * 100:>8.1f}%  {seeds:<18} {r.note}".rstrip())
         lines.append("")
         lines.append(
             f"knowledge on disk: {self.knowledge_bytes / 1024:.1f} KiB for {self.knowledge_rows} "
@@ -77,21 +83,30 @@ class DemoResult:
         return "\n".join(lines)
 
 
+KDTerm = Callable[[nn.Module, torch.Generator], torch.Tensor]
+
+
 def _train_student(
     config: DemoConfig,
     seed: int,
     labeled: torch.utils.data.Dataset,
-    kd: Callable[[nn.Module, torch.Generator], torch.Tensor] | None,
+    kd: KDTerm | None,
+    student: nn.Module | None = None,
+    steps: int | None = None,
+    lr: float = 1e-2,
 ) -> nn.Module:
-    """Same steps, batches and seed for both students; `kd` adds the distillation term."""
+    """Same steps, batches and seed for every student; `kd` adds the distillation term.
+
+    Trains a fresh MLP, or continues training `student` (fine-tuning after compression).
+    """
     torch.manual_seed(seed)
-    student = student_mlp(hidden=32)
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    student = student if student is not None else student_mlp(hidden=32)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     images = torch.stack([labeled[i][0] for i in range(len(labeled))])
     labels = torch.tensor([labeled[i][1] for i in range(len(labeled))])
     student.train()
-    for _ in range(config.steps):
+    for _ in range(steps or config.steps):
         pick = torch.randint(0, len(labels), (config.batch_size,), generator=g)
         loss = nn.functional.cross_entropy(student(images[pick]), labels[pick])
         kd_g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
@@ -108,7 +123,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     train, test = digits("train"), digits("test")
     labeled = digits("train", limit=config.labeled)
 
-    log(f"[1/3] training the teacher CNN on {len(train)} labelled digits")
+    log(f"[1/4] training the teacher CNN on {len(train)} labelled digits")
     torch.manual_seed(0)
     teacher = train_classifier(
         teacher_cnn(width=config.teacher_width), train, epochs=config.teacher_epochs, lr=3e-3
@@ -118,7 +133,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     with tempfile.TemporaryDirectory(prefix="lyceum-demo-") as tmp:
         workdir = config.workdir or Path(tmp)
         knowledge_dir = workdir / "knowledge"
-        log(f"[2/3] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
+        log(f"[2/4] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
         engine = TeacherEngine(teacher, EngineConfig(), train[0][0])
         manifest = dump_knowledge(
             engine,
@@ -144,28 +159,44 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             )
 
         log(
-            f"[3/3] training students ({config.steps} steps, {config.labeled} labels, seeds "
+            f"[3/4] training students ({config.steps} steps, {config.labeled} labels, seeds "
             f"{list(config.seeds)}): from scratch and distilled"
         )
         scratch = [accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds]
-        distilled = [
-            accuracy(_train_student(config, s, labeled, kd_term), test) for s in config.seeds
+        distilled_models = [_train_student(config, s, labeled, kd_term) for s in config.seeds]
+        distilled = [accuracy(m, test) for m in distilled_models]
+
+        log("[4/4] pruning the distilled students to -50% FLOPs and fine-tuning them (distilled)")
+        example = train[0][0].unsqueeze(0)
+        flops_before = count_flops(distilled_models[0], example)
+        pruned = [
+            prune_to_flops(
+                copy.deepcopy(m),
+                example,
+                0.5,
+                finetune=lambda p, s=s: _train_student(
+                    config, s, labeled, kd_term, student=p, steps=config.finetune_steps, lr=3e-3
+                ),
+            ).model
+            for s, m in zip(config.seeds, distilled_models, strict=True)
         ]
+        pruned_acc = [accuracy(m, test) for m in pruned]
+        flops_after = count_flops(pruned[0], example)
         knowledge_bytes = manifest.bytes
         rows = manifest.rows
 
+    def row(name: str, accs: list[float], note: str = "") -> DemoRow:
+        return DemoRow(name, statistics.mean(accs), accs, note)
+
+    gain = 100 * (statistics.mean(distilled) - statistics.mean(scratch))
     rows_out = [
-        DemoRow("teacher CNN (all labels)", teacher_acc, [teacher_acc]),
-        DemoRow(
-            f"student MLP, scratch ({config.labeled} labels)",
-            statistics.mean(scratch),
-            scratch,
-        ),
-        DemoRow(
-            "student MLP, distilled (offline knowledge)",
-            statistics.mean(distilled),
-            distilled,
-            f"gain {100 * (statistics.mean(distilled) - statistics.mean(scratch)):+.1f} points",
+        row("teacher CNN (all labels)", [teacher_acc]),
+        row(f"student MLP, scratch ({config.labeled} labels)", scratch),
+        row("student MLP, distilled (offline knowledge)", distilled, f"gain {gain:+.1f} points"),
+        row(
+            "distilled student, pruned -50% FLOPs",
+            pruned_acc,
+            f"MACs {flops_before} -> {flops_after}, {config.finetune_steps} distilled FT steps",
         ),
     ]
     return DemoResult(rows_out, knowledge_bytes, rows, time.perf_counter() - start)

@@ -225,7 +225,8 @@ class _Replica:
     info: TeacherInfo | None = None
     owed: dict[int, _Chunk] = field(default_factory=dict)  # wire request id -> chunk
     sent_at: dict[int, float] = field(default_factory=dict)
-    failures: int = 0
+    failures: int = 0  # since its last answer; > 0: suspect, only probed (see _dispatch)
+    probe_at: float | None = None  # when the probe now in flight was sent
     down_until: float = 0.0
     last_error: str = "not tried"
 
@@ -332,13 +333,13 @@ class OnlineTeacher:
     def needs_inputs(self) -> bool:
         return self.mode == "query"
 
-    def _connect(self, replica: _Replica) -> bool:
+    def _connect(self, replica: _Replica, timeout_s: float | None = None) -> bool:
         """Open (or reopen) a replica's connection and check it serves the same teacher."""
         try:
             conn = replica.conn or _open(replica.endpoint, self.credentials)
             replica.conn = conn
             if replica.info is None:
-                reply = conn.describe(self.connect_timeout_s)
+                reply = conn.describe(timeout_s or self.connect_timeout_s)
                 replica.info = TeacherInfo(
                     schema=KnowledgeSchema.from_json(reply.knowledge_schema_json),
                     input_schema=(
@@ -413,21 +414,39 @@ class OnlineTeacher:
         return [r for r in self._replicas if r.down_until <= now]
 
     def _dispatch(self) -> None:
-        """Send queued chunks, each to the available replica owing the fewest samples."""
+        """Send queued chunks, each to the healthy replica owing the fewest samples.
+
+        A replica that failed is suspect until it answers again: while a healthy one exists,
+        a suspect gets only a copy of one chunk at a time (a probe; whoever answers first
+        wins, the other answer is dropped), so a replica that went silent (a ZeroMQ peer
+        killed: no error, just no answers) holds up nothing while it is tried again.
+        """
         while self._queue:
             now = time.monotonic()
-            candidates = [r for r in self._available(now) if r.info is not None or self._connect(r)]
+            candidates = [r for r in self._available(now) if r.info is not None]
+            for r in self._available(now):
+                # A replica never described yet (down at start): a short try while others
+                # work, so a silent one does not stall them for connect_timeout_s.
+                if r.info is None and self._connect(r, 0.2 if candidates else None):
+                    candidates.append(r)
             if not candidates:
                 return  # everyone is backing off; poll() retries when the first pause ends
+            healthy = [r for r in candidates if r.failures == 0]
+            pool = healthy or candidates
             turn = next(self._rotation)
-            n = len(candidates)
             replica = min(
-                (candidates[(turn + k) % n] for k in range(n)), key=lambda r: r.owed_samples
+                (pool[(turn + k) % len(pool)] for k in range(len(pool))),
+                key=lambda r: r.owed_samples,
             )
             chunk = self._queue.pop(0)
             self._send(replica, chunk)
+            if healthy and replica in healthy:
+                for suspect in candidates:
+                    if suspect.failures and suspect.probe_at is None and suspect.conn is not None:
+                        self._send(suspect, chunk, probe=True)
+                        break
 
-    def _send(self, replica: _Replica, chunk: _Chunk) -> None:
+    def _send(self, replica: _Replica, chunk: _Chunk, probe: bool = False) -> None:
         wire = next(self._wire_ids)
         if replica.conn is None:
             replica.conn = _open(replica.endpoint, self.credentials)
@@ -445,14 +464,20 @@ class OnlineTeacher:
             self._fail(replica, f"send failed: {exc}")
             return
         replica.owed[wire] = chunk
-        replica.sent_at[wire] = time.monotonic()
+        if probe:
+            replica.probe_at = time.monotonic()
+        else:
+            replica.sent_at[wire] = time.monotonic()
         chunk.wire.add(wire)
 
     def _fail(self, replica: _Replica, reason: str) -> None:
         """Set a replica aside with backoff; re-queue every chunk it still owes."""
         replica.failures += 1
         replica.last_error = reason
-        pause = min(_BACKOFF_S[0] * 2 ** (replica.failures - 1), _BACKOFF_S[1])
+        replica.probe_at = None
+        # A replica never reached is retried less often: trying it costs a describe.
+        cap = _BACKOFF_S[1] if replica.info is not None else 6 * _BACKOFF_S[1]
+        pause = min(_BACKOFF_S[0] * 2 ** (replica.failures - 1), cap)
         replica.down_until = time.monotonic() + pause
         lost = [c for c in replica.owed.values() if c.batch is None]
         for wire, chunk in replica.owed.items():
@@ -470,7 +495,7 @@ class OnlineTeacher:
     def poll(self, timeout_s: float) -> list[tuple[int, KnowledgeBatch]]:
         deadline = time.monotonic() + timeout_s
         while True:
-            done, self._early = self._early + self._collect(), []
+            done, self._early = self._early + self._collect(deadline), []
             now = time.monotonic()
             if done or now >= deadline or not self._requests:
                 return done
@@ -482,19 +507,25 @@ class OnlineTeacher:
                     )
                 )
 
-    def _collect(self) -> list[tuple[int, KnowledgeBatch]]:
-        """One round: retry backed-off replicas, read replies, time out silent chunks."""
+    def _collect(self, deadline: float) -> list[tuple[int, KnowledgeBatch]]:
+        """One round: retry backed-off replicas, read replies, time out silent chunks; waits
+        on replies until `deadline` at most."""
         now = time.monotonic()
         if self._queue:
             self._dispatch()
-        busy = [r for r in self._replicas if r.owed and r.conn is not None]
+        busy = [
+            r for r in self._replicas if (r.owed or r.probe_at is not None) and r.conn is not None
+        ]
         finished: set[int] = set()
         for replica in busy:
-            wait = _POLL_SLICE_S if len(busy) > 1 or self._queue else 0.02
+            slice_s = _POLL_SLICE_S if len(busy) > 1 or self._queue else 0.02
+            wait = max(0.0, min(slice_s, deadline - time.monotonic()))
             if replica.conn is None:  # failed earlier in this round
                 continue
             failure = ""
             for reply in replica.conn.poll(wait):
+                if reply.knowledge is not None:
+                    replica.failures, replica.probe_at = 0, None  # it answers: healthy again
                 chunk = replica.owed.get(reply.request_id)
                 if chunk is None:
                     self.duplicates_dropped += 1  # a late answer to a chunk re-asked elsewhere
@@ -510,7 +541,6 @@ class OnlineTeacher:
                     failure = str(TeacherError(reply.code, reply.message))
                     continue
                 chunk.batch = self._decode(replica, chunk, reply.knowledge)
-                replica.failures = 0
                 self._last_progress = time.monotonic()
                 # The chunk may also be in flight elsewhere (re-asked): forget it everywhere,
                 # so a late copy is dropped as a duplicate when it arrives.
@@ -522,11 +552,15 @@ class OnlineTeacher:
                 finished.add(chunk.request_id)
             if failure:
                 self._fail(replica, failure)
-            elif replica.sent_at and now - min(replica.sent_at.values()) > self.request_timeout_s:
-                self._fail(replica, f"no answer to a request within {self.request_timeout_s:g}s")
+            else:
+                oldest = min([*replica.sent_at.values(), replica.probe_at or now])
+                if now - oldest > self.request_timeout_s:
+                    self._fail(
+                        replica, f"no answer to a request within {self.request_timeout_s:g}s"
+                    )
         if not busy and self._queue:
             # Every replica is backing off: sleep until the first may be tried again.
-            wake = min(r.down_until for r in self._replicas)
+            wake = min(min(r.down_until for r in self._replicas), deadline)
             time.sleep(max(0.0, min(wake - time.monotonic(), 0.05)))
         done = []
         for rid in sorted(finished):

@@ -200,7 +200,8 @@ class DynamicBatcher:
             offset += job.size
             try:
                 result: pa.RecordBatch | ServeError = to_record_batch(self.schema, job.ids, part)
-            except ValueError as exc:  # the model produced something its schema does not allow
+            except Exception as exc:  # e.g. an output its schema does not allow: answer, go on
+                log_event("encode_error", samples=job.size, error=repr(exc))
                 result = ServeError(INTERNAL, f"encoding knowledge failed: {exc}")
             self._metrics.latency.observe(time.monotonic() - job.enqueued)
             job.done(result)

@@ -203,10 +203,7 @@ class ZmqTransport:
             kind = frames[2].bytes
             payload = frames[3]
             if kind == KIND_DESCRIBE:
-                self._outbox.put(
-                    [peer, rid, KIND_DESCRIBE, self._service.describe_reply.SerializeToString()]
-                )
-                self._wake()
+                self._send([peer, rid, KIND_DESCRIBE, self._service.describe_reply.SerializeToString()])
                 return
             mode = _KINDS.get(kind)
             if mode is None:

@@ -119,7 +119,9 @@ def test_variable_fields_share_offsets_and_are_views():
     lengths = [3, 1, 5]
     parts = [_topk_parts((n, 20), 4, "float32", i) for i, n in enumerate(lengths)]
     data = encode(
-        schema, [7, 8, 9], {"tok.values": [p[0] for p in parts], "tok.indices": [p[1] for p in parts]}
+        schema,
+        [7, 8, 9],
+        {"tok.values": [p[0] for p in parts], "tok.indices": [p[1] for p in parts]},
     )
     batch = decode(data, schema)
     values, indices = batch.tensors["tok.values"], batch.tensors["tok.indices"]
@@ -136,7 +138,10 @@ def test_sliced_record_batch_decodes_its_own_rows():
     record = to_record_batch(schema, [10, 11, 12, 13], {"seq": seqs}).slice(1, 2)
     batch = decode(to_ipc(record), schema)
     assert batch.sample_ids.tolist() == [11, 12]
-    assert [t.tolist() for t in batch.tensors["seq"].unbind()] == [seqs[1].tolist(), seqs[2].tolist()]
+    assert [t.tolist() for t in batch.tensors["seq"].unbind()] == [
+        seqs[1].tolist(),
+        seqs[2].tolist(),
+    ]
 
 
 # --- bad input -------------------------------------------------------------------------
@@ -145,14 +150,18 @@ def test_sliced_record_batch_decodes_its_own_rows():
 def test_encode_wrong_dtype_names_field_and_both_types():
     tensors = _tensors()
     tensors["logits"] = tensors["logits"].half()
-    with pytest.raises(ValueError, match=r"field 'logits'.*expected float32 \[10\].*got float16 \[10\]"):
+    with pytest.raises(
+        ValueError, match=r"field 'logits'.*expected float32 \[10\].*got float16 \[10\]"
+    ):
         encode(_schema(), range(4), tensors)
 
 
 def test_encode_wrong_shape():
     tensors = _tensors()
     tensors["feat"] = torch.randn(4, 3, 2).half()
-    with pytest.raises(ValueError, match=r"field 'feat'.*expected float16 \[2, 3\].*got float16 \[3, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"field 'feat'.*expected float16 \[2, 3\].*got float16 \[3, 2\]"
+    ):
         encode(_schema(), range(4), tensors)
 
 
@@ -179,7 +188,9 @@ def test_decode_against_other_schema_names_the_field():
     other = KnowledgeSchema(
         fields=(dense("logits", "float16", (10,), "logits"), dense("feat", "float16", (2, 3)))
     )
-    with pytest.raises(ValueError, match=r"field 'logits': expected logits: float16 \[10\].*got logits: float32"):
+    with pytest.raises(
+        ValueError, match=r"field 'logits': expected logits: float16 \[10\].*got logits: float32"
+    ):
         decode(data, other)
 
 
@@ -225,7 +236,11 @@ def test_decode_topk_index_out_of_range_refused():
     schema = KnowledgeSchema(fields=(topk("z", "float32", (5,), 2),))
     values = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2, np.float32)), 2)
     indices = pa.FixedSizeListArray.from_arrays(pa.array(np.array([0, 9], np.int32)), 2)
-    data = _forge(schema, [pa.array([1], pa.uint64()), values, indices], ["sample_id", "z.values", "z.indices"])
+    data = _forge(
+        schema,
+        [pa.array([1], pa.uint64()), values, indices],
+        ["sample_id", "z.values", "z.indices"],
+    )
     with pytest.raises(ValueError, match=r"top-k indices must be in \[0, 5\), got \[0, 9\]"):
         decode(data)
 

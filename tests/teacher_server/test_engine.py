@@ -24,7 +24,9 @@ def _outputs(*texts: str) -> tuple[OutputSpec, ...]:
 def test_model_output_and_hooked_submodule(images):
     torch.manual_seed(0)
     model = teacher_cnn(width=8).eval()
-    engine = TeacherEngine(model, EngineConfig(outputs=_outputs("logits=@output", "feat=layer2")), images[0])
+    engine = TeacherEngine(
+        model, EngineConfig(outputs=_outputs("logits=@output", "feat=layer2")), images[0]
+    )
     cols = engine.infer(images)
     with torch.no_grad():
         feat = model.layer2(model.layer1(images))
@@ -38,7 +40,9 @@ def test_model_output_and_hooked_submodule(images):
     assert engine.input_schema.fields[0].shape == (1, 8, 8)
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)]
+)
 def test_precision_casts_float_outputs(images, precision, dtype):
     torch.manual_seed(0)
     model = teacher_cnn(width=8).eval()
@@ -103,7 +107,9 @@ class _DictModel(nn.Module):
 
 def test_output_key_of_dict_outputs():
     engine = TeacherEngine(
-        _DictModel(), EngineConfig(outputs=_outputs("z=@output.logits", "h=@output.hidden")), torch.zeros(4)
+        _DictModel(),
+        EngineConfig(outputs=_outputs("z=@output.logits", "h=@output.hidden")),
+        torch.zeros(4),
     )
     cols = engine.infer(torch.ones(2, 4))
     assert torch.equal(cols["h"], cols["z"] * 2)
