@@ -113,7 +113,7 @@ def test_output_key_of_dict_outputs():
     )
     cols = engine.infer(torch.ones(2, 4))
     assert torch.equal(cols["h"], cols["z"] * 2)
-    with pytest.raises(ValueError, match="use @output.KEY"):
+    with pytest.raises(ValueError, match=r"use @output\.KEY"):
         TeacherEngine(_DictModel(), EngineConfig(), torch.zeros(4))
 
 
