@@ -43,8 +43,11 @@ test: lint
 proto: $(STAMP)
 	$(PY) -m lyceum.proto.generate
 
+BENCHES ?= offline transport batching student pruning quantization
+
+# Benchmarks print tables (not tests; minutes each). One: `make bench BENCHES=offline`.
 bench: $(STAMP)
-	$(PY) bench/offline.py
+	for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

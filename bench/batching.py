@@ -154,7 +154,10 @@ def main() -> None:
         server = Server(best_bs, args.max_delay_ms, Path(tmp))
         try:
             for scheme in ("zmq", "grpc"):
-                runs = [students(server.endpoints[scheme], 8, 8, args.window, args.seconds) for _ in range(args.repeats)]
+                runs = [
+                    students(server.endpoints[scheme], 8, 8, args.window, args.seconds)
+                    for _ in range(args.repeats)
+                ]
                 value = statistics.median(runs)
                 print(f"{scheme:<10} | {value:>10,.0f} | {value / best:>13.2f}")
         finally:

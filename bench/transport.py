@@ -51,7 +51,7 @@ class FixedOutput(nn.Module):
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.register_buffer("out", torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+        self.out = nn.Buffer(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out[: len(x)]
@@ -274,13 +274,18 @@ def _start(role: str, case: str, workdir: str) -> tuple[subprocess.Popen[str], d
 def measure(case: str, seconds: float, repeats: int, window: int) -> dict[str, float]:
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as workdir:
-        servers = {role: _start(role, case, workdir) for role in ("raw-tcp", "bare-zmq", "bare-grpc", "lyceum")}
+        servers = {
+            role: _start(role, case, workdir)
+            for role in ("raw-tcp", "bare-zmq", "bare-grpc", "lyceum")
+        }
         try:
             endpoints = {e.split("://")[0]: e for e in servers["lyceum"][1]["endpoints"]}
             runs: dict[str, Callable[[], float]] = {
                 "raw TCP": lambda: run_raw_tcp(servers["raw-tcp"][1], case, seconds, window),
                 "bare pyzmq": lambda: run_bare_zmq(servers["bare-zmq"][1], case, seconds, window),
-                "bare grpcio": lambda: run_bare_grpc(servers["bare-grpc"][1], case, seconds, window),
+                "bare grpcio": lambda: run_bare_grpc(
+                    servers["bare-grpc"][1], case, seconds, window
+                ),
                 "Lyceum ZMQ tcp": lambda: run_lyceum(endpoints["zmq"], case, seconds, window),
                 "Lyceum gRPC tcp": lambda: run_lyceum(endpoints["grpc"], case, seconds, window),
                 "Lyceum ZMQ ipc://": lambda: run_lyceum(endpoints["ipc"], case, seconds, window),
@@ -319,7 +324,9 @@ def main() -> None:
         else:
             servers[args.serve](args.case)
         return
-    print(f"loopback throughput, GB/s (median of {args.repeats} runs of {args.seconds}s, window {args.window})")
+    print(
+        f"loopback throughput, GB/s (median of {args.repeats} runs of {args.seconds}s, window {args.window})"
+    )
     header = f"{'payload':>8} | {'path':<20} | {'GB/s':>6} | {'x raw TCP':>9} | {'x bare':>7}"
     print(header)
     print("-" * len(header))
@@ -328,7 +335,13 @@ def main() -> None:
         raw = r["raw TCP"]
         bare = {"ZMQ": r["bare pyzmq"], "gRPC": r["bare grpcio"]}
         for name, value in r.items():
-            kind = "ZMQ" if "ZMQ" in name or "pyzmq" in name else "gRPC" if "gRPC" in name or "grpcio" in name else ""
+            kind = (
+                "ZMQ"
+                if "ZMQ" in name or "pyzmq" in name
+                else "gRPC"
+                if "gRPC" in name or "grpcio" in name
+                else ""
+            )
             vs_bare = f"{value / bare[kind]:7.2f}" if name.startswith("Lyceum") else f"{'':>7}"
             print(f"{case:>8} | {name:<20} | {value / 1e9:6.2f} | {value / raw:9.2f} | {vs_bare}")
         print("-" * len(header))

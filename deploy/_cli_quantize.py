@@ -85,7 +85,8 @@ def _summary(report: QuantReport, out_dir: Path) -> str:
     lines = [f"{r[0]:<15}{r[1]:>14}{r[2]:>14}" for r in rows]
     lines.append(
         f"{report.mode} weights={report.weights} activations={report.activations}; "
-        f"eager fp32 {_ms(report.fp32_eager_ms)} ms (batch {report.latency_batch}); "
+        f"eager fp32 {_ms(report.fp32_eager_ms)} ms (batch {report.latency_batch}, "
+        f"{report.threads} threads); "
         f"written to {out_dir}"
     )
     return "\n".join(lines)

@@ -10,9 +10,6 @@ import argparse
 import os
 from pathlib import Path
 
-from lyceum.student_client.trainer import train
-from lyceum.student_client.trainer_config import load_config
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
@@ -32,6 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: every `lyceum` command (a teacher server too) builds this parser, and
+    # only `student train` needs the trainer (torch.distributed, tqdm).
+    from lyceum.student_client.trainer import train
+    from lyceum.student_client.trainer_config import load_config
+
     config = load_config(args.config)
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -15,6 +15,7 @@ from lyceum.deploy import (
     _cli_dump,
     _cli_knowledge,
     _cli_prune,
+    _cli_quantize,
     _cli_serve,
     _cli_student,
 )
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _cli_knowledge.add_parser(sub)
     _cli_prune.add_parser(sub)
+    _cli_quantize.add_parser(sub)
     _cli_demo.add_parser(sub)
     return parser
 

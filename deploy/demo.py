@@ -23,9 +23,17 @@ from torch import nn
 
 from lyceum.compression.analysis import count_flops
 from lyceum.compression.pruning import prune_to_flops
-from lyceum.deploy.examples import accuracy, digits, student_mlp, teacher_cnn, train_classifier
+from lyceum.compression.quantization import QAT, convert, evaluate, quantize
+from lyceum.deploy.examples import (
+    Digits,
+    accuracy,
+    digits,
+    student_mlp,
+    teacher_cnn,
+    train_classifier,
+)
 from lyceum.proto.manifest import model_identity
-from lyceum.student_client.losses import soft_label_kd
+from lyceum.student_client.losses import SoftLabelKD
 from lyceum.student_client.offline import OfflineKnowledge
 from lyceum.teacher_server.dump import DumpConfig, dump_knowledge
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
@@ -89,7 +97,7 @@ KDTerm = Callable[[nn.Module, torch.Generator], torch.Tensor]
 def _train_student(
     config: DemoConfig,
     seed: int,
-    labeled: torch.utils.data.Dataset,
+    labeled: Digits,
     kd: KDTerm | None,
     student: nn.Module | None = None,
     steps: int | None = None,
@@ -115,7 +123,18 @@ def _train_student(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return student.eval()
+    # Not `return student.eval()`: a QAT-prepared graph module's eval() returns None.
+    student.eval()
+    return student
+
+
+def _finetune(
+    config: DemoConfig, seed: int, labeled: Digits, kd: KDTerm, model: nn.Module
+) -> nn.Module:
+    """Distilled fine-tuning after compression: fewer steps, a lower learning rate."""
+    return _train_student(
+        config, seed, labeled, kd, student=model, steps=config.finetune_steps, lr=3e-3
+    )
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
@@ -123,7 +142,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     train, test = digits("train"), digits("test")
     labeled = digits("train", limit=config.labeled)
 
-    log(f"[1/4] training the teacher CNN on {len(train)} labelled digits")
+    log(f"[1/5] training the teacher CNN on {len(train)} labelled digits")
     torch.manual_seed(0)
     teacher = train_classifier(
         teacher_cnn(width=config.teacher_width), train, epochs=config.teacher_epochs, lr=3e-3
@@ -133,7 +152,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     with tempfile.TemporaryDirectory(prefix="lyceum-demo-") as tmp:
         workdir = config.workdir or Path(tmp)
         knowledge_dir = workdir / "knowledge"
-        log(f"[2/4] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
+        log(f"[2/5] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
         engine = TeacherEngine(teacher, EngineConfig(), train[0][0])
         manifest = dump_knowledge(
             engine,
@@ -147,47 +166,55 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         knowledge = OfflineKnowledge(knowledge_dir, dataset=train)
         transfer = train.images
         field = knowledge.schema.fields[0]
+        kd_loss = SoftLabelKD.for_field(field, temperature=config.temperature)
 
         def kd_term(student: nn.Module, g: torch.Generator) -> torch.Tensor:
             ids = torch.randint(0, len(train), (config.transfer_batch,), generator=g)
             batch = knowledge.get(ids.tolist())
-            return soft_label_kd(
-                student(transfer[ids]),
-                batch.tensors[field.name],
-                meaning=field.meaning,
-                temperature=config.temperature,
-            )
+            return kd_loss(student(transfer[ids]), batch.tensors[field.name])
 
         log(
-            f"[3/4] training students ({config.steps} steps, {config.labeled} labels, seeds "
+            f"[3/5] training students ({config.steps} steps, {config.labeled} labels, seeds "
             f"{list(config.seeds)}): from scratch and distilled"
         )
         scratch = [accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds]
         distilled_models = [_train_student(config, s, labeled, kd_term) for s in config.seeds]
         distilled = [accuracy(m, test) for m in distilled_models]
 
-        log("[4/4] pruning the distilled students to -50% FLOPs and fine-tuning them (distilled)")
+        log("[4/5] pruning the distilled students to -50% FLOPs and fine-tuning them (distilled)")
         example = train[0][0].unsqueeze(0)
         flops_before = count_flops(distilled_models[0], example)
-        pruned = [
-            prune_to_flops(
-                copy.deepcopy(m),
-                example,
-                0.5,
-                finetune=lambda p, s=s: _train_student(
-                    config, s, labeled, kd_term, student=p, steps=config.finetune_steps, lr=3e-3
-                ),
-            ).model
-            for s, m in zip(config.seeds, distilled_models, strict=True)
-        ]
+        pruned = []
+        for seed, model in zip(config.seeds, distilled_models, strict=True):
+            result = prune_to_flops(copy.deepcopy(model), example, 0.5)
+            pruned.append(_finetune(config, seed, labeled, kd_term, result.model))
         pruned_acc = [accuracy(m, test) for m in pruned]
         flops_after = count_flops(pruned[0], example)
+
+        log("[5/5] quantization-aware training to int8 (distilled), then conversion")
+        examples = torch.stack([train[i][0] for i in range(8)])
+        scheme = QAT(weights="channel_wise_abs_max", activations="moving_average_abs_max")
+
+        def qat(seed: int, model: nn.Module) -> nn.Module:
+            prepared = quantize(model, scheme, examples)
+            return convert(_finetune(config, seed, labeled, kd_term, prepared))
+
+        qat_acc = [
+            evaluate(qat(s, m), test) for s, m in zip(config.seeds, distilled_models, strict=True)
+        ]
+        pruned_qat_acc = [
+            evaluate(qat(s, m), test) for s, m in zip(config.seeds, pruned, strict=True)
+        ]
         knowledge_bytes = manifest.bytes
         rows = manifest.rows
 
     def row(name: str, accs: list[float], note: str = "") -> DemoRow:
         return DemoRow(name, statistics.mean(accs), accs, note)
 
+    qat_note = (
+        f"int8 weights per channel, static int8 activations; {config.finetune_steps} "
+        f"distilled QAT steps"
+    )
     gain = 100 * (statistics.mean(distilled) - statistics.mean(scratch))
     rows_out = [
         row("teacher CNN (all labels)", [teacher_acc]),
@@ -198,5 +225,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             pruned_acc,
             f"MACs {flops_before} -> {flops_after}, {config.finetune_steps} distilled FT steps",
         ),
+        row("distilled student, QAT int8", qat_acc, f"{qat_note}"),
+        row("distilled student, pruned -50% + QAT int8", pruned_qat_acc, f"{qat_note}"),
     ]
     return DemoResult(rows_out, knowledge_bytes, rows, time.perf_counter() - start)

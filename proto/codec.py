@@ -29,6 +29,8 @@ import torch
 
 from lyceum.proto.schema import (
     ARROW_VALUE_TYPES,
+    METADATA_SCHEMA_KEY,
+    METADATA_VERSION_KEY,
     SAMPLE_ID,
     TOPK_INDEX_TYPE,
     DType,
@@ -49,6 +51,13 @@ DTYPE_NAMES: dict[torch.dtype, DType] = {v: k for k, v in TORCH_DTYPES.items()}
 # Same-size integer types used to move bfloat16 and bool through numpy/Arrow unchanged.
 _CARRIER: dict[str, torch.dtype] = {"bfloat16": torch.int16, "bool": torch.uint8}
 _MAX_SAMPLE_ID = 2**63 - 1
+
+# Arrow buffers are read-only and sharing them is the point (see the module docstring);
+# torch warns about every such view. The filter is limited to this module's calls (a
+# catch_warnings block around each call cost 10-20 us per column).
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", module=r"lyceum\.proto\.codec"
+)
 
 
 @dataclass(frozen=True)
@@ -98,9 +107,10 @@ def check_unique_ids(ids: np.ndarray) -> None:
     """Raise if any sample id appears twice (knowledge is joined by id)."""
     if ids.size < 2:
         return
-    uniq, counts = np.unique(ids, return_counts=True)
-    if uniq.size != ids.size:
-        dups = uniq[counts > 1][:5].tolist()
+    ordered = np.sort(ids)
+    repeated = ordered[1:] == ordered[:-1]
+    if repeated.any():
+        dups = np.unique(ordered[1:][repeated])[:5].tolist()
         raise ValueError(
             f"sample ids: duplicate ids {dups} (each sample may appear once per batch)"
         )
@@ -243,6 +253,22 @@ def validate_arrow_schema(
     arrow: pa.Schema, expected: KnowledgeSchema | None = None, where: str = "knowledge"
 ) -> KnowledgeSchema:
     """Check an Arrow schema against its own metadata and, if given, the expected schema."""
+    meta = arrow.metadata or {}
+    # Every message of a stream carries the same schema: validate it once. The metadata is
+    # part of the key because pa.Schema equality ignores metadata.
+    return _validated_schema(
+        arrow, meta.get(METADATA_SCHEMA_KEY), meta.get(METADATA_VERSION_KEY), expected, where
+    )
+
+
+@lru_cache(maxsize=256)
+def _validated_schema(
+    arrow: pa.Schema,
+    _schema_meta: bytes | None,
+    _version_meta: bytes | None,
+    expected: KnowledgeSchema | None,
+    where: str,
+) -> KnowledgeSchema:
     schema = KnowledgeSchema.from_arrow(arrow)
     if expected is not None and schema != expected:
         raise ValueError(f"{where}: schema mismatch: {schema_difference(expected, schema)}")
@@ -306,10 +332,7 @@ def column_arrays(
 
 
 def _to_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # Arrow buffers are read-only; sharing them is the point (see the module docstring).
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(values)
+    t = torch.from_numpy(values)
     if dtype == "bfloat16":
         return t.view(torch.bfloat16)
     if dtype == "bool":

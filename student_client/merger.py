@@ -88,7 +88,7 @@ class MergedSchema(BaseModel):
     fields: tuple[MergedField, ...] = Field(description="Merged fields in output order.")
 
     @property
-    def schema(self) -> KnowledgeSchema:
+    def knowledge_schema(self) -> KnowledgeSchema:
         """The merged knowledge as a `KnowledgeSchema` (keys of `merge`'s result: `columns`)."""
         return KnowledgeSchema(fields=tuple(f.spec for f in self.fields))
 

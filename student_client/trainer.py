@@ -161,6 +161,8 @@ class _Distributed:
         if device.startswith("cuda") and self.world > 1 and ":" not in device:
             device = f"cuda:{local}"
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # nccl binds each rank to its current device
         self.owns_group = False
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -314,7 +316,12 @@ def _run(
             [_term(t, loader.merged) for t in config.losses.terms],
             task_weight=config.losses.task_weight,
         ).to(env.device)
-        net: nn.Module = nn.parallel.DistributedDataParallel(model) if env.enabled else model
+        net: nn.Module = model
+        if env.enabled:
+            cuda = env.device.type == "cuda"
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if cuda else None
+            )
         params = [*model.parameters(), *objective.parameters()]
         opt = config.optimizer
         optimizer: torch.optim.Optimizer
@@ -419,6 +426,11 @@ def _run(
                         seconds=seconds,
                     )
                 )
+                if not math.isfinite(result.epochs[-1].loss):
+                    raise ValueError(
+                        f"epoch {epoch + 1}: the training loss is {result.epochs[-1].loss}: lower "
+                        f"optimizer.lr or check the teachers' knowledge (meaning, temperature)"
+                    )
                 checkpoint(f"epoch-{epoch + 1:03d}.pt")
                 if env.rank == 0 and config.progress:
                     e = result.epochs[-1]
@@ -428,11 +440,6 @@ def _run(
                         f"{e.samples_per_s:.0f} samples/s, knowledge wait "
                         f"{e.knowledge_wait_s:.2f}s of {e.seconds:.2f}s"
                     )
-        if not math.isfinite(result.epochs[-1].loss if result.epochs else 0.0):
-            raise ValueError(
-                "the training loss is not finite: lower optimizer.lr or check the teachers' "
-                "knowledge (meaning, temperature)"
-            )
         return result
     finally:
         for source in sources.values():

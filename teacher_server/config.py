@@ -94,7 +94,10 @@ class ServerConfig(BaseModel):
         "inputs or knowledge (at least 64 MiB).",
     )
     grpc_workers: int = Field(
-        default=32, gt=0, description="gRPC handler threads (2 per open stream)."
+        default=32,
+        gt=0,
+        description="gRPC handler threads, one per open call (each Distill stream also has a "
+        "reader thread); calls beyond it get RESOURCE_EXHAUSTED.",
     )
     zmq_send_timeout_ms: int = Field(
         default=5000,

@@ -120,7 +120,12 @@ class QAT(_SchemeConfig):
 
 
 class PTQ(_SchemeConfig):
-    """Post-training quantization: calibrate static activation scales on a few batches, no training."""
+    """Post-training quantization: calibrate static activation scales on a few batches, no training.
+
+    Here `activations="moving_average_abs_max"` selects static (per-tensor, frozen) activation
+    scales, and `observer` says how calibration computes them; 'minmax' is PaddleSlim PTQ's
+    'abs_max' algorithm (running max of |x|), not an EMA.
+    """
 
     kind: Literal["ptq"] = Field(default="ptq", description="Discriminator for job configs.")
     observer: Observer = Field(

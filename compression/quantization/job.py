@@ -58,13 +58,20 @@ class QuantizeJobConfig(BaseModel):
     )
     epochs: int = Field(default=3, ge=1, description="QAT epochs (ignored by PTQ).")
     calibration_batches: int = Field(default=8, ge=1, description="PTQ calibration batches.")
-    lr: float = Field(
-        default=1e-3, gt=0, description="Adam learning rate (float and QAT training)."
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate of QAT fine-tuning.")
+    float_lr: float = Field(
+        default=1e-2, gt=0, description="Adam learning rate of the float_epochs pre-training."
     )
     batch_size: int = Field(default=64, ge=2, description="Training / calibration batch size.")
     seed: int = Field(default=0, description="Seed of the training data order.")
     latency: bool = Field(
         default=True, description="Measure fp32 vs int8 CPU latency (compiles both)."
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads for the whole job (None keeps torch's default); "
+        "latency on a shared machine is only stable with few threads.",
     )
     out_dir: Path = Field(
         description="Directory for model_int8.pt2, model_fp32.pt2 and report.json."
@@ -115,7 +122,7 @@ def _train_float(model: nn.Module, data: Dataset, config: QuantizeJobConfig) -> 
         shuffle=True,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.float_lr)
     model.train()
     for _ in range(config.float_epochs):
         for x, y in loader:
@@ -129,6 +136,8 @@ def quantize_job(
     config: QuantizeJobConfig, *, model: nn.Module, train_data: Dataset, test_data: Dataset
 ) -> QuantReport:
     """Run the job on built objects; writes the int8 and fp32 programs and `report.json`."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     if config.checkpoint is not None:
         load_checkpoint(model, config.checkpoint)
     if config.float_epochs:

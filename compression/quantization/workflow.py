@@ -54,6 +54,7 @@ class QuantReport(BaseModel):
     fp32_tensor_bytes: int = Field(description="Bytes of the fp32 program's tensors.")
     int8_tensor_bytes: int = Field(description="Bytes of the int8 program's tensors.")
     latency_batch: int = Field(description="Batch size of the latency measurements.")
+    threads: int = Field(description="torch intra-op threads during the latency measurements.")
     fp32_eager_ms: float | None = Field(description="Median latency, fp32 eager.")
     fp32_compiled_ms: float | None = Field(description="Median latency, fp32 torch.compile.")
     int8_compiled_ms: float | None = Field(description="Median latency, int8 torch.compile.")
@@ -157,7 +158,11 @@ def report(
             else:
                 x = as_tuple(example_inputs)[0]
             eager = median_latency_ms(fp32_model, x)
+            # A fresh dynamo state per program, so neither measurement sees the other's
+            # compiled code or recompilation limits.
+            torch._dynamo.reset()
             compiled = median_latency_ms(compile_int8(fp32_program), x)
+            torch._dynamo.reset()
             compiled_int8 = median_latency_ms(compile_int8(int8_program), x)
             latency_batch = len(x)
     fp32_acc = evaluate(fp32_model, eval_dataset) if eval_dataset is not None else None
@@ -176,6 +181,7 @@ def report(
         fp32_tensor_bytes=fp32_tensor_bytes,
         int8_tensor_bytes=int8_tensor_bytes,
         latency_batch=latency_batch,
+        threads=torch.get_num_threads(),
         fp32_eager_ms=eager,
         fp32_compiled_ms=compiled,
         int8_compiled_ms=compiled_int8,

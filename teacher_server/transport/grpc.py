@@ -75,6 +75,9 @@ class GrpcTransport:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
             ],
+            # Each open call holds a pool thread: beyond the pool, refuse new calls at once
+            # (RESOURCE_EXHAUSTED) rather than leave them hanging in grpc's backlog.
+            maximum_concurrent_rpcs=workers,
         )
         handlers = {
             "Describe": grpc.unary_unary_rpc_method_handler(

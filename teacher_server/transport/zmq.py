@@ -28,7 +28,7 @@ import pyarrow as pa
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lyceum.proto.codec import to_ipc
+from lyceum.proto import wire
 from lyceum.teacher_server.batcher import Done
 from lyceum.teacher_server.errors import INVALID_ARGUMENT, ServeError
 from lyceum.teacher_server.metrics import log_event
@@ -203,7 +203,9 @@ class ZmqTransport:
             kind = frames[2].bytes
             payload = frames[3]
             if kind == KIND_DESCRIBE:
-                self._send([peer, rid, KIND_DESCRIBE, self._service.describe_reply.SerializeToString()])
+                self._send(
+                    [peer, rid, KIND_DESCRIBE, self._service.describe_reply.SerializeToString()]
+                )
                 return
             mode = _KINDS.get(kind)
             if mode is None:
@@ -243,7 +245,7 @@ class ZmqTransport:
                     result.message.encode(),
                 ]
             else:
-                frames = [peer, rid, KIND_KNOWLEDGE, to_ipc(result)]
+                frames = [peer, rid, KIND_KNOWLEDGE, wire.encode_ipc(result)]
             self._outbox.put(frames)
             self._wake()
 

@@ -65,7 +65,34 @@ def test_demo_mlp_qat_int8_with_latency(digits_train, digits_test, tmp_path) -> 
     assert report.program_path == str(tmp_path / "model_int8.pt2")
     assert report.fp32_eager_ms and report.fp32_compiled_ms and report.int8_compiled_ms
     assert report.latency_batch == 64
+    assert report.threads == torch.get_num_threads()
     reloaded = load_int8(report.program_path).module()
     assert evaluate(reloaded, digits_test) == report.int8_accuracy
     x_test = torch.stack([digits_test[i][0] for i in range(32)])
     torch.testing.assert_close(reloaded(x_test), int8(x_test), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_qat_on_a_pruned_model(trained_cnn, digits_train, digits_test) -> None:
+    """A pruned model is just a smaller module: QAT + convert work on it unchanged."""
+    import copy
+
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(trained_cnn)
+    x = torch.stack([digits_train[i][0] for i in range(8)])
+    pruner = tp.pruner.MagnitudePruner(
+        pruned,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=0.5,
+        ignored_layers=[pruned.classifier[1]],
+    )
+    pruner.step()
+    assert pruned.features[0][0].out_channels == 8  # half of width 16
+    int8, report = qat_int8(
+        pruned, digits_train, x, epochs=2, eval_dataset=digits_test, measure_latency=False
+    )
+    shapes = sorted(tuple(t.shape) for t in int8.state_dict().values() if t.dtype == torch.int8)
+    assert shapes == [(8, 1, 3, 3), (10, 64), (16, 8, 3, 3), (16, 16, 3, 3)]
+    assert report.int8_accuracy is not None and report.int8_accuracy > 0.9

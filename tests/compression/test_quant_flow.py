@@ -69,7 +69,7 @@ def test_qat_scheme_pair_round_trips_through_export(
             loss = nn.functional.cross_entropy(prepared(x), y)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]  # fake-quant training does train
     # The caller's float model is not touched by QAT.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -25,7 +25,7 @@ def _base(tmp_path: Path) -> dict:
         "dataset": "lyceum.deploy.examples:digits",
         "scheme": {"kind": "ptq", "weights": "channel_wise_abs_max", "observer": "percentile"},
         "float_epochs": 10,
-        "lr": 0.01,
+        "float_lr": 0.01,
         "calibration_batches": 4,
         "latency": False,
         "out_dir": str(tmp_path / "out"),

@@ -31,6 +31,7 @@ def test_batch_reply_matches_generated_classes_and_decodes(rid, rows):
     batch = to_record_batch(schema, range(rows), {"logits": x})
     reply = wire.encode_batch_reply(rid, batch)
     ipc = to_ipc(batch).to_pybytes()
+    assert wire.encode_ipc(batch).to_pybytes() == ipc
     assert reply == pb.DistillReply(request_id=rid, knowledge=ipc).SerializeToString()
     back = wire.decode_reply(reply)
     assert back.request_id == rid and back.error_code == 0

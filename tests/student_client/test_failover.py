@@ -85,7 +85,7 @@ def test_single_replica_restarted_within_timeout(
         source = OnlineTeacher(endpoint, mode="index", timeout_s=60)
         loader = DistillLoader(data, {"t": source}, 32, shuffle=True, window=4)
         it = iter(loader)
-        seen = {}
+        seen: dict[int, torch.Tensor] = {}
         for _ in range(3):
             _x, _y, k = next(it)
             seen.update(zip(k["sample_id"].tolist(), k["logits"], strict=True))

@@ -68,7 +68,9 @@ def test_resume_mid_epoch_yields_the_remaining_ids(data, dump_dir: Path) -> None
 def test_distributed_sampler_shards_cover_each_id_once(data, dump_dir: Path) -> None:
     seen: list[int] = []
     for rank in range(2):
-        sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=rank, seed=3)
+        sampler: torch.utils.data.DistributedSampler = torch.utils.data.DistributedSampler(
+            data, num_replicas=2, rank=rank, seed=3
+        )
         loader = _loader(data, dump_dir, sampler=sampler, batch_size=32)
         loader.set_epoch(1)
         seen += [i for _x, _y, k in loader for i in k["sample_id"].tolist()]

@@ -154,7 +154,7 @@ def test_check_describes_the_merged_fields() -> None:
         ),
         MergedField(spec=feat, teachers=("a",), sources=("feat",), strategy="only"),
     )
-    assert merged.schema.columns == ("logits", "feat")
+    assert merged.knowledge_schema.columns == ("logits", "feat")
     assert merged.describe() == (
         "logits: float32 [2, 3] dense logits <- stack(a.logits, b.out)\n"
         "feat: int64 [2] dense features <- only(a.feat)"

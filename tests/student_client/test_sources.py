@@ -13,6 +13,7 @@ from lyceum.deploy.examples import digits
 from lyceum.deploy.launcher import start_teacher
 from lyceum.proto.codec import KnowledgeBatch
 from lyceum.proto.schema import KnowledgeSchema, dense
+from lyceum.student_client._positions import jagged_offsets
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.merger import Merger
 from lyceum.student_client.offline import OfflineKnowledge
@@ -63,7 +64,7 @@ def test_concat_batches_dense_and_jagged() -> None:
     c = concat_batches([a, b])
     assert c.sample_ids.tolist() == [3, 1, 9]
     assert c.tensors["f"].tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
-    assert c.tensors["s"].offsets().tolist() == [0, 1, 3, 6]
+    assert jagged_offsets(c.tensors["s"]).tolist() == [0, 1, 3, 6]
     assert c.tensors["s"].values().flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
 

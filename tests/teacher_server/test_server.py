@@ -289,3 +289,19 @@ def test_metrics_count_requests_samples_and_errors(server):
     assert metrics['lyceum_teacher_errors_total{code="INVALID_ARGUMENT",transport="zmq"}'] >= 10
     assert "lyceum_teacher_queue_samples" in metrics
     assert metrics["lyceum_teacher_request_latency_seconds_count"] > 0
+
+
+def test_health_and_reflection_are_served(server):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.endpoint("grpc").removeprefix("grpc://")) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="lyceum.v1.Teacher"), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in response.list_services_response.service}
+    assert {"lyceum.v1.Teacher", "grpc.health.v1.Health"} <= names
