@@ -1,66 +1,35 @@
 """`lyceum prune CONFIG.yaml`: parse, build the model and data sets from specs, run, report.
 
-The library (`lyceum.compression.pruning.run_prune_job`) takes built objects; resolving the
-`module:callable` spec strings happens here so that the library never imports by name.
+The library (`lyceum.compression.pruning.run_prune_job`) takes built objects; specs and the
+checkpoint are resolved here (lyceum.deploy._jobs) so that the library never imports by name.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import ValidationError
+from lyceum.deploy._jobs import build_model, build_split, load_job_config
 
-from lyceum.compression.pruning import PruneJobConfig, PruneReport, run_prune_job
-
-__all__ = ["add_parser", "load_config", "main", "resolve_spec", "run"]
-
-
-def resolve_spec(spec: str) -> Callable[..., Any]:
-    """Import `module:callable` (no eval, no pickle) and return the callable."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"spec {spec!r}: expected 'module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"spec {spec!r}: cannot import module {module_name!r}: {e}") from e
-    target = getattr(module, attr, None)
-    if not callable(target):
-        raise ValueError(f"spec {spec!r}: module {module_name!r} has no callable {attr!r}")
-    return target
+if TYPE_CHECKING:
+    from lyceum.compression.pruning import PruneJobConfig, PruneReport
 
 
 def load_config(path: str | Path) -> PruneJobConfig:
-    """Read a YAML job config; errors name the offending key (e.g. 'strategy.ratoi')."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
-    try:
-        return PruneJobConfig.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise ValueError(f"{path}: invalid prune config: {problems}") from None
+    from lyceum.compression.pruning import PruneJobConfig
+
+    return load_job_config(path, PruneJobConfig, "prune")
 
 
 def run(config: PruneJobConfig) -> PruneReport:
     """Build the model and the three splits from their specs and run the job."""
-    model = resolve_spec(config.model)(**config.model_kwargs)
-    dataset = resolve_spec(config.dataset)
+    # Imported here: torch-pruning is heavy and only this command needs it.
+    from lyceum.compression.pruning import run_prune_job
+
+    model = build_model(config.model, config.model_kwargs, config.checkpoint)
     splits = {
-        name: dataset(split=split, **config.dataset_kwargs)
+        name: build_split(config.dataset, config.dataset_kwargs, split)
         for name, split in (
             ("train_data", config.train_split),
             ("val_data", config.val_split),
@@ -102,18 +71,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("config", type=Path, help="YAML job config")
     parser.set_defaults(func=_command)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m lyceum.deploy._cli_prune CONFIG.yaml`)."""
-    top = argparse.ArgumentParser(prog="lyceum")
-    add_parser(top.add_subparsers(dest="command", required=True))
-    args = top.parse_args(["prune", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except ValueError as e:
-        top.exit(2, f"lyceum prune: error: {e}\n")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

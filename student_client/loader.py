@@ -23,7 +23,10 @@ built-in shuffle draws it from `seed + epoch`; a `sampler` must be deterministic
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,37 +44,28 @@ from lyceum.student_client.sources import KnowledgeSource, TeacherUnavailableErr
 __all__ = ["DistillLoader", "LoaderStats"]
 
 _POLL_S = 0.05  # longest single wait on one teacher before checking the others again
+_READY = 2  # merged batches buffered for the student, beyond the window in flight
 
 
 @dataclass
 class LoaderStats:
-    """Counters since the loader was built; `knowledge_wait_s` is the student's idle time."""
+    """Counters since the loader was built.
+
+    `wait_s`: how long the student waited for its next batch (knowledge, and data), its
+    idle time. `knowledge_wait_s`: how long the producer waited for the teachers, which the
+    window hides from the student as long as it stays below the student's own step time.
+    """
 
     batches: int = 0
     samples: int = 0
+    wait_s: float = 0.0
     knowledge_wait_s: float = 0.0
-    last_wait_s: float = 0.0
 
 
-class _WithIds(Dataset[tuple[int, Any]]):
-    """Item i -> (i, dataset[i]): the sample id travels with the sample through workers."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.dataset[i]
-
-
-class _Collate:
-    """Ids to an int64 tensor; items through the user's collate (default: torch's)."""
-
-    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
-        self.collate_fn = collate_fn
-
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
-        ids = torch.tensor([i for i, _ in items], dtype=torch.int64)
-        return ids, self.collate_fn([item for _, item in items])
+@dataclass
+class _Ready:
+    batch: tuple[Any, Any, dict[str, torch.Tensor]]
+    samples: int
 
 
 @dataclass
@@ -139,7 +133,7 @@ class DistillLoader:
         self.window = window
         self.drop_last = drop_last
         self.num_workers = num_workers
-        self.collate = _Collate(collate_fn or default_collate)
+        self.collate_fn = collate_fn or default_collate
         self.pin_memory = pin_memory
         self.device = torch.device(device) if device is not None else None
         self.merger = merger or Merger({})
@@ -205,36 +199,85 @@ class DistillLoader:
     # -- iteration -----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[Any, Any, dict[str, torch.Tensor]]]:
+        """One epoch (the rest of it after `load_state_dict`). A producer thread loads the
+        data, keeps the window of requests in flight, merges and moves each batch while the
+        student trains on the previous one (torch releases the GIL in its kernels), so the
+        student only waits when the teachers or the data are slower than its step. Only the
+        producer touches the sources (ZeroMQ sockets are not thread-safe)."""
         remaining = self.batches()[self.position :]
-        data = iter(
-            DataLoader(
-                _WithIds(self.dataset),
-                batch_sampler=remaining,  # type: ignore[arg-type]
-                num_workers=self.num_workers,
-                collate_fn=self.collate,
-                pin_memory=self.pin_memory,
-            )
+        ready: queue.Queue[_Ready | BaseException | None] = queue.Queue(maxsize=_READY)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce, args=(remaining, ready, stop), name="DistillLoader", daemon=True
         )
-        inflight: collections.deque[_InFlight] = collections.deque()
-        results: dict[str, dict[int, KnowledgeBatch]] = {name: {} for name in self.teachers}
-        exhausted = False
-        while True:
-            while not exhausted and len(inflight) <= self.window:
-                try:
-                    ids, (inputs, labels) = next(data)
-                except StopIteration:
-                    exhausted = True
+        producer.start()
+        try:
+            while True:
+                started = time.perf_counter()
+                item = ready.get()
+                if item is None:
                     break
-                inflight.append(self._submit(ids, inputs, labels))
-            if not inflight:
-                break
-            head = inflight.popleft()
-            knowledge = self._wait(head, results, {b.request_id for b in inflight})
-            self.position += 1
-            self.stats.batches += 1
-            self.stats.samples += len(head.ids)
-            yield self._deliver(head.inputs, head.labels, knowledge)
-        self.epoch, self.position = self.epoch + 1, 0
+                if isinstance(item, BaseException):
+                    raise item
+                self.stats.wait_s += time.perf_counter() - started
+                self.position += 1
+                self.stats.batches += 1
+                self.stats.samples += item.samples
+                yield item.batch
+            self.epoch, self.position = self.epoch + 1, 0
+        finally:
+            # Also when the consumer stops early (a checkpoint on SIGTERM): stop the producer
+            # before anything else may touch the sources.
+            stop.set()
+            while producer.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    ready.get_nowait()  # unblock a producer waiting to put
+                producer.join(0.01)
+
+    def _produce(
+        self,
+        remaining: list[list[int]],
+        ready: queue.Queue[_Ready | BaseException | None],
+        stop: threading.Event,
+    ) -> None:
+        try:
+            data = iter(
+                DataLoader(
+                    self.dataset,
+                    batch_sampler=remaining,  # type: ignore[arg-type]
+                    num_workers=self.num_workers,
+                    collate_fn=self.collate_fn,
+                    pin_memory=self.pin_memory,
+                )
+            )
+            # The DataLoader yields batches in `remaining`'s order, so ids come from there.
+            batch_ids = iter(remaining)
+            inflight: collections.deque[_InFlight] = collections.deque()
+            results: dict[str, dict[int, KnowledgeBatch]] = {name: {} for name in self.teachers}
+            exhausted = False
+            while not stop.is_set():
+                while not exhausted and len(inflight) <= self.window:
+                    try:
+                        inputs, labels = next(data)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    ids = torch.tensor(next(batch_ids), dtype=torch.int64)
+                    inflight.append(self._submit(ids, inputs, labels))
+                if not inflight:
+                    ready.put(None)
+                    return
+                head = inflight.popleft()
+                knowledge = self._wait(head, results, {b.request_id for b in inflight}, stop)
+                if knowledge is None:
+                    return
+                item = _Ready(self._deliver(head.inputs, head.labels, knowledge), len(head.ids))
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        ready.put(item, timeout=0.05)
+                        break
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
 
     def _submit(self, ids: torch.Tensor, inputs: Any, labels: Any) -> _InFlight:
         rid = next(self._request_ids)
@@ -250,12 +293,16 @@ class DistillLoader:
         head: _InFlight,
         results: dict[str, dict[int, KnowledgeBatch]],
         pending: set[int],
-    ) -> dict[str, torch.Tensor]:
+        stop: threading.Event,
+    ) -> dict[str, torch.Tensor] | None:
+        """The merged knowledge of `head`, or None if the consumer stopped meanwhile."""
         started = time.perf_counter()
         while True:
             missing = [name for name in self.teachers if head.request_id not in results[name]]
             if not missing:
                 break
+            if stop.is_set():
+                return None
             for name in self.teachers:
                 # Only the teacher the head waits on is waited for; the others are drained.
                 timeout = _POLL_S if name == missing[0] else 0.0
@@ -267,9 +314,7 @@ class DistillLoader:
                     # Requests of an abandoned pass (e.g. stopped for a checkpoint) are dropped.
                     if rid == head.request_id or rid in pending:
                         results[name][rid] = batch
-        wait = time.perf_counter() - started
-        self.stats.last_wait_s = wait
-        self.stats.knowledge_wait_s += wait
+        self.stats.knowledge_wait_s += time.perf_counter() - started
         batches = {name: results[name].pop(head.request_id) for name in self.teachers}
         knowledge = self.merger.merge(head.ids, batches)
         knowledge[SAMPLE_ID] = head.ids

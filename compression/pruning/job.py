@@ -45,7 +45,9 @@ class PruneJobConfig(BaseModel):
         default_factory=dict, description="Keyword arguments of the model factory."
     )
     checkpoint: Path | None = Field(
-        default=None, description="safetensors state dict of the trained, unpruned model."
+        default=None,
+        description="State dict of the trained, unpruned model (.safetensors, or a torch file "
+        "read with weights_only=True); loaded by the caller that builds the model.",
     )
     dataset: str = Field(description="Dataset factory spec 'module:callable', called with split=.")
     dataset_kwargs: dict[str, Any] = Field(
@@ -132,10 +134,6 @@ def run_prune_job(
     Writes `prune_plan.json` + `model.safetensors` (reload with `load_pruned`), `report.json`
     and, for sensitivity pruning, `sensitivity.json` and `sensitivity.png` into `out_dir`.
     """
-    if config.checkpoint is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(config.checkpoint)))
     model.eval()
     example = train_data[0][0].unsqueeze(0)
     before = _figures(model, example, test_data, config.latency_runs)

@@ -29,7 +29,7 @@ from .export import (
     load_int8,
     save_program,
 )
-from .job import REPORT_FILE, QuantizeJobConfig, load_checkpoint, quantize_job
+from .job import REPORT_FILE, QuantizeJobConfig, quantize_job
 from .observers import AbsMaxObserver, HistogramAbsMaxObserver, MovingAverageAbsMaxObserver
 from .quantizer import PaddleSlimQuantizer, quantizable_layers
 from .workflow import (
@@ -69,7 +69,6 @@ __all__ = [
     "export_onnx",
     "export_program",
     "fused_int8_layers",
-    "load_checkpoint",
     "load_int8",
     "median_latency_ms",
     "ptq_int8",

@@ -38,7 +38,7 @@ class QuantizeJobConfig(BaseModel):
     checkpoint: Path | None = Field(
         default=None,
         description="Trained float weights: a .safetensors file, or a state dict saved with "
-        "torch.save (loaded with weights_only=True).",
+        "torch.save (loaded with weights_only=True) by the caller that builds the model.",
     )
     dataset: str = Field(description="Dataset factory spec 'module:callable', called with split=.")
     dataset_kwargs: dict[str, Any] = Field(
@@ -88,33 +88,6 @@ class QuantizeJobConfig(BaseModel):
         return value
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load float weights without unpickling objects (safetensors or weights_only torch.load)."""
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a state dict"
-        )
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not fit the model ({exc}); check model_kwargs"
-        ) from exc
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not fit the model: missing {missing}, "
-            f"unexpected {unexpected}; check model_kwargs"
-        )
-
-
 def _train_float(model: nn.Module, data: Dataset, config: QuantizeJobConfig) -> None:
     loader = DataLoader(
         data,
@@ -138,8 +111,6 @@ def quantize_job(
     """Run the job on built objects; writes the int8 and fp32 programs and `report.json`."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    if config.checkpoint is not None:
-        load_checkpoint(model, config.checkpoint)
     if config.float_epochs:
         _train_float(model, train_data, config)
     model.eval()

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lyceum.compression.quantization import QAT, QuantizeJobConfig, load_int8
-from lyceum.deploy import _cli_quantize
+from lyceum.deploy import _cli_quantize, cli
 
 
 def _write(tmp_path: Path, config: dict) -> Path:
@@ -43,14 +43,15 @@ def test_bad_keys_and_values_are_named(tmp_path: Path) -> None:
     config = _base(tmp_path) | {"model": "student_mlp"}
     with pytest.raises(ValueError, match=r"'module:callable'.*'student_mlp'"):
         _cli_quantize.load_config(_write(tmp_path, config))
-    with pytest.raises(ValueError, match="no callable 'nope'"):
-        _cli_quantize.resolve_spec("lyceum.deploy.examples:nope")
+    config = _base(tmp_path) | {"model": "lyceum.deploy.examples:nope"}
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        _cli_quantize.run_quantize_job(_cli_quantize.load_config(_write(tmp_path, config)))
 
 
 def test_ptq_job_writes_program_and_report(tmp_path: Path) -> None:
     config = _cli_quantize.load_config(_write(tmp_path, _base(tmp_path)))
     assert config.scheme.kind == "ptq"
-    assert _cli_quantize.main([str(_write(tmp_path, _base(tmp_path)))]) == 0
+    assert cli.main(["quantize", str(_write(tmp_path, _base(tmp_path)))]) == 0
     out = tmp_path / "out"
     payload = json.loads((out / "report.json").read_text())
     report = payload["report"]
@@ -65,22 +66,7 @@ def test_ptq_job_writes_program_and_report(tmp_path: Path) -> None:
     assert program.module()(torch.rand(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_checkpoint_is_loaded_without_pickle(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from lyceum.compression.quantization.job import load_checkpoint
-    from lyceum.deploy.examples import student_mlp
-
-    source = student_mlp()
-    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
-    torch.save(source.state_dict(), tmp_path / "w.pt")
-    for name in ("w.safetensors", "w.pt"):
-        target = student_mlp()
-        load_checkpoint(target, tmp_path / name)
-        for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True):
-            assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="does not fit the model"):
-        load_checkpoint(student_mlp(hidden=16), tmp_path / "w.pt")
+def test_config_defaults(tmp_path: Path) -> None:
     config = QuantizeJobConfig(
         model="lyceum.deploy.examples:student_mlp",
         dataset="lyceum.deploy.examples:digits",
