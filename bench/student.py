@@ -158,9 +158,9 @@ def main() -> None:
         def epoch() -> Iterator[Batch]:
             return ((x, y, k["logits"]) for x, y, k in loader)
 
-        wait0 = loader.stats.knowledge_wait_s
+        wait0 = loader.stats.wait_s
         rate = _measure(epoch, args.hidden, args.epochs)
-        wait = (loader.stats.knowledge_wait_s - wait0) / (args.epochs + 1)
+        wait = (loader.stats.wait_s - wait0) / (args.epochs + 1)
         rows.append((name, rate, wait, note))
 
     teacher = SleepTeacher(delay_s)

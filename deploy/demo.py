@@ -23,7 +23,6 @@ from torch import nn
 
 from lyceum.compression.analysis import count_flops
 from lyceum.compression.pruning import prune_to_flops
-from lyceum.compression.quantization import QAT, convert, evaluate, quantize
 from lyceum.deploy.examples import (
     Digits,
     accuracy,
@@ -192,6 +191,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         flops_after = count_flops(pruned[0], example)
 
         log("[5/5] quantization-aware training to int8 (distilled), then conversion")
+        # Imported here: torchao prints load noise to stderr on import.
+        from lyceum.compression.quantization import QAT, convert, evaluate, quantize
+
         examples = torch.stack([train[i][0] for i in range(8)])
         scheme = QAT(weights="channel_wise_abs_max", activations="moving_average_abs_max")
 

@@ -10,7 +10,7 @@
 Each pass is one epoch in the sampler's order. While the student trains on batch k, the
 knowledge of batches k+1..k+window is already being computed (online teachers work in other
 processes), so the student only waits when the teachers are slower than its step;
-`stats.knowledge_wait_s` says how long it did. `knowledge` holds the merged fields keyed by
+`stats.wait_s` says how long it did. `knowledge` holds the merged fields keyed by
 column, plus `sample_id` (the ids of the batch, int64), which the merger joined on.
 
 Resuming: `state_dict()` is `{epoch, seed, position}` (position = batches already yielded in

@@ -376,7 +376,7 @@ def _run(
             while loader.epoch < config.epochs:
                 epoch = loader.epoch
                 started = time.perf_counter()
-                wait0, samples0 = loader.stats.knowledge_wait_s, loader.stats.samples
+                wait0, samples0 = loader.stats.wait_s, loader.stats.samples
                 total_loss, batches = 0.0, 0
                 bar = tqdm(
                     total=len(loader),
@@ -404,7 +404,7 @@ def _run(
                     bar.set_postfix(
                         loss=f"{loss:.4f}",
                         samples_s=f"{(loader.stats.samples - samples0) / max(elapsed, 1e-9):.0f}",
-                        wait_s=f"{loader.stats.knowledge_wait_s - wait0:.2f}",
+                        wait_s=f"{loader.stats.wait_s - wait0:.2f}",
                     )
                     if on_step is not None:
                         on_step(StepInfo(epoch, loader.position, ids.cpu(), loss))
@@ -422,7 +422,7 @@ def _run(
                         loss=env.mean(total_loss / max(batches, 1)),
                         val_accuracy=accuracy,
                         samples_per_s=(loader.stats.samples - samples0) / max(seconds, 1e-9),
-                        knowledge_wait_s=loader.stats.knowledge_wait_s - wait0,
+                        knowledge_wait_s=loader.stats.wait_s - wait0,
                         seconds=seconds,
                     )
                 )

@@ -10,6 +10,11 @@
 `qat_int8` / `ptq_int8` do the whole run and return a `QuantReport`.
 """
 
+from ._quiet import quiet_import_logs
+
+with quiet_import_logs():
+    import torchao  # noqa: F401  (imported first, quietly; the modules below use it)
+
 from .api import calibrate, capture, convert, quantize, quantized_layers
 from .config import (
     ACTIVATION_SCHEMES,
