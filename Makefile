@@ -10,7 +10,7 @@ PKG_DIRS := proto teacher_server student_client compression deploy
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,7 +6,7 @@ real teacher that slow would take the student's own cores, so the teacher's comp
 simulated by a fixed sleep per forward (`sleep_teacher`: sleep, then a linear layer): it
 occupies time, not CPU, which is what a teacher on its own GPU or node does to the student.
 
-Rows (samples/s of the student, after one warm-up epoch):
+Rows (samples/s of the student: the median of interleaved epochs after a warm-up epoch):
   (a) no distillation: a torch DataLoader, cross-entropy only;
   (b) offline knowledge: DistillLoader over a dump of the same teacher;
   (c) online: DistillLoader over 1, 2 and 4 teacher server processes (replicas, gRPC);
@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,28 +103,45 @@ def _run(
     return n
 
 
-def _measure(make_epoch: Callable[[], Iterable[Batch]], hidden: int, epochs: int) -> float:
-    """Best samples/s of `epochs` epochs after a warm-up epoch: other jobs share this
-    machine's cores and slow down some epochs by a varying amount; the best epoch is the
-    least disturbed one, the same statistic for every row."""
-    model = _student(hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    _run(make_epoch(), model, optimizer)  # warm-up: connections, allocator, caches
-    rates = []
-    for _ in range(epochs):
+class _Row:
+    """One configuration: its own student and optimizer, and the rate of every epoch run."""
+
+    def __init__(
+        self, make_epoch: Callable[[], Iterable[Batch]], hidden: int, loader: Any = None
+    ) -> None:
+        self.make_epoch = make_epoch
+        self.model = _student(hidden)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.loader = loader
+        self.rates: list[float] = []
+        self.waits: list[float] = []
+        self.epoch()  # warm-up (connections, allocator, caches): not kept
+        self.rates.clear()
+        self.waits.clear()
+
+    def epoch(self) -> None:
+        wait0 = self.loader.stats.wait_s if self.loader is not None else 0.0
         started = time.perf_counter()
-        samples = _run(make_epoch(), model, optimizer)
-        rates.append(samples / (time.perf_counter() - started))
-    return max(rates)
+        samples = _run(self.make_epoch(), self.model, self.optimizer)
+        self.rates.append(samples / (time.perf_counter() - started))
+        self.waits.append(self.loader.stats.wait_s - wait0 if self.loader is not None else 0.0)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def wait(self) -> float:
+        return statistics.median(self.waits)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096, help="student hidden width")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--ratio", type=float, default=3.0, help="teacher forward / student step")
     parser.add_argument("--times", type=int, default=8, help="digits repeated this many times")
-    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per row")
+    parser.add_argument("--epochs", type=int, default=5, help="measured epochs per row (median)")
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument(
         "--pin",
@@ -131,6 +150,15 @@ def main() -> None:
         "much of (c)'s gap is the teachers' CPU taking the student's core",
     )
     args = parser.parse_args()
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc hands the student's large activation buffers back to the OS after a step and
+        # page-faults them in again at the next, by an amount that depends on what else was
+        # allocated (the KD loss, the loader): +-30% between otherwise equal runs. Fixed
+        # thresholds keep them mapped, the same for every row (and the teacher servers).
+        os.environ.update(
+            MALLOC_MMAP_THRESHOLD_=str(2**31 - 1), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1)
+        )
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(1)
 
     from lyceum.deploy.launcher import start_teacher
@@ -148,22 +176,27 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(data, batch_size=bs, shuffle=True)
         return ((x, y, None) for x, y in loader)
 
-    rows: list[tuple[str, float, float, str]] = []
-    base = _measure(plain_epoch, args.hidden, args.epochs)
-    step_ms = 1000 * bs / base
+    def distill_epoch(loader: DistillLoader) -> Callable[[], Iterator[Batch]]:
+        return lambda: ((x, y, k["logits"]) for x, y, k in loader)
+
+    # Every row's epochs are interleaved with those of the rows it is compared with (a, b, d
+    # in rounds; each (c) with b while its servers run), so that the load of other jobs on
+    # this machine falls on both sides of each ratio; each figure is the median epoch.
+    plain = _Row(plain_epoch, args.hidden)
+    for _ in range(args.epochs):
+        plain.epoch()
+    step_ms = 1000 * bs / plain.rate
     delay_s = args.ratio * step_ms / 1000
-    rows.append(("(a) no distillation", base, 0.0, f"student step {step_ms:.2f} ms"))
-
-    def distill_rows(name: str, loader: DistillLoader, note: str) -> None:
-        def epoch() -> Iterator[Batch]:
-            return ((x, y, k["logits"]) for x, y, k in loader)
-
-        wait0 = loader.stats.wait_s
-        rate = _measure(epoch, args.hidden, args.epochs)
-        wait = (loader.stats.wait_s - wait0) / (args.epochs + 1)
-        rows.append((name, rate, wait, note))
-
     teacher = SleepTeacher(delay_s)
+
+    def inloop_epoch() -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(data, batch_size=bs, shuffle=True)
+        for x, y in loader:
+            with torch.inference_mode():
+                t = teacher(x)
+            yield x, y, t.clone()
+
+    rows: list[tuple[str, float, float, float, str]] = []
     with tempfile.TemporaryDirectory(prefix="lyceum-bench-") as tmp:
         engine = TeacherEngine(teacher, EngineConfig(), data[0][0])
         dump_knowledge(
@@ -173,11 +206,45 @@ def main() -> None:
             DumpConfig(batch_size=256, shard_rows=512, workers=0, progress=False),
             model_identity("bench:sleep_teacher", teacher),
         )
-        offline = OfflineTeacher(Path(tmp) / "dump", data)
-        distill_rows(
-            "(b) offline knowledge",
-            DistillLoader(data, {"t": offline}, bs, shuffle=True, window=args.window),
-            "memory-mapped dump",
+        offline_loader = DistillLoader(
+            data,
+            {"t": OfflineTeacher(Path(tmp) / "dump", data)},
+            bs,
+            shuffle=True,
+            window=args.window,
+        )
+        offline = _Row(distill_epoch(offline_loader), args.hidden, offline_loader)
+        inloop = _Row(inloop_epoch, args.hidden)
+        for _ in range(args.epochs):
+            for row in (plain, offline, inloop):
+                row.epoch()
+        base, offline_rate = plain.rate, offline.rate
+        rows.append(
+            (
+                "(a) no distillation",
+                base,
+                1.0,
+                offline_rate,
+                f"student step {1000 * bs / base:.2f} ms",
+            )
+        )
+        rows.append(
+            (
+                "(b) offline knowledge",
+                offline_rate,
+                offline.wait,
+                offline_rate,
+                "memory-mapped dump",
+            )
+        )
+        rows.append(
+            (
+                "(d) teacher inside the loop",
+                inloop.rate,
+                0.0,
+                offline_rate,
+                "teacher forward on the critical path",
+            )
         )
 
         env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -204,42 +271,39 @@ def main() -> None:
                     os.sched_setaffinity(0, cores[:-1])
                 source = OnlineTeacher([s.endpoint("grpc") for s in servers], mode="index")
                 loader = DistillLoader(data, {"t": source}, bs, shuffle=True, window=args.window)
+                online = _Row(distill_epoch(loader), args.hidden, loader)
+                offline.rates.clear()
+                for _ in range(args.epochs):
+                    offline.epoch()
+                    online.epoch()
                 capacity = replicas * bs / delay_s
-                distill_rows(
-                    f"(c) online, {replicas} replica{'s' if replicas > 1 else ''}",
-                    loader,
-                    f"simulated teachers: at most {capacity:.0f} samples/s",
+                rows.append(
+                    (
+                        f"(c) online, {replicas} replica{'s' if replicas > 1 else ''}",
+                        online.rate,
+                        online.wait,
+                        offline.rate,
+                        f"simulated teachers: at most {capacity:.0f} samples/s",
+                    )
                 )
                 source.close()
                 os.sched_setaffinity(0, cores)
-
-    def inloop_epoch() -> Iterator[Batch]:
-        loader = torch.utils.data.DataLoader(data, batch_size=bs, shuffle=True)
-        for x, y in loader:
-            with torch.inference_mode():
-                t = teacher(x)
-            yield x, y, t.clone()
-
-    rate = _measure(inloop_epoch, args.hidden, args.epochs)
-    rows.append(("(d) teacher inside the loop", rate, 0.0, "teacher forward on the critical path"))
-    # (a) again, last: the better of the two runs, in case other jobs slowed the first.
-    base = max(base, _measure(plain_epoch, args.hidden, args.epochs))
-    rows[0] = ("(a) no distillation", base, 0.0, f"student step {1000 * bs / base:.2f} ms")
-    offline_rate = rows[1][1]
+    rows[2:] = [*rows[3:], rows[2]]  # (d) last
 
     print(
         f"student MLP 64-{args.hidden}-10, batch {bs}, digits train x{args.times} ({len(data)} samples), "
-        f"{args.epochs} epochs after a warm-up epoch; teacher = fixed sleep of {1000 * delay_s:.1f} ms "
+        f"median of {args.epochs} interleaved epochs after a warm-up; teacher = fixed sleep of {1000 * delay_s:.1f} ms "
         f"per batch (simulated compute; {delay_s * 1000 / step_ms:.1f}x the student step)"
     )
     print(
         f"{'configuration':<28} {'samples/s':>10} {'vs (a)':>7} {'vs (b)':>7} "
         f"{'wait s/epoch':>13}  note"
     )
-    for name, rate, wait, note in rows:
+    for name, rate, wait, against, note in rows:
+        wait_text = f"{wait:>13.3f}" if not name.startswith("(a)") else f"{'-':>13}"
         print(
-            f"{name:<28} {rate:>10.0f} {rate / base:>6.2f}x {rate / offline_rate:>6.2f}x "
-            f"{wait:>13.3f}  {note}"
+            f"{name:<28} {rate:>10.0f} {rate / base:>6.2f}x {rate / against:>6.2f}x "
+            f"{wait_text}  {note}"
         )
     sys.stdout.flush()
 

@@ -44,6 +44,7 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "load_config",
+    "validate_config",
 ]
 
 _STRATEGY_NAMES = ("mean", "sum", "max", "first", "stack", "logsumexp")
