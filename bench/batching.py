@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lyceum.deploy.examples import digits, resnet_cnn
-from lyceum.student_client.online import OnlineTeacher, TeacherError
+from lyceum.student_client.online import EndpointClient, TeacherError
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
 
 MODEL = "lyceum.deploy.examples:resnet_cnn"
@@ -83,7 +83,7 @@ def students(endpoint: str, clients: int, per_request: int, window: int, seconds
 
     def student(k: int) -> None:
         try:
-            with OnlineTeacher(endpoint) as teacher:
+            with EndpointClient(endpoint) as teacher:
                 nxt = k * 97
                 for _ in range(window):
                     teacher.submit([(nxt + j) % n_data for j in range(per_request)])
@@ -119,7 +119,7 @@ def students(endpoint: str, clients: int, per_request: int, window: int, seconds
 
 
 def latency(endpoint: str, n: int) -> tuple[float, float]:
-    with OnlineTeacher(endpoint) as teacher:
+    with EndpointClient(endpoint) as teacher:
         for i in range(20):
             teacher.request([i])
         samples = []

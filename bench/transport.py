@@ -226,10 +226,10 @@ def run_bare_grpc(info: dict, case: str, seconds: float, window: int) -> float:
 
 
 def run_lyceum(endpoint: str, case: str, seconds: float, window: int) -> float:
-    from lyceum.student_client.online import OnlineTeacher, TeacherError
+    from lyceum.student_client.online import EndpointClient, TeacherError
 
     rows = CASES[case][0]
-    with OnlineTeacher(endpoint) as teacher:
+    with EndpointClient(endpoint) as teacher:
         teacher.describe()
         next_id = 0
 

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from lyceum.compression.analysis import count_flops
-from lyceum.compression.pruning import prune_to_flops
 from lyceum.deploy.examples import (
     Digits,
     accuracy,
@@ -179,6 +178,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         scratch = [accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds]
         distilled_models = [_train_student(config, s, labeled, kd_term) for s in config.seeds]
         distilled = [accuracy(m, test) for m in distilled_models]
+
+        # Imported here: torch-pruning is heavy and only this step needs it.
+        from lyceum.compression.pruning import prune_to_flops
 
         log("[4/5] pruning the distilled students to -50% FLOPs and fine-tuning them (distilled)")
         example = train[0][0].unsqueeze(0)

@@ -1,5 +1,7 @@
 """Lyceum student client: knowledge sources, merger, DistillLoader, losses and trainer."""
 
+from lyceum.student_client._connections import TeacherError
+from lyceum.student_client.loader import DistillLoader, LoaderStats
 from lyceum.student_client.losses import (
     DistillObjective,
     DistillOutput,
@@ -31,19 +33,47 @@ from lyceum.student_client.merger import (
     register_strategy,
 )
 from lyceum.student_client.offline import FieldStats, OfflineKnowledge, verify_knowledge
+from lyceum.student_client.online import EndpointClient, TeacherInfo
+from lyceum.student_client.sources import (
+    KnowledgeSource,
+    OfflineTeacher,
+    OnlineTeacher,
+    TeacherUnavailableError,
+    concat_batches,
+)
+from lyceum.student_client.trainer import EpochResult, StepInfo, TrainResult, build_sources, train
+from lyceum.student_client.trainer_config import (
+    DatasetConfig,
+    LossesConfig,
+    LossTermConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TeacherConfig,
+    TrainConfig,
+    load_config,
+    validate_config,
+)
 
 __all__ = [
     "STRATEGIES",
     "CallableStrategy",
+    "DatasetConfig",
+    "DistillLoader",
     "DistillObjective",
     "DistillOutput",
     "DistillTerm",
+    "EndpointClient",
+    "EpochResult",
     "FSPLoss",
     "FeatureMSE",
     "FieldStats",
     "First",
     "HintLoss",
+    "KnowledgeSource",
+    "LoaderStats",
     "LogSumExp",
+    "LossTermConfig",
+    "LossesConfig",
     "Max",
     "Mean",
     "MergeStrategy",
@@ -51,15 +81,31 @@ __all__ = [
     "MergedSchema",
     "Merger",
     "OfflineKnowledge",
+    "OfflineTeacher",
+    "OnlineTeacher",
+    "OptimizerConfig",
+    "ScheduleConfig",
     "SoftLabelKD",
     "Stack",
+    "StepInfo",
     "Sum",
+    "TeacherConfig",
+    "TeacherError",
+    "TeacherInfo",
+    "TeacherUnavailableError",
     "TopKKD",
+    "TrainConfig",
+    "TrainResult",
     "Weighted",
+    "build_sources",
+    "concat_batches",
     "fsp_matrix",
+    "load_config",
     "register_strategy",
     "soft_label_kd",
     "teacher_log_probs",
     "topk_kd",
+    "train",
+    "validate_config",
     "verify_knowledge",
 ]

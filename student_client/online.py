@@ -1,6 +1,6 @@
-"""`OnlineTeacher`: a small synchronous client of one online teacher (gRPC or ZeroMQ).
+"""`EndpointClient`: a small synchronous client of one online teacher (gRPC or ZeroMQ).
 
-    teacher = OnlineTeacher("grpc://127.0.0.1:50051", token="...")
+    teacher = EndpointClient("grpc://127.0.0.1:50051", token="...")
     info = teacher.describe()
     batch = teacher.request([3, 1, 4])                      # index mode
     batch = teacher.request([0, 1], inputs=torch.rand(2, 1, 8, 8))   # query mode
@@ -33,7 +33,7 @@ from lyceum.student_client._connections import (
     ZmqConnection,
 )
 
-__all__ = ["OnlineTeacher", "TeacherError", "TeacherInfo", "connect"]
+__all__ = ["EndpointClient", "TeacherError", "TeacherInfo", "connect"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _curve_key(key: str | bytes | None) -> bytes | None:
     return key.encode() if isinstance(key, str) else key
 
 
-class OnlineTeacher:
+class EndpointClient:
     """A client of one teacher: `describe()`, `request(ids, inputs=None)`, `submit`/`poll`."""
 
     def __init__(
@@ -191,7 +191,7 @@ class OnlineTeacher:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> OnlineTeacher:
+    def __enter__(self) -> EndpointClient:
         return self
 
     def __exit__(self, *_exc: object) -> None:

@@ -1,4 +1,4 @@
-"""`OnlineTeacher` against a teacher started from Python (`create_server`), on every endpoint
+"""`EndpointClient` against a teacher started from Python (`create_server`), on every endpoint
 kind: describe, index and query requests, many requests in flight, errors, endpoint parsing."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lyceum.deploy.examples import digits, teacher_cnn
-from lyceum.student_client.online import OnlineTeacher, TeacherError
+from lyceum.student_client.online import EndpointClient, TeacherError
 from lyceum.teacher_server.config import SecurityConfig, ServerConfig
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
 from lyceum.teacher_server.server import create_server
@@ -51,7 +51,7 @@ def test_every_endpoint_serves_both_modes(teacher):
     x = torch.stack([data[i][0] for i in ids])
     want = engine.infer(x)["logits"]
     for endpoint in _endpoints(server):
-        with OnlineTeacher(endpoint, token=TOKEN, timeout_s=20) as client:
+        with EndpointClient(endpoint, token=TOKEN, timeout_s=20) as client:
             info = client.describe()
             assert info.schema == engine.schema and info.max_request_samples == 16
             assert info.format_version == "1.0" and info.accepts_index
@@ -66,7 +66,7 @@ def test_many_requests_in_flight_come_back_tagged(teacher):
     server, engine, data = teacher
     everything = engine.infer(torch.stack([data[i][0] for i in range(64)]))["logits"]
     for endpoint in (server.endpoints[0], server.endpoints[2]):
-        with OnlineTeacher(endpoint, token=TOKEN, timeout_s=20) as client:
+        with EndpointClient(endpoint, token=TOKEN, timeout_s=20) as client:
             sent = {client.submit([k, k + 32]): [k, k + 32] for k in range(32)}
             got = {}
             while len(got) < len(sent):
@@ -80,7 +80,7 @@ def test_many_requests_in_flight_come_back_tagged(teacher):
 def test_errors_carry_codes_and_the_stream_survives(teacher):
     server, _engine, _data = teacher
     for endpoint in (server.endpoints[0], server.endpoints[2]):
-        with OnlineTeacher(endpoint, token=TOKEN, timeout_s=20) as client:
+        with EndpointClient(endpoint, token=TOKEN, timeout_s=20) as client:
             with pytest.raises(TeacherError) as err:
                 client.request(list(range(17)))
             assert err.value.code == 3 and err.value.code_name == "INVALID_ARGUMENT"
@@ -88,7 +88,7 @@ def test_errors_carry_codes_and_the_stream_survives(teacher):
             with pytest.raises(TeacherError, match="repeats sample ids"):
                 client.request([4, 4])
             assert client.request([4]).sample_ids.tolist() == [4]
-        with OnlineTeacher(endpoint, token="wrong", timeout_s=20) as client:
+        with EndpointClient(endpoint, token="wrong", timeout_s=20) as client:
             with pytest.raises(TeacherError) as err:
                 client.describe()
             assert err.value.code_name == "UNAUTHENTICATED"
@@ -104,4 +104,4 @@ def test_errors_carry_codes_and_the_stream_survives(teacher):
 )
 def test_bad_endpoints_say_what_is_supported(endpoint, phrase):
     with pytest.raises(ValueError, match=phrase):
-        OnlineTeacher(endpoint)
+        EndpointClient(endpoint)

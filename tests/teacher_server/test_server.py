@@ -27,7 +27,7 @@ from lyceum.deploy.examples import digits
 from lyceum.proto import wire
 from lyceum.proto.codec import encode
 from lyceum.proto.schema import KnowledgeSchema, dense
-from lyceum.student_client.online import OnlineTeacher, TeacherError
+from lyceum.student_client.online import EndpointClient, TeacherError
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def test_knowledge_equals_in_process_engine(server, engine, scheme, mode):
     ids = [5, 0, 1256, 17, 3]
     x = torch.stack([data[i][0] for i in ids])
     want = engine.infer(x)["logits"]
-    with OnlineTeacher(server.endpoint(scheme), timeout_s=30) as teacher:
+    with EndpointClient(server.endpoint(scheme), timeout_s=30) as teacher:
         info = teacher.describe()
         assert info.schema == engine.schema and info.input_schema == engine.input_schema
         assert info.accepts_index and info.max_request_samples == 32
@@ -102,7 +102,7 @@ def test_eight_concurrent_clients_get_their_own_replies(server, engine):
     def student(k: int) -> None:
         rng = random.Random(k)
         scheme = SCHEMES[k % len(SCHEMES)]
-        with OnlineTeacher(server.endpoint(scheme), timeout_s=60) as teacher:
+        with EndpointClient(server.endpoint(scheme), timeout_s=60) as teacher:
             sent, todo, done = {}, 12, 0
             while done < 12:
                 # Three requests in flight per student: 8 x 3 x 8 samples fit the queue.
@@ -207,13 +207,13 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(server, engine, 
     assert got[101][0] == INVALID_ARGUMENT
     assert ("neither" if transport == "grpc" else "unknown request kind") in got[101][1]
     # ... and the teacher still answers a valid request.
-    with OnlineTeacher(server.endpoint(transport), timeout_s=30) as teacher:
+    with EndpointClient(server.endpoint(transport), timeout_s=30) as teacher:
         assert teacher.request([7]).sample_ids.tolist() == [7]
 
 
 @pytest.mark.parametrize("scheme", ["grpc", "zmq"])
 def test_index_mode_without_dataset_is_failed_precondition(query_server, engine, scheme):
-    with OnlineTeacher(query_server.endpoint(scheme), timeout_s=30) as teacher:
+    with EndpointClient(query_server.endpoint(scheme), timeout_s=30) as teacher:
         assert not teacher.describe().accepts_index
         with pytest.raises(TeacherError) as err:
             teacher.request([1, 2])
@@ -277,7 +277,7 @@ def test_fuzz_does_not_crash_or_leak(server, engine, transport):
     assert server.proc.poll() is None, server.log()
     # The second half of the fuzzing must not have grown the server by more than 64 MiB.
     assert server.rss_kb() - rss_before < 64 * 1024
-    with OnlineTeacher(server.endpoint(transport), timeout_s=30) as teacher:
+    with EndpointClient(server.endpoint(transport), timeout_s=30) as teacher:
         x = torch.rand(2, 1, 8, 8)
         got = teacher.request([1, 2], inputs=x)
     assert torch.equal(got.tensors["logits"], engine.infer(x)["logits"])

@@ -8,14 +8,14 @@ import time
 import pytest
 from servers import DATASET, ServerProcess
 
-from lyceum.student_client.online import OnlineTeacher, TeacherError
+from lyceum.student_client.online import EndpointClient, TeacherError
 
 pytestmark = pytest.mark.integration
 
 RESOURCE_EXHAUSTED, UNAVAILABLE = 8, 14
 
 
-def _collect(teacher: OnlineTeacher, count: int, timeout_s: float = 60) -> dict[int, object]:
+def _collect(teacher: EndpointClient, count: int, timeout_s: float = 60) -> dict[int, object]:
     results: dict[int, object] = {}
     deadline = time.monotonic() + timeout_s
     while len(results) < count and time.monotonic() < deadline:
@@ -32,7 +32,7 @@ def test_full_queue_gives_resource_exhausted_then_recovers(tmp_path, scheme):
         tmp_path,
     )  # fmt: skip
     try:
-        with OnlineTeacher(proc.endpoint(scheme), timeout_s=30) as teacher:
+        with EndpointClient(proc.endpoint(scheme), timeout_s=30) as teacher:
             sent = {teacher.submit(list(range(8 * k, 8 * k + 8))): k for k in range(10)}
             results = _collect(teacher, len(sent))
             assert len(results) == 10
@@ -57,7 +57,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(tmp_path, scheme):
         tmp_path,
     )  # fmt: skip
     try:
-        with OnlineTeacher(proc.endpoint(scheme), timeout_s=30) as teacher:
+        with EndpointClient(proc.endpoint(scheme), timeout_s=30) as teacher:
             teacher.describe()
             ids = {teacher.submit(list(range(8 * k, 8 * k + 8))): k for k in range(6)}
             # 6 batches x 0.2 s: the first reply means all six are queued, five still to run.

@@ -11,7 +11,7 @@ import torch
 import zmq
 from servers import DATASET, MODEL, ServerProcess, make_certs
 
-from lyceum.student_client.online import OnlineTeacher, TeacherError
+from lyceum.student_client.online import EndpointClient, TeacherError
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def _refused(
     """Make one request that must fail with `expected_code`; returns the error message."""
     inputs = torch.rand(2, 1, 8, 8) if query else None
     with (
-        OnlineTeacher(endpoint, timeout_s=timeout_s, **options) as teacher,  # type: ignore[arg-type]
+        EndpointClient(endpoint, timeout_s=timeout_s, **options) as teacher,  # type: ignore[arg-type]
         pytest.raises(TeacherError) as err,
     ):
         teacher.request([1, 2], inputs=inputs)
@@ -80,7 +80,7 @@ def test_grpc_requires_token_and_client_certificate(secure):
     after = proc.metrics()
     assert _requests(after) == _requests(before)  # nothing refused was decoded or run
     assert after['lyceum_teacher_errors_total{code="UNAUTHENTICATED",transport="grpc"}'] >= 2
-    with OnlineTeacher(endpoint, token=TOKEN, **mtls) as teacher:
+    with EndpointClient(endpoint, token=TOKEN, **mtls) as teacher:
         assert teacher.describe().accepts_index
         assert teacher.request([1, 2]).sample_ids.tolist() == [1, 2]
     assert _requests(proc.metrics()) == _requests(before) + 1
@@ -105,7 +105,7 @@ def test_zmq_requires_token_and_allowed_curve_key(secure):
     after = proc.metrics()
     assert _requests(after) == _requests(before)
     assert after['lyceum_teacher_errors_total{code="UNAUTHENTICATED",transport="zmq"}'] >= 2
-    with OnlineTeacher(endpoint, token=TOKEN, **curve) as teacher:
+    with EndpointClient(endpoint, token=TOKEN, **curve) as teacher:
         x = torch.rand(3, 1, 8, 8)
         assert teacher.request([4, 5, 6], inputs=x).tensors["logits"].shape == (3, 10)
     assert _requests(proc.metrics()) == _requests(before) + 1
