@@ -54,6 +54,9 @@ class DemoConfig(BaseModel):
     finetune_steps: int = Field(
         default=200, gt=0, description="Fine-tuning steps after pruning or quantization."
     )
+    trainer_epochs: int = Field(
+        default=30, gt=0, description="Epochs of the trainer-driven students (ensemble rows)."
+    )
     workdir: Path | None = Field(default=None, description="Where knowledge is dumped (temp dir).")
 
 
@@ -135,12 +138,50 @@ def _finetune(
     )
 
 
+def _ensemble_rows(
+    config: DemoConfig, train: Digits, test: Digits, knowledge_dir: Path, workdir: Path
+) -> tuple[list[float], list[float]]:
+    """Students trained by the config-driven trainer, from the offline teacher alone and from
+    three teachers (two more trained with other seeds, served by real server processes)."""
+    from safetensors.torch import save_file
+
+    from lyceum.deploy.launcher import demo_student_config, start_ensemble
+    from lyceum.student_client.trainer import train as train_student
+
+    checkpoints = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        teacher = train_classifier(
+            teacher_cnn(width=config.teacher_width),
+            train,
+            epochs=config.teacher_epochs,
+            lr=3e-3,
+            seed=seed,
+        )
+        path = workdir / f"teacher-{seed}.safetensors"
+        save_file(teacher.state_dict(), str(path))
+        checkpoints.append(path)
+    settings = {"labeled": config.labeled, "epochs": config.trainer_epochs}
+    offline = {"offline": {"dir": str(knowledge_dir)}}
+    single = [
+        accuracy(train_student(demo_student_config(offline, seed=s, **settings)).model, test)
+        for s in config.seeds
+    ]
+    spec = f'lyceum.deploy.examples:teacher_cnn{{"width": {config.teacher_width}}}'
+    with start_ensemble(checkpoints, knowledge_dir, spec) as teachers:
+        ensemble = [
+            accuracy(train_student(demo_student_config(teachers, seed=s, **settings)).model, test)
+            for s in config.seeds
+        ]
+    return single, ensemble
+
+
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     start = time.perf_counter()
     train, test = digits("train"), digits("test")
     labeled = digits("train", limit=config.labeled)
 
-    log(f"[1/5] training the teacher CNN on {len(train)} labelled digits")
+    log(f"[1/6] training the teacher CNN on {len(train)} labelled digits")
     torch.manual_seed(0)
     teacher = train_classifier(
         teacher_cnn(width=config.teacher_width), train, epochs=config.teacher_epochs, lr=3e-3
@@ -150,7 +191,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     with tempfile.TemporaryDirectory(prefix="lyceum-demo-") as tmp:
         workdir = config.workdir or Path(tmp)
         knowledge_dir = workdir / "knowledge"
-        log(f"[2/5] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
+        log(f"[2/6] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
         engine = TeacherEngine(teacher, EngineConfig(), train[0][0])
         manifest = dump_knowledge(
             engine,
@@ -172,17 +213,23 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             return kd_loss(student(transfer[ids]), batch.tensors[field.name])
 
         log(
-            f"[3/5] training students ({config.steps} steps, {config.labeled} labels, seeds "
+            f"[3/6] training students ({config.steps} steps, {config.labeled} labels, seeds "
             f"{list(config.seeds)}): from scratch and distilled"
         )
         scratch = [accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds]
         distilled_models = [_train_student(config, s, labeled, kd_term) for s in config.seeds]
         distilled = [accuracy(m, test) for m in distilled_models]
 
+        log(
+            "[4/6] training students with `lyceum student train`: from the offline teacher, "
+            "and from an ensemble of three (gRPC server + ZeroMQ server + offline, mean)"
+        )
+        single, ensemble = _ensemble_rows(config, train, test, knowledge_dir, workdir)
+
         # Imported here: torch-pruning is heavy and only this step needs it.
         from lyceum.compression.pruning import prune_to_flops
 
-        log("[4/5] pruning the distilled students to -50% FLOPs and fine-tuning them (distilled)")
+        log("[5/6] pruning the distilled students to -50% FLOPs and fine-tuning them (distilled)")
         example = train[0][0].unsqueeze(0)
         flops_before = count_flops(distilled_models[0], example)
         pruned = []
@@ -192,7 +239,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         pruned_acc = [accuracy(m, test) for m in pruned]
         flops_after = count_flops(pruned[0], example)
 
-        log("[5/5] quantization-aware training to int8 (distilled), then conversion")
+        log("[6/6] quantization-aware training to int8 (distilled), then conversion")
         # Imported here: torchao prints load noise to stderr on import.
         from lyceum.compression.quantization import QAT, convert, evaluate, quantize
 
@@ -224,6 +271,12 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         row("teacher CNN (all labels)", [teacher_acc]),
         row(f"student MLP, scratch ({config.labeled} labels)", scratch),
         row("student MLP, distilled (offline knowledge)", distilled, f"gain {gain:+.1f} points"),
+        row("trainer: 1 teacher (offline)", single, "same recipe as the next row"),
+        row(
+            "trainer: 3 teachers (gRPC + ZMQ + offline)",
+            ensemble,
+            f"ensemble gain {100 * (statistics.mean(ensemble) - statistics.mean(single)):+.1f}",
+        ),
         row(
             "distilled student, pruned -50% FLOPs",
             pruned_acc,
