@@ -13,9 +13,10 @@ import copy
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -161,18 +162,24 @@ def _ensemble_rows(
         path = workdir / f"teacher-{seed}.safetensors"
         save_file(teacher.state_dict(), str(path))
         checkpoints.append(path)
-    settings = {"labeled": config.labeled, "epochs": config.trainer_epochs}
-    offline = {"offline": {"dir": str(knowledge_dir)}}
-    single = [
-        accuracy(train_student(demo_student_config(offline, seed=s, **settings)).model, test)
-        for s in config.seeds
-    ]
-    spec = f'lyceum.deploy.examples:teacher_cnn{{"width": {config.teacher_width}}}'
-    with start_ensemble(checkpoints, knowledge_dir, spec) as teachers:
-        ensemble = [
-            accuracy(train_student(demo_student_config(teachers, seed=s, **settings)).model, test)
+
+    def run(teachers: Mapping[str, Mapping[str, Any]]) -> list[float]:
+        return [
+            accuracy(
+                train_student(
+                    demo_student_config(
+                        teachers, labeled=config.labeled, epochs=config.trainer_epochs, seed=s
+                    )
+                ).model,
+                test,
+            )
             for s in config.seeds
         ]
+
+    single = run({"offline": {"dir": str(knowledge_dir)}})
+    spec = f'lyceum.deploy.examples:teacher_cnn{{"width": {config.teacher_width}}}'
+    with start_ensemble(checkpoints, knowledge_dir, spec) as teachers:
+        ensemble = run(teachers)
     return single, ensemble
 
 
@@ -248,7 +255,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
 
         def qat(seed: int, model: nn.Module) -> nn.Module:
             prepared = quantize(model, scheme, examples)
-            return convert(_finetune(config, seed, labeled, kd_term, prepared))
+            _finetune(config, seed, labeled, kd_term, prepared)
+            return convert(prepared)
 
         qat_acc = [
             evaluate(qat(s, m), test) for s, m in zip(config.seeds, distilled_models, strict=True)
