@@ -7,10 +7,12 @@ checkpoint are resolved here (lyceum.deploy._jobs) so that the library never imp
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lyceum.deploy._jobs import build_model, build_split, load_job_config
+from lyceum.student_client.losses import soft_label_kd
 
 if TYPE_CHECKING:
     from lyceum.compression.pruning import PruneJobConfig, PruneReport
@@ -36,7 +38,10 @@ def run(config: PruneJobConfig) -> PruneReport:
             ("test_data", config.test_split),
         )
     }
-    return run_prune_job(config, model=model, **splits)
+    distill_loss = None
+    if config.distill is not None:
+        distill_loss = partial(soft_label_kd, temperature=config.distill.temperature)
+    return run_prune_job(config, model=model, distill_loss=distill_loss, **splits)
 
 
 def _summary(report: PruneReport) -> str:

@@ -8,10 +8,12 @@ name.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lyceum.deploy._jobs import build_model, build_split, load_job_config
+from lyceum.student_client.losses import soft_label_kd
 
 if TYPE_CHECKING:
     from lyceum.compression.quantization import QuantizeJobConfig, QuantReport
@@ -31,7 +33,19 @@ def run_quantize_job(config: QuantizeJobConfig) -> QuantReport:
     model = build_model(config.model, config.model_kwargs, config.checkpoint)
     train = build_split(config.dataset, config.dataset_kwargs, config.train_split)
     test = build_split(config.dataset, config.dataset_kwargs, config.test_split)
-    return quantize_job(config, model=model, train_data=train, test_data=test)
+    teacher, distill_loss = None, None
+    if config.teacher is not None:
+        spec = config.teacher
+        teacher = build_model(spec.model, spec.model_kwargs, spec.checkpoint)
+        distill_loss = partial(soft_label_kd, temperature=spec.temperature)
+    return quantize_job(
+        config,
+        model=model,
+        train_data=train,
+        test_data=test,
+        teacher=teacher,
+        distill_loss=distill_loss,
+    )
 
 
 def _ms(value: float | None) -> str:

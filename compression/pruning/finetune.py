@@ -7,15 +7,13 @@ in unchanged once it exists).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["DistillLoss", "evaluate_accuracy", "finetune"]
+from lyceum.compression.distillation import DistillLoss
 
-DistillLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["DistillLoss", "evaluate_accuracy", "finetune"]
 
 
 def finetune(

@@ -8,6 +8,7 @@ sets and passes them in, so the library stays independent of how specs are loade
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from lyceum.compression.analysis import (
     measure_latency,
     model_size_bytes,
 )
+from lyceum.compression.distillation import Distillation, DistillLoss
 from lyceum.compression.pruning.api import prune
 from lyceum.compression.pruning.config import AutoPruning, SensitivityPruning, UniformPruning
 from lyceum.compression.pruning.finetune import evaluate_accuracy, finetune
@@ -69,6 +71,10 @@ class PruneJobConfig(BaseModel):
     batch_size: int = Field(default=64, ge=1, description="Fine-tuning batch size.")
     seed: int = Field(default=0, description="Seed of the fine-tuning data order.")
     latency_runs: int = Field(default=50, ge=1, description="Timed runs of the latency median.")
+    distill: Distillation | None = Field(
+        default=None,
+        description="Fine-tune distilled from the unpruned model (the caller passes the loss).",
+    )
     out_dir: Path = Field(description="Directory for the pruned model, plan and report.")
 
     @field_validator("model", "dataset")
@@ -128,13 +134,21 @@ def run_prune_job(
     train_data: Dataset,
     val_data: Dataset,
     test_data: Dataset,
+    distill_loss: DistillLoss | None = None,
 ) -> PruneReport:
     """Prune `model` (built from `config.model`) and write plan, weights and report.
 
     Writes `prune_plan.json` + `model.safetensors` (reload with `load_pruned`), `report.json`
     and, for sensitivity pruning, `sensitivity.json` and `sensitivity.png` into `out_dir`.
     """
+    if (config.distill is None) != (distill_loss is None):
+        raise ValueError(
+            "run_prune_job: pass distill_loss exactly when the config has a 'distill' section "
+            "(the CLI passes lyceum.student_client.losses.soft_label_kd)"
+        )
     model.eval()
+    # The unpruned model teaches its pruned self during the final fine-tuning.
+    teacher = copy.deepcopy(model) if config.distill is not None else None
     example = train_data[0][0].unsqueeze(0)
     before = _figures(model, example, test_data, config.latency_runs)
     out = Path(config.out_dir)
@@ -173,6 +187,9 @@ def run_prune_job(
         batch_size=config.batch_size,
         lr=config.lr,
         seed=config.seed,
+        teacher=teacher,
+        distill_loss=distill_loss,
+        alpha=config.distill.alpha if config.distill is not None else 0.5,
     )
     after = _figures(model, example, test_data, config.latency_runs)
     save_pruned(model, result.plan, out)

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lyceum.compression.distillation import Distillation, DistillLoss, distilled_loss
+
 from .config import PTQ, QAT
 from .workflow import QuantReport, ptq_int8, qat_int8
 
@@ -24,6 +26,16 @@ __all__ = ["REPORT_FILE", "QuantizeJobConfig", "quantize_job"]
 
 _SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 REPORT_FILE = "report.json"
+
+
+class TeacherModel(Distillation):
+    """A float teacher for distilled QAT: a model spec, its weights and the KD settings."""
+
+    model: str = Field(description="Teacher model factory spec 'module:callable'.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the teacher's factory."
+    )
+    checkpoint: Path | None = Field(default=None, description="The teacher's trained weights.")
 
 
 class QuantizeJobConfig(BaseModel):
@@ -73,6 +85,10 @@ class QuantizeJobConfig(BaseModel):
         description="torch intra-op threads for the whole job (None keeps torch's default); "
         "latency on a shared machine is only stable with few threads.",
     )
+    teacher: TeacherModel | None = Field(
+        default=None,
+        description="Distil QAT from this float teacher (the caller builds it and the loss).",
+    )
     out_dir: Path = Field(
         description="Directory for model_int8.pt2, model_fp32.pt2 and report.json."
     )
@@ -106,9 +122,24 @@ def _train_float(model: nn.Module, data: Dataset, config: QuantizeJobConfig) -> 
 
 
 def quantize_job(
-    config: QuantizeJobConfig, *, model: nn.Module, train_data: Dataset, test_data: Dataset
+    config: QuantizeJobConfig,
+    *,
+    model: nn.Module,
+    train_data: Dataset,
+    test_data: Dataset,
+    teacher: nn.Module | None = None,
+    distill_loss: DistillLoss | None = None,
 ) -> QuantReport:
-    """Run the job on built objects; writes the int8 and fp32 programs and `report.json`."""
+    """Run the job on built objects; writes the int8 and fp32 programs and `report.json`.
+
+    With a `teacher` section in the config, pass the built `teacher` and a `distill_loss`:
+    QAT then trains on `(1 - alpha) * CE + alpha * distill_loss(student, teacher)`.
+    """
+    if (config.teacher is None) != (teacher is None) or (teacher is None) != (distill_loss is None):
+        raise ValueError(
+            "quantize_job: pass teacher and distill_loss exactly when the config has a "
+            "'teacher' section (the CLI builds both)"
+        )
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if config.float_epochs:
@@ -125,6 +156,11 @@ def quantize_job(
             epochs=config.epochs,
             scheme=config.scheme,
             eval_dataset=test_data,
+            loss_fn=(
+                distilled_loss(teacher, distill_loss, config.teacher.alpha)
+                if config.teacher is not None and teacher is not None and distill_loss is not None
+                else None
+            ),
             lr=config.lr,
             batch_size=config.batch_size,
             out_dir=config.out_dir,

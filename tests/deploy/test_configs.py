@@ -14,6 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "configs"
 def test_prune_example_config_is_valid():
     config = load_job_config(CONFIGS / "prune.yaml", PruneJobConfig, "prune")
     assert config.strategy.kind == "uniform"
+    assert config.distill is not None and config.distill.temperature == 4.0
 
 
 def test_quantize_example_config_is_valid():
