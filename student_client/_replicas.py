@@ -248,19 +248,7 @@ class OnlineTeacher:
             replica.conn = conn
             if replica.info is None:
                 reply = conn.describe(timeout_s or self.connect_timeout_s)
-                replica.info = TeacherInfo(
-                    schema=KnowledgeSchema.from_json(reply.knowledge_schema_json),
-                    input_schema=(
-                        KnowledgeSchema.from_json(reply.input_schema_json)
-                        if reply.input_schema_json
-                        else None
-                    ),
-                    teacher_id=reply.teacher_id,
-                    format_version=reply.format_version,
-                    accepts_index=reply.accepts_index,
-                    max_request_samples=reply.max_request_samples,
-                    max_message_bytes=reply.max_message_bytes,
-                )
+                replica.info = TeacherInfo.from_reply(reply)
         except TeacherError as exc:
             if exc.code not in _RETRYABLE:
                 raise TeacherError(

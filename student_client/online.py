@@ -32,6 +32,7 @@ from lyceum.student_client._connections import (
     TeacherError,
     ZmqConnection,
 )
+from lyceum.v1 import knowledge_pb2 as pb
 
 __all__ = ["EndpointClient", "TeacherError", "TeacherInfo", "connect"]
 
@@ -47,6 +48,22 @@ class TeacherInfo:
     accepts_index: bool
     max_request_samples: int
     max_message_bytes: int
+
+    @classmethod
+    def from_reply(cls, reply: pb.DescribeReply) -> TeacherInfo:
+        return cls(
+            schema=KnowledgeSchema.from_json(reply.knowledge_schema_json),
+            input_schema=(
+                KnowledgeSchema.from_json(reply.input_schema_json)
+                if reply.input_schema_json
+                else None
+            ),
+            teacher_id=reply.teacher_id,
+            format_version=reply.format_version,
+            accepts_index=reply.accepts_index,
+            max_request_samples=reply.max_request_samples,
+            max_message_bytes=reply.max_message_bytes,
+        )
 
 
 def connect(endpoint: str, credentials: Credentials) -> Connection:
@@ -120,19 +137,7 @@ class EndpointClient:
         """The teacher's knowledge schema, input schema and limits (asked once, then cached)."""
         if self._info is None:
             reply = self._conn.describe(self.timeout_s)
-            self._info = TeacherInfo(
-                schema=KnowledgeSchema.from_json(reply.knowledge_schema_json),
-                input_schema=(
-                    KnowledgeSchema.from_json(reply.input_schema_json)
-                    if reply.input_schema_json
-                    else None
-                ),
-                teacher_id=reply.teacher_id,
-                format_version=reply.format_version,
-                accepts_index=reply.accepts_index,
-                max_request_samples=reply.max_request_samples,
-                max_message_bytes=reply.max_message_bytes,
-            )
+            self._info = TeacherInfo.from_reply(reply)
         return self._info
 
     def submit(

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -25,6 +24,7 @@ from lyceum.compression.analysis import (
     model_size_bytes,
 )
 from lyceum.compression.distillation import Distillation, DistillLoss
+from lyceum.compression.job_config import JobConfig
 from lyceum.compression.pruning.api import prune
 from lyceum.compression.pruning.config import AutoPruning, SensitivityPruning, UniformPruning
 from lyceum.compression.pruning.finetune import evaluate_accuracy, finetune
@@ -33,33 +33,15 @@ from lyceum.compression.pruning.sensitivity import plot_sensitivity
 
 __all__ = ["ModelFigures", "PruneJobConfig", "PruneReport", "run_prune_job"]
 
-_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 REPORT_FILE = "report.json"
 
 
-class PruneJobConfig(BaseModel):
+class PruneJobConfig(JobConfig):
     """Everything `lyceum prune CONFIG.yaml` needs; unknown keys are rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(description="Model factory spec 'module:callable'.")
-    model_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments of the model factory."
-    )
-    checkpoint: Path | None = Field(
-        default=None,
-        description="State dict of the trained, unpruned model (.safetensors, or a torch file "
-        "read with weights_only=True); loaded by the caller that builds the model.",
-    )
-    dataset: str = Field(description="Dataset factory spec 'module:callable', called with split=.")
-    dataset_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments of the dataset factory."
-    )
-    train_split: str = Field(default="train", description="Split used for fine-tuning.")
     val_split: str = Field(
         default="val", description="Split scoring sensitivity/search candidates."
     )
-    test_split: str = Field(default="test", description="Split of the before/after accuracy.")
     strategy: Annotated[
         UniformPruning | SensitivityPruning | AutoPruning, Field(discriminator="kind")
     ] = Field(description="Pruning strategy, selected by its 'kind' key.")
@@ -76,16 +58,6 @@ class PruneJobConfig(BaseModel):
         description="Fine-tune distilled from the unpruned model (the caller passes the loss).",
     )
     out_dir: Path = Field(description="Directory for the pruned model, plan and report.")
-
-    @field_validator("model", "dataset")
-    @classmethod
-    def _spec(cls, value: str) -> str:
-        if not _SPEC.fullmatch(value):
-            raise ValueError(
-                f"expected a 'module:callable' spec such as 'lyceum.deploy.examples:resnet_cnn', "
-                f"got {value!r}"
-            )
-        return value
 
 
 class ModelFigures(BaseModel):

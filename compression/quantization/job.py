@@ -8,23 +8,22 @@ model and data sets and passes them to `quantize_job`, so the library stays spec
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lyceum.compression.distillation import Distillation, DistillLoss, distilled_loss
+from lyceum.compression.job_config import JobConfig
 
 from .config import PTQ, QAT
 from .workflow import QuantReport, ptq_int8, qat_int8
 
 __all__ = ["REPORT_FILE", "QuantizeJobConfig", "quantize_job"]
 
-_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 REPORT_FILE = "report.json"
 
 
@@ -38,28 +37,9 @@ class TeacherModel(Distillation):
     checkpoint: Path | None = Field(default=None, description="The teacher's trained weights.")
 
 
-class QuantizeJobConfig(BaseModel):
+class QuantizeJobConfig(JobConfig):
     """Everything `lyceum quantize CONFIG.yaml` needs; unknown keys are rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(description="Model factory spec 'module:callable'.")
-    model_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments of the model factory."
-    )
-    checkpoint: Path | None = Field(
-        default=None,
-        description="Trained float weights: a .safetensors file, or a state dict saved with "
-        "torch.save (loaded with weights_only=True) by the caller that builds the model.",
-    )
-    dataset: str = Field(description="Dataset factory spec 'module:callable', called with split=.")
-    dataset_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments of the dataset factory."
-    )
-    train_split: str = Field(
-        default="train", description="Split for QAT training / PTQ calibration."
-    )
-    test_split: str = Field(default="test", description="Split of the fp32 vs int8 accuracy.")
     scheme: Annotated[QAT | PTQ, Field(discriminator="kind")] = Field(
         description="QAT(...) or PTQ(...) scheme, selected by its 'kind' key ('qat' or 'ptq')."
     )
@@ -92,16 +72,6 @@ class QuantizeJobConfig(BaseModel):
     out_dir: Path = Field(
         description="Directory for model_int8.pt2, model_fp32.pt2 and report.json."
     )
-
-    @field_validator("model", "dataset")
-    @classmethod
-    def _spec(cls, value: str) -> str:
-        if not _SPEC.fullmatch(value):
-            raise ValueError(
-                f"expected a 'module:callable' spec such as 'lyceum.deploy.examples:student_cnn', "
-                f"got {value!r}"
-            )
-        return value
 
 
 def _train_float(model: nn.Module, data: Dataset, config: QuantizeJobConfig) -> None:
