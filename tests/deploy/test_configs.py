@@ -21,3 +21,11 @@ def test_quantize_example_config_is_valid():
     config = load_job_config(CONFIGS / "quantize.yaml", QuantizeJobConfig, "quantize")
     assert config.scheme.kind == "qat"
     assert config.scheme.weights == "channel_wise_abs_max"
+
+
+def test_student_example_config_is_valid():
+    from lyceum.student_client import load_config
+
+    config = load_config(CONFIGS / "student.yaml")
+    assert set(config.teachers) == {"served", "dumped"}
+    assert config.dataset.labeled == 100
