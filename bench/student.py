@@ -67,6 +67,11 @@ class RepeatedDigits(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        # Batched fetch (torch's protocol), as `lyceum.deploy.examples.Digits` has it.
+        index = torch.tensor(indices, dtype=torch.int64)
+        return list(zip(self.images[index].unbind(), self.labels[index].tolist(), strict=True))
+
 
 def repeated_digits(times: int = 8) -> RepeatedDigits:
     return RepeatedDigits(times)

@@ -67,6 +67,12 @@ class Digits(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Items `indices` in one gather: torch's batched-fetch protocol, used by DataLoader
+        and by a teacher's index mode (2x cheaper than an `__getitem__` per id)."""
+        index = torch.tensor(indices, dtype=torch.int64)
+        return list(zip(self.images[index].unbind(), self.labels[index].tolist(), strict=True))
+
 
 def digits(split: Split = "train", limit: int | None = None) -> Digits:
     """Dataset factory for specs: `lyceum.deploy.examples:digits` (kwargs `{"split": "test"}`)."""

@@ -182,10 +182,22 @@ class TeacherService:
                 f"sample ids {bad} are out of range: the teacher's dataset has "
                 f"{self.dataset_len} samples (ids 0..{self.dataset_len - 1})",
             )
-        if len(np.unique(ids)) != len(ids):
+        ordered = np.sort(ids)  # a sort and a compare: a third of np.unique's cost
+        if (ordered[1:] == ordered[:-1]).any():
             raise ServeError(INVALID_ARGUMENT, "request repeats sample ids; send each id once")
-        samples = []
-        for i in ids.tolist():
-            x = self.dataset[i][0]  # type: ignore[index]
-            samples.append(x if isinstance(x, torch.Tensor) else torch.as_tensor(x))
+        # `type is`: a subclass may override __getitem__ (transforms) that a gather would skip.
+        if type(self.dataset) is torch.utils.data.TensorDataset and not self.sequence_input:
+            # One gather instead of a view per id and a stack: same values, ~20x less CPU.
+            return ids, self.dataset.tensors[0][torch.from_numpy(ids.astype(np.int64))]
+        # torch's batched-fetch protocol (DataLoader uses it too): one call per request
+        # instead of one Python-level __getitem__ per id, which was most of the CPU of an
+        # index-mode request for in-memory datasets (~4 us per id for digits).
+        index = ids.tolist()
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(index) if getitems is not None else [self.dataset[i] for i in index]  # type: ignore[index]
+        samples = [_as_tensor(item[0]) for item in items]
         return ids, (samples if self.sequence_input else torch.stack(samples))
+
+
+def _as_tensor(x: object) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
