@@ -3,9 +3,9 @@
 The int8 artefact is a `torch.export` program (`.pt2` archive): the graph as JSON and every
 tensor as raw bytes. `torch.export.load` is *not* pickle-free in torch 2.13, though: it
 unpickles weights/constants flagged `use_pickle` (tensor subclasses) and opaque objects, and it
-falls back to `torch.load(weights_only=False)` when the stored sample inputs do not load with
-`weights_only=True`. `load_int8` therefore inspects the archive first and refuses any of those
-before calling `torch.export.load`; archives written by `save_int8` never contain them.
+falls back to an unrestricted `torch.load` (weights-only mode off) when the stored sample inputs
+do not load weights-only. `load_int8` therefore inspects the archive first and refuses any of those
+before calling `torch.export.load`; archives written by `save_program` never contain them.
 """
 
 from __future__ import annotations
