@@ -9,6 +9,7 @@ every label available the gain was within noise (-0.8 to +0.8 points) when we me
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import tempfile
@@ -195,7 +196,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     )
     teacher_acc = accuracy(teacher, test)
 
-    with tempfile.TemporaryDirectory(prefix="lyceum-demo-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="lyceum-demo-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = config.workdir or Path(tmp)
         knowledge_dir = workdir / "knowledge"
         log(f"[2/6] dumping the teacher's knowledge of the transfer set to {knowledge_dir}")
@@ -209,7 +213,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
                 f'lyceum.deploy.examples:teacher_cnn{{"width": {config.teacher_width}}}', teacher
             ),
         )
-        knowledge = OfflineKnowledge(knowledge_dir, dataset=train)
+        engine.close()
+        knowledge = stack.enter_context(OfflineKnowledge(knowledge_dir, dataset=train))
         transfer = train.images
         field = knowledge.schema.fields[0]
         kd_loss = SoftLabelKD.for_field(field, temperature=config.temperature)

@@ -327,8 +327,19 @@ def column_arrays(
         col = col.flatten()
         if col.null_count:
             raise ValueError(f"column {column!r}: null rows inside sequences")
-    values = _primitive_numpy(col.flatten(), column)
-    return values.reshape(-1, *spec.row_shape), offsets
+    values = _primitive_numpy(col.flatten(), column).reshape(-1, *spec.row_shape)
+    # Offsets come from the sender: they must step forward and end at the rows that exist,
+    # or the jagged tensor built on them would read out of bounds later.
+    if (
+        offsets is not None
+        and offsets.size
+        and (offsets[-1] != len(values) or (offsets.size > 1 and np.any(np.diff(offsets) < 0)))
+    ):
+        raise ValueError(
+            f"column {column!r}: sequence offsets are not increasing or do not end at the "
+            f"{len(values)} rows the column holds (corrupt or forged message)"
+        )
+    return values, offsets
 
 
 def _to_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:

@@ -139,17 +139,22 @@ class GrpcConnection:
         except grpc.RpcError as exc:
             raise _rpc_error(exc) from None
 
-    def _requests(self) -> Iterator[bytes]:
-        while (item := self._outgoing.get()) is not None:
+    @staticmethod
+    def _requests(outgoing: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
+        while (item := outgoing.get()) is not None:
             yield item
 
     def _open(self) -> None:
-        call = self._distill(self._requests(), metadata=self._metadata)
-        self._call = call
-        self._reader = threading.Thread(target=self._read, args=(call,), daemon=True)
+        # Each stream gets its own queue: grpc's request thread of a broken stream may still
+        # be blocked in get(), and on a shared queue it would swallow the next stream's message.
+        outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        call = self._distill(self._requests(outgoing), metadata=self._metadata)
+        self._outgoing, self._call = outgoing, call
+        self._reader = threading.Thread(target=self._read, args=(call, outgoing), daemon=True)
         self._reader.start()
 
-    def _read(self, call: Iterator[bytes]) -> None:
+    def _read(self, call: Iterator[bytes], outgoing: queue.SimpleQueue[bytes | None]) -> None:
+        failure = TeacherError(UNAVAILABLE, "the teacher closed the stream")
         try:
             for raw in call:
                 reply = wire.decode_reply(raw)
@@ -162,10 +167,16 @@ class GrpcConnection:
                 )
         except grpc.RpcError as exc:
             failure = _rpc_error(exc)
-            # The stream is gone: every request still on it fails with the stream's status.
+        except wire.WireError as exc:
+            failure = TeacherError(UNAVAILABLE, f"malformed reply from the teacher: {exc}")
+        finally:
+            # The stream is gone, however it ended: every request still on it fails with the
+            # stream's status (the caller re-asks), and its request thread is released.
             with self._lock:
                 lost, self._outstanding = self._outstanding, set()
-                self._call = None
+                if self._call is call:
+                    self._call = None
+            outgoing.put(None)
             for rid in lost:
                 self._replies.put(RawReply(rid, code=failure.code, message=failure.message))
 
@@ -175,7 +186,7 @@ class GrpcConnection:
             if self._call is None:
                 self._open()
             self._outstanding.add(request_id)
-        self._outgoing.put(message)
+            self._outgoing.put(message)
 
     def poll(self, timeout_s: float) -> list[RawReply]:
         out = []

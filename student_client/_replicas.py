@@ -347,7 +347,8 @@ class OnlineTeacher:
             self._send(replica, chunk)
             if healthy and replica in healthy:
                 for suspect in candidates:
-                    if suspect.failures and suspect.probe_at is None and suspect.conn is not None:
+                    # _send reopens the connection that _fail closed.
+                    if suspect.failures and suspect.probe_at is None:
                         self._send(suspect, chunk, probe=True)
                         break
 
@@ -502,12 +503,18 @@ class OnlineTeacher:
         rid = -next(self._wire_ids)  # negative: never collides with a loader's request ids
         self._submit(rid, torch.as_tensor(np.asarray(ids), dtype=torch.int64), inputs)
         mine: KnowledgeBatch | None = None
-        while mine is None:
-            for done_id, batch in self.poll(self.timeout_s):
-                if done_id == rid:
-                    mine = batch
-                else:
-                    self._early.append((done_id, batch))
+        others: list[tuple[int, KnowledgeBatch]] = []
+        try:
+            while mine is None:
+                for done_id, batch in self.poll(self.timeout_s):
+                    if done_id == rid:
+                        mine = batch
+                    else:
+                        # Kept aside, not in _early yet: poll() would return them at once
+                        # and never reach its timeout check.
+                        others.append((done_id, batch))
+        finally:
+            self._early = others + self._early
         return mine
 
     def close(self) -> None:

@@ -145,7 +145,15 @@ class OfflineKnowledge:
         if dataset is not None:
             check_dataset(self.manifest, dataset, where=str(self.directory))
         self.schema: KnowledgeSchema = self.manifest.knowledge_schema
-        self._shards = [self._open_shard(s) for s in self.manifest.shards]
+        self._shards: list[_Shard] = []
+        try:
+            for info in self.manifest.shards:
+                self._shards.append(self._open_shard(info))
+        except BaseException:
+            # A bad shard later in the list must not leave the earlier ones mapped.
+            for shard in self._shards:
+                shard.mmap.close()
+            raise
         starts: list[int] = []
         shard_of: list[int] = []
         for k, shard in enumerate(self._shards):

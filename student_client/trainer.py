@@ -66,11 +66,14 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class EpochResult:
+    """One epoch: `wait_s` is how long the student waited for its next batch (knowledge and
+    data), the time the loader's window did not hide."""
+
     epoch: int
     loss: float
     val_accuracy: float | None
     samples_per_s: float
-    knowledge_wait_s: float
+    wait_s: float
     seconds: float
 
 
@@ -408,7 +411,9 @@ def _run(
                     )
                     if on_step is not None:
                         on_step(StepInfo(epoch, loader.position, ids.cpu(), loss))
-                    if env.any(stop.set):
+                    # A stop on the epoch's last batch is handled after the epoch's own
+                    # bookkeeping below; resuming then starts the next epoch.
+                    if env.any(stop.set) and loader.position < len(loader):
                         bar.close()
                         checkpoint("last.pt")
                         result.interrupted = True
@@ -422,7 +427,7 @@ def _run(
                         loss=env.mean(total_loss / max(batches, 1)),
                         val_accuracy=accuracy,
                         samples_per_s=(loader.stats.samples - samples0) / max(seconds, 1e-9),
-                        knowledge_wait_s=loader.stats.wait_s - wait0,
+                        wait_s=loader.stats.wait_s - wait0,
                         seconds=seconds,
                     )
                 )
@@ -432,13 +437,16 @@ def _run(
                         f"optimizer.lr or check the teachers' knowledge (meaning, temperature)"
                     )
                 checkpoint(f"epoch-{epoch + 1:03d}.pt")
+                if env.any(stop.set) and epoch + 1 < config.epochs:
+                    result.interrupted = True
+                    return result
                 if env.rank == 0 and config.progress:
                     e = result.epochs[-1]
                     acc = "n/a" if e.val_accuracy is None else f"{100 * e.val_accuracy:.1f}%"
                     tqdm.write(
                         f"epoch {epoch + 1}/{config.epochs}: loss {e.loss:.4f}, val acc {acc}, "
-                        f"{e.samples_per_s:.0f} samples/s, knowledge wait "
-                        f"{e.knowledge_wait_s:.2f}s of {e.seconds:.2f}s"
+                        f"{e.samples_per_s:.0f} samples/s, waited for batches "
+                        f"{e.wait_s:.2f}s of {e.seconds:.2f}s"
                     )
         return result
     finally:

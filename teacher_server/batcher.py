@@ -128,8 +128,10 @@ class DynamicBatcher:
                 self._cond.wait(remaining)
         return True
 
-    def close(self) -> None:
-        """Stop the workers; requests still queued are answered UNAVAILABLE."""
+    def close(self, join_timeout_s: float = 5.0) -> None:
+        """Stop the workers; requests still queued are answered UNAVAILABLE. A worker stuck in
+        a forward pass (a hung device) is left behind after `join_timeout_s`: the workers are
+        daemon threads, so the process can still exit."""
         with self._cond:
             self._accepting = False
             self._stopping = True
@@ -138,9 +140,12 @@ class DynamicBatcher:
             self._queued = 0
             self._cond.notify_all()
         for job in left:
-            job.done(ServeError(UNAVAILABLE, "the teacher stopped before running this request"))
+            _answer(job, ServeError(UNAVAILABLE, "the teacher stopped before running this request"))
+        deadline = time.monotonic() + join_timeout_s
         for w in self._workers:
-            w.join()
+            w.join(max(0.0, deadline - time.monotonic()))
+            if w.is_alive():
+                log_event("worker_stuck", thread=w.name, join_timeout_s=join_timeout_s)
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
@@ -192,7 +197,7 @@ class DynamicBatcher:
         except Exception as exc:  # the model's own failure: answer every request, keep serving
             log_event("inference_error", device=str(engine.device), samples=n, error=repr(exc))
             for job in batch:
-                job.done(ServeError(INTERNAL, f"inference failed on {engine.device}: {exc}"))
+                _answer(job, ServeError(INTERNAL, f"inference failed on {engine.device}: {exc}"))
             return
         offset = 0
         for job in batch:
@@ -204,4 +209,13 @@ class DynamicBatcher:
                 log_event("encode_error", samples=job.size, error=repr(exc))
                 result = ServeError(INTERNAL, f"encoding knowledge failed: {exc}")
             self._metrics.latency.observe(time.monotonic() - job.enqueued)
-            job.done(result)
+            _answer(job, result)
+
+
+def _answer(job: Job, result: pa.RecordBatch | ServeError) -> None:
+    """Deliver a result; a transport's failing callback must not kill the engine's worker
+    (that device would never serve again) nor keep the batch's other requests unanswered."""
+    try:
+        job.done(result)
+    except Exception as exc:
+        log_event("reply_error", samples=job.size, error=repr(exc))

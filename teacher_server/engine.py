@@ -164,9 +164,15 @@ class TeacherEngine:
         out = self.model(batch.to(self.device, non_blocking=True))
         result = {}
         for o in self.config.outputs:
-            result[o.name] = (
-                _select_output(out, o.source) if o.is_model_output else self._captured[o.name]
-            )
+            if o.is_model_output:
+                result[o.name] = _select_output(out, o.source)
+            elif o.name in self._captured:
+                result[o.name] = self._captured[o.name]
+            else:
+                raise ValueError(
+                    f"--output {o.name}={o.source}: submodule {o.source!r} did not run in the "
+                    f"model's forward; pick a module on the forward path"
+                )
         return result
 
     def _probe(self) -> KnowledgeSchema:

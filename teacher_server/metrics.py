@@ -69,7 +69,13 @@ class ServerMetrics:
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose the metrics at http://host:port/metrics; returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ValueError(
+                f"--metrics-port {port}: cannot bind {host}:{port} ({exc}); is the port in use? "
+                f"pick another or 0 for any free port"
+            ) from exc
         return int(self._http.server_port)
 
     def close_http(self) -> None:

@@ -152,9 +152,11 @@ class TeacherServer:
             # Replies of the last batches may still sit in transport queues: give them a
             # moment to leave before connections close.
             flush = max(0.5, min(2.0, grace - (time.monotonic() - started)))
+            # The batcher first: requests it still holds get their UNAVAILABLE replies while
+            # the transports can still send them.
+            self.batcher.close()
             for t in self.transports:
                 t.stop(flush)
-            self.batcher.close()
             self.metrics.close_http()
             self._stopped.set()
             log_event("stopped", drained=drained, seconds=round(time.monotonic() - started, 3))

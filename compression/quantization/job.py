@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -39,6 +39,15 @@ class TeacherModel(Distillation):
 
 class QuantizeJobConfig(JobConfig):
     """Everything `lyceum quantize CONFIG.yaml` needs; unknown keys are rejected."""
+
+    @model_validator(mode="after")
+    def _teacher_needs_qat(self) -> QuantizeJobConfig:
+        if self.teacher is not None and not isinstance(self.scheme, QAT):
+            raise ValueError(
+                "teacher: distillation needs training; use scheme.kind 'qat' or drop 'teacher' "
+                "(PTQ only calibrates)"
+            )
+        return self
 
     scheme: Annotated[QAT | PTQ, Field(discriminator="kind")] = Field(
         description="QAT(...) or PTQ(...) scheme, selected by its 'kind' key ('qat' or 'ptq')."
@@ -110,8 +119,23 @@ def quantize_job(
             "quantize_job: pass teacher and distill_loss exactly when the config has a "
             "'teacher' section (the CLI builds both)"
         )
+    threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    try:
+        return _run(config, model, train_data, test_data, teacher, distill_loss)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(
+    config: QuantizeJobConfig,
+    model: nn.Module,
+    train_data: Dataset,
+    test_data: Dataset,
+    teacher: nn.Module | None,
+    distill_loss: DistillLoss | None,
+) -> QuantReport:
     if config.float_epochs:
         _train_float(model, train_data, config)
     model.eval()

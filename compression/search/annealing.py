@@ -174,7 +174,8 @@ class SAController:
             if delta >= 0:
                 accepted = True
             else:
-                scale = self._spread if self._n_deltas else abs(delta)
+                # Ties (delta 0) keep the spread at 0: fall back to this move's own size.
+                scale = self._spread or abs(delta)
                 accepted = self._rng.random() < math.exp(delta / (self.temperature * scale))
             self._n_deltas += 1
             self._spread += (abs(delta) - self._spread) / self._n_deltas

@@ -88,6 +88,8 @@ class ZmqTransport:
         self._monitor = sock.get_monitor_socket(events=sum(_MONITOR_EVENTS))
         self._outbox: queue.SimpleQueue[list[object]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lyceum-zmq", daemon=True)
@@ -112,19 +114,29 @@ class ZmqTransport:
         self._stop.set()
         self._wake()
         self._thread.join(timeout=grace_s + 5)
+        if self._thread.is_alive():
+            # Still inside a send to a student that stopped reading: ZeroMQ sockets are not
+            # thread-safe, so leave the socket to the (daemon) thread and the process exit.
+            log_event("zmq_stop_timeout", grace_s=grace_s)
+            return
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            # A reply callback running after this (a worker the drain left behind) must not
+            # write to a closed, possibly reused, descriptor: _wake checks under the lock.
+            self._wake_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _wake(self) -> None:
         # One unread byte is enough to wake the loop; a full pipe means a wake-up is pending.
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+        with self._wake_lock, contextlib.suppress(BlockingIOError):
+            if not self._wake_closed:
+                os.write(self._wake_w, b"\0")
 
     def _loop(self) -> None:
         poller = zmq.Poller()

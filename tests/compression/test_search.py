@@ -184,3 +184,13 @@ def test_bad_config_values_are_rejected() -> None:
         SAConfig(reduce_rate=1.5)
     with pytest.raises(ValueError, match="extra"):
         SAConfig.model_validate({"temperature": 3})
+
+
+def test_tied_rewards_then_a_worse_one_do_not_divide_by_zero() -> None:
+    # Accuracies often tie: every earlier delta 0 leaves the running spread at 0.
+    controller = SAController(_Space(), SAConfig(seed=0))
+    for reward in (0.5, 0.5, 0.5):
+        controller.update(controller.propose(), reward)
+    accepted = controller.update(controller.propose(), 0.4)
+    assert isinstance(accepted, bool)
+    assert controller.history[-1]["reward"] == 0.4

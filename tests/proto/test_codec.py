@@ -297,3 +297,14 @@ def test_encode_accepts_nested_jagged_input():
     batch = decode(encode(schema, [0, 1], {"seq": njt}), schema)
     for got, want in zip(batch.tensors["seq"].unbind(), pieces, strict=True):
         assert torch.equal(got, want)
+
+
+def test_decode_forged_sequence_offsets_refused():
+    schema = KnowledgeSchema(fields=(dense("seq", "float32", (None, 2)),))
+    data = encode(schema, [1, 2], {"seq": [torch.zeros(3, 2), torch.zeros(1, 2)]}).to_pybytes()
+    valid = np.array([0, 3, 4], np.int64).tobytes()
+    assert data.count(valid) == 1
+    # Arrow's reader does not check offsets against the values: the codec must.
+    forged = data.replace(valid, np.array([0, 3, 1_000_000], np.int64).tobytes())
+    with pytest.raises(ValueError, match="sequence offsets"):
+        decode(forged)

@@ -128,3 +128,19 @@ def test_bad_outputs_are_named(images):
         TeacherEngine(teacher_cnn(width=8), EngineConfig(topk=11), images[0])
     with pytest.raises(ValueError, match="device 'gpu0'"):
         EngineConfig(device="gpu0")
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.spare = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_output_of_a_module_off_the_forward_path_is_named():
+    config = EngineConfig(outputs=_outputs("logits=@output", "h=spare"))
+    with pytest.raises(ValueError, match=r"'spare' did not run in the model's forward"):
+        TeacherEngine(_Unused(), config, torch.zeros(4))
