@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lyceum.proto.specs import Spec, parse_spec
+from lyceum.student_client._strategies import STRATEGIES
 
 __all__ = [
     "DatasetConfig",
@@ -47,7 +48,7 @@ __all__ = [
     "validate_config",
 ]
 
-_STRATEGY_NAMES = ("mean", "sum", "max", "first", "stack", "logsumexp")
+_STRATEGY_NAMES = tuple(sorted(STRATEGIES))
 
 
 def _check_spec(value: str) -> str:

@@ -47,7 +47,6 @@ from lyceum.proto.manifest import (
     dataset_fingerprint,
     fsync_directory,
     shard_file_name,
-    state_dict_sha256,
 )
 from lyceum.teacher_server.engine import TeacherEngine
 
@@ -361,18 +360,17 @@ def dump_knowledge(
     dataset: torch.utils.data.Dataset,
     out_dir: str | Path,
     config: DumpConfig,
-    model_identity: ModelIdentity | Mapping[str, str],
+    model_identity: ModelIdentity,
 ) -> Manifest:
     """Dump the engine's knowledge for every sample of `dataset` into `out_dir`; resumable.
 
-    Sample id i is `dataset[i]`, whose input is `dataset[i][0]`. `model_identity` is a
-    `ModelIdentity` (see `lyceum.proto.manifest.model_identity`) or a mapping with a `spec`,
-    optionally `checkpoint_sha256`, and free-form labels; the weights are then hashed from
-    `engine.model`. Returns the final manifest.
+    Sample id i is `dataset[i]`, whose input is `dataset[i][0]`. `model_identity` names the
+    teacher (`lyceum.proto.manifest.model_identity(spec, model, checkpoint_sha256)`); a
+    resumed dump must have the same one. Returns the final manifest.
     """
     fresh = Manifest(
         knowledge_schema=engine.schema,
-        model=_identity(engine, model_identity),
+        model=model_identity,
         dataset=dataset_fingerprint(dataset),
         shard_rows=config.shard_rows,
     )
@@ -384,25 +382,6 @@ def dump_knowledge(
         return writer.close()
     finally:
         writer.abort()
-
-
-def _identity(engine: TeacherEngine, given: ModelIdentity | Mapping[str, str]) -> ModelIdentity:
-    if isinstance(given, ModelIdentity):
-        return given
-    labels = dict(given)
-    spec = labels.pop("spec", "")
-    if not spec:
-        raise ValueError(
-            f"model_identity {dict(given)!r}: needs a 'spec' naming the teacher, e.g. "
-            f"{{'spec': 'lyceum.deploy.examples:teacher_cnn'}}"
-        )
-    checkpoint = labels.pop("checkpoint_sha256", None)
-    return ModelIdentity(
-        spec=spec,
-        checkpoint_sha256=checkpoint,
-        weights_sha256=state_dict_sha256(engine.model),
-        labels=labels,
-    )
 
 
 def _run_pipeline(

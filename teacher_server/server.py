@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lyceum.proto.codec import TORCH_DTYPES
 from lyceum.teacher_server.batcher import DynamicBatcher
 from lyceum.teacher_server.config import ServerConfig
 from lyceum.teacher_server.engine import TeacherEngine
@@ -32,7 +33,6 @@ from lyceum.teacher_server.transport.grpc import GrpcTransport
 from lyceum.teacher_server.transport.zmq import ZmqTransport
 
 _MIN_MESSAGE_LIMIT = 64 << 20
-_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1}
 
 
 def message_limit(engine: TeacherEngine, max_batch: int) -> int:
@@ -47,7 +47,8 @@ def message_limit(engine: TeacherEngine, max_batch: int) -> int:
         if spec.variable:
             continue
         size = math.prod(d for d in spec.stored_shape if d is not None)
-        knowledge += size * _ITEM_BYTES[spec.dtype] + (4 * size if len(spec.columns) == 2 else 0)
+        index_bytes = TORCH_DTYPES["int32"].itemsize * size if len(spec.columns) == 2 else 0
+        knowledge += size * TORCH_DTYPES[spec.dtype].itemsize + index_bytes
     return max(_MIN_MESSAGE_LIMIT, 2 * max_batch * max(per_sample, knowledge) + (1 << 20))
 
 

@@ -265,15 +265,3 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     ids = np.random.default_rng(0).permutation(whole.dataset.length)
     with OfflineKnowledge(killed) as a, OfflineKnowledge(tmp_path / "whole") as b:
         assert torch.equal(a.get(ids).tensors["logits"], b.get(ids).tensors["logits"])
-
-
-def test_mapping_identity_hashes_the_engine_weights(
-    tmp_path: Path, cnn_engine: TeacherEngine
-) -> None:
-    given = {"spec": "lyceum.deploy.examples:teacher_cnn", "trained": "demo"}
-    manifest = dump_knowledge(cnn_engine, digits("test"), tmp_path, QUIET, given)
-    assert manifest.model == model_identity(
-        "lyceum.deploy.examples:teacher_cnn", cnn_engine.model
-    ).model_copy(update={"labels": {"trained": "demo"}})
-    with pytest.raises(ValueError, match="needs a 'spec'"):
-        dump_knowledge(cnn_engine, digits("test"), tmp_path / "x", QUIET, {"trained": "demo"})
