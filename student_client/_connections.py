@@ -12,7 +12,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -98,10 +98,17 @@ class Connection(Protocol):
 class GrpcConnection:
     """One channel and one `Distill` stream (opened on the first request)."""
 
-    def __init__(self, target: str, credentials: Credentials, tls: bool) -> None:
+    def __init__(
+        self,
+        target: str,
+        credentials: Credentials,
+        tls: bool,
+        extra_options: Sequence[tuple[str, int | str]] = (),
+    ) -> None:
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", _UNLIMITED),
             ("grpc.max_receive_message_length", _UNLIMITED),
+            *extra_options,
         ]
         if credentials.tls_server_name:
             options.append(("grpc.ssl_target_name_override", credentials.tls_server_name))

@@ -29,8 +29,6 @@ import torch
 from lyceum.proto.codec import KnowledgeBatch, decode, encode
 from lyceum.proto.schema import KnowledgeSchema
 from lyceum.student_client._connections import (
-    DESCRIBE_METHOD,
-    DISTILL_METHOD,
     Connection,
     Credentials,
     GrpcConnection,
@@ -38,7 +36,6 @@ from lyceum.student_client._connections import (
 )
 from lyceum.student_client._positions import jagged_offsets
 from lyceum.student_client.online import TeacherInfo, connect
-from lyceum.v1 import knowledge_pb2 as pb
 
 __all__ = ["OnlineTeacher", "TeacherUnavailableError", "concat_batches"]
 
@@ -84,34 +81,15 @@ class _RoundRobinGrpc(GrpcConnection):
     name and spreads streams over them with gRPC's `round_robin` policy (a Kubernetes headless
     Service of teacher replicas)."""
 
-    def __init__(self, target: str, credentials: Credentials) -> None:
-        super().__init__(target, credentials, tls=credentials.tls_ca is not None)
-        # GrpcConnection builds its channel with fixed options; rebuild it with the policy
-        # (the first channel never connected: channels connect on first use).
-        self._channel.close()
-        options = [
-            ("grpc.lb_policy_name", "round_robin"),
-            ("grpc.max_send_message_length", 2**31 - 1),
-            ("grpc.max_receive_message_length", 2**31 - 1),
-        ]
-        if credentials.tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(
-                credentials.tls_ca, credentials.tls_key, credentials.tls_cert
-            )
-            self._channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._describe = self._channel.unary_unary(
-            DESCRIBE_METHOD,
-            request_serializer=pb.DescribeRequest.SerializeToString,
-            response_deserializer=pb.DescribeReply.FromString,
+    def __init__(self, target: str, credentials: Credentials, tls: bool) -> None:
+        super().__init__(
+            target, credentials, tls=tls, extra_options=[("grpc.lb_policy_name", "round_robin")]
         )
-        self._distill = self._channel.stream_stream(DISTILL_METHOD)
 
 
-def _open(endpoint: str, credentials: Credentials) -> Connection:
+def _open(endpoint: str, credentials: Credentials, tls: bool) -> Connection:
     if endpoint.startswith("dns:///"):
-        return _RoundRobinGrpc(endpoint, credentials)
+        return _RoundRobinGrpc(endpoint, credentials, tls)
     return connect(endpoint, credentials)
 
 
@@ -189,6 +167,8 @@ class OnlineTeacher:
             raise ValueError("OnlineTeacher: give token or token_file, not both")
         if token_file is not None:
             token = Path(token_file).read_bytes().strip()
+        # grpc:// endpoints become grpcs://; dns:/// names get a TLS channel in _open.
+        self._tls = tls or tls_ca is not None
         if tls:
             listed = [e.replace("grpc://", "grpcs://", 1) for e in listed]
         self.endpoints = listed
@@ -208,7 +188,7 @@ class OnlineTeacher:
             ),
         )
         for e in listed:  # fail on a bad URL now, not at the first request
-            _open(e, self.credentials).close()
+            _open(e, self.credentials, self._tls).close()
         self._replicas = [_Replica(e) for e in listed]
         self._info: TeacherInfo | None = None
         self._wire_ids = itertools.count(1)
@@ -244,7 +224,7 @@ class OnlineTeacher:
     def _connect(self, replica: _Replica, timeout_s: float | None = None) -> bool:
         """Open (or reopen) a replica's connection and check it serves the same teacher."""
         try:
-            conn = replica.conn or _open(replica.endpoint, self.credentials)
+            conn = replica.conn or _open(replica.endpoint, self.credentials, self._tls)
             replica.conn = conn
             if replica.info is None:
                 reply = conn.describe(timeout_s or self.connect_timeout_s)
@@ -355,7 +335,7 @@ class OnlineTeacher:
     def _send(self, replica: _Replica, chunk: _Chunk, probe: bool = False) -> None:
         wire = next(self._wire_ids)
         if replica.conn is None:
-            replica.conn = _open(replica.endpoint, self.credentials)
+            replica.conn = _open(replica.endpoint, self.credentials, self._tls)
         info = self.describe()
         try:
             if chunk.inputs is None:

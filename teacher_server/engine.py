@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
@@ -119,7 +120,9 @@ class TeacherEngine:
     engine may be shared, but a server runs one engine per device for parallelism.
     """
 
-    def __init__(self, model: nn.Module, config: EngineConfig, example_input: torch.Tensor) -> None:
+    def __init__(
+        self, model: nn.Module, config: EngineConfig, example_input: torch.Tensor | np.ndarray
+    ) -> None:
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -128,7 +131,8 @@ class TeacherEngine:
         self._lock = threading.Lock()
         self._captured: dict[str, torch.Tensor] = {}
         self._hooks = [self._add_hook(o) for o in config.outputs if not o.is_model_output]
-        self.example_input = example_input.detach().cpu()
+        # Datasets may return numpy arrays: tensors from here on (no copy where possible).
+        self.example_input = torch.as_tensor(example_input).detach().cpu()
         self.sequence_input = False
         self.input_schema = self._input_schema(self.example_input)
         self._per_token: set[str] = set()
@@ -227,14 +231,17 @@ class TeacherEngine:
             temperature=temperature,
         )
 
-    def collate(self, samples: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int] | None]:
+    def collate(
+        self, samples: Sequence[torch.Tensor | np.ndarray]
+    ) -> tuple[torch.Tensor, list[int] | None]:
         """Stack samples into one batch; sequences are right-padded (lengths returned)."""
+        tensors = [torch.as_tensor(s) for s in samples]
         if not self.sequence_input:
-            return torch.stack(list(samples)), None
-        lengths = [int(s.shape[0]) for s in samples]
+            return torch.stack(tensors), None
+        lengths = [int(t.shape[0]) for t in tensors]
         if min(lengths, default=1) < 1:
             raise ValueError("sequence inputs must have at least one element")
-        return nn.utils.rnn.pad_sequence(list(samples), batch_first=True), lengths
+        return nn.utils.rnn.pad_sequence(tensors, batch_first=True), lengths
 
     def infer(
         self, batch: torch.Tensor, lengths: Sequence[int] | None = None

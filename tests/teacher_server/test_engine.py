@@ -144,3 +144,11 @@ def test_output_of_a_module_off_the_forward_path_is_named():
     config = EngineConfig(outputs=_outputs("logits=@output", "h=spare"))
     with pytest.raises(ValueError, match=r"'spare' did not run in the model's forward"):
         TeacherEngine(_Unused(), config, torch.zeros(4))
+
+
+def test_numpy_samples_are_accepted(images):
+    torch.manual_seed(0)
+    model = teacher_cnn(width=8).eval()
+    engine = TeacherEngine(model, EngineConfig(), images[0].numpy())
+    batch, _ = engine.collate([x.numpy() for x in images])
+    assert torch.equal(engine.infer(batch)["logits"], engine.infer(images)["logits"])
