@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lyceum.compression.distillation import DistillLoss
+from lyceum.compression.distillation import DistillLoss, distilled_loss
 
 __all__ = ["DistillLoss", "evaluate_accuracy", "finetune"]
 
@@ -47,18 +47,19 @@ def finetune(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    if teacher is not None:
-        teacher.eval()
+    loss_fn = (
+        distilled_loss(teacher, distill_loss, alpha)
+        if teacher is not None and distill_loss is not None
+        else None
+    )
     model.train()
     for _ in range(epochs):
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            if teacher is not None and distill_loss is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-                loss = (1 - alpha) * loss + alpha * distill_loss(logits, teacher_logits)
+            loss = (
+                nn.functional.cross_entropy(logits, y) if loss_fn is None else loss_fn(logits, x, y)
+            )
             loss.backward()
             optimizer.step()
     return model.eval()

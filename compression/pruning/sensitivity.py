@@ -9,16 +9,14 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lyceum.compression._io import write_json_atomic
 from lyceum.compression.pruning._graph import ChannelGraph, Criterion, prune_by_ratios
 
 __all__ = ["SensitivityResult", "analyze_sensitivity", "plot_sensitivity"]
@@ -48,18 +46,6 @@ class SensitivityResult(BaseModel):
 
 def _key(ratio: float) -> str:
     return f"{ratio:.4g}"
-
-
-def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def analyze_sensitivity(
@@ -94,7 +80,7 @@ def analyze_sensitivity(
 
     def save() -> None:
         if file is not None:
-            _write_atomic(
+            write_json_atomic(
                 file,
                 {
                     "format_version": _VERSION,

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lyceum.compression._io import write_json_atomic
 from lyceum.compression.search.base import Objective, SearchSpace
 
 __all__ = ["InfeasibleSearchError", "SAConfig", "SAController", "SearchResult"]
@@ -72,20 +71,6 @@ class SearchResult(BaseModel):
     history: list[dict[str, Any]] = Field(
         description="One entry per evaluation: iteration, tokens, reward, accepted."
     )
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    # Write a sibling temp file and rename it over the target: a crash mid-write leaves the
-    # previous state intact instead of a truncated file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SAController:
@@ -188,7 +173,7 @@ class SAController:
         if self.best_reward is None or reward > self.best_reward:
             self.best_tokens, self.best_reward = list(tokens), reward
         if self.state_path is not None:
-            _write_json_atomic(self.state_path, self._state())
+            write_json_atomic(self.state_path, self._state())
         return accepted
 
     def search(self, objective: Objective) -> SearchResult:
