@@ -9,8 +9,11 @@ occupies time, not CPU, which is what a teacher on its own GPU or node does to t
 Rows (samples/s of the student: the median of interleaved epochs after a warm-up epoch):
   (a) no distillation: a torch DataLoader, cross-entropy only;
   (b) offline knowledge: DistillLoader over a dump of the same teacher;
-  (c) online: DistillLoader over 1, 2 and 4 teacher server processes (replicas, gRPC);
+  (c) online: DistillLoader over 1, 2 and 4 teacher server processes (replicas; gRPC, or
+      ZeroMQ with --transport zmq);
   (d) the teacher computed inside the training loop.
+Each (c) row alternates with (b) while its servers run; there, every measured epoch follows an
+unmeasured one of the same row (see `_Row.epoch`).
 """
 
 from __future__ import annotations
@@ -124,7 +127,13 @@ class _Row:
         self.rates.clear()
         self.waits.clear()
 
-    def epoch(self) -> None:
+    def epoch(self, lead_in: bool = False) -> None:
+        """One measured epoch; `lead_in` runs an unmeasured one right before it, so the
+        measured epoch starts as in real training: its first batches were requested while the
+        previous epoch ended (`DistillLoader` prefetches across epochs), not during another
+        row's epoch, which would hand the teachers free time."""
+        if lead_in:
+            _run(self.make_epoch(), self.model, self.optimizer)
         wait0 = self.loader.stats.wait_s if self.loader is not None else 0.0
         started = time.perf_counter()
         samples = _run(self.make_epoch(), self.model, self.optimizer)
@@ -148,6 +157,9 @@ def main() -> None:
     parser.add_argument("--times", type=int, default=8, help="digits repeated this many times")
     parser.add_argument("--epochs", type=int, default=5, help="measured epochs per row (median)")
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument(
+        "--transport", choices=("grpc", "zmq"), default="grpc", help="how (c) reaches the teachers"
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -268,19 +280,21 @@ def main() -> None:
                             env=env,
                             exit_after_s=600,
                             extra_args=["--max-delay-ms", "0"],
+                            grpc=args.transport == "grpc",
+                            zmq=args.transport == "zmq",
                         )
                     )
                     for _ in range(replicas)
                 ]
                 if args.pin:
                     os.sched_setaffinity(0, cores[:-1])
-                source = OnlineTeacher([s.endpoint("grpc") for s in servers], mode="index")
+                source = OnlineTeacher([s.endpoint(args.transport) for s in servers], mode="index")
                 loader = DistillLoader(data, {"t": source}, bs, shuffle=True, window=args.window)
                 online = _Row(distill_epoch(loader), args.hidden, loader)
                 offline.rates.clear()
                 for _ in range(args.epochs):
-                    offline.epoch()
-                    online.epoch()
+                    offline.epoch(lead_in=True)
+                    online.epoch(lead_in=True)
                 capacity = replicas * bs / delay_s
                 rows.append(
                     (
@@ -298,7 +312,8 @@ def main() -> None:
     print(
         f"student MLP 64-{args.hidden}-10, batch {bs}, digits train x{args.times} ({len(data)} samples), "
         f"median of {args.epochs} interleaved epochs after a warm-up; teacher = fixed sleep of {1000 * delay_s:.1f} ms "
-        f"per batch (simulated compute; {delay_s * 1000 / step_ms:.1f}x the student step)"
+        f"per batch (simulated compute; {delay_s * 1000 / step_ms:.1f}x the student step); "
+        f"online teachers over {args.transport}"
     )
     print(
         f"{'configuration':<28} {'samples/s':>10} {'vs (a)':>7} {'vs (b)':>7} "

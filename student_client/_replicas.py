@@ -33,6 +33,12 @@ from lyceum.student_client._connections import (
     Credentials,
     GrpcConnection,
     TeacherError,
+    wait_any,
+)
+from lyceum.student_client._credentials import (
+    check_credentials,
+    client_curve_keys,
+    server_curve_key,
 )
 from lyceum.student_client._positions import jagged_offsets
 from lyceum.student_client.online import TeacherInfo, connect
@@ -46,7 +52,13 @@ Mode = Literal["query", "index"]
 # schema trouble) would fail on every replica, so it is raised at once.
 _RETRYABLE = {1, 2, 4, 8, 10, 14}
 _BACKOFF_S = (0.05, 5.0)  # first and largest pause before a failed replica is tried again
-_POLL_SLICE_S = 0.001  # how long one replica is waited on while others may answer too
+# RESOURCE_EXHAUSTED: the replica is busy, not broken. Its connection and the chunks it is
+# working on are kept (reconnecting threw them away: a student whose window exceeded the
+# teacher's queue re-sent everything, was refused again and never got an answer); only the
+# refused chunk is asked again, after a pause that doubles while refusals go on.
+_BUSY = 8
+_BUSY_PAUSE_S = (0.005, 1.0)
+_WAIT_S = 0.05  # longest wait for replies before request timeouts are looked at again
 
 
 class TeacherUnavailableError(TeacherError):
@@ -114,6 +126,7 @@ class _Replica:
     failures: int = 0  # since its last answer; > 0: suspect, only probed (see _dispatch)
     probe_at: float | None = None  # when the probe now in flight was sent
     down_until: float = 0.0
+    busy_streak: int = 0  # RESOURCE_EXHAUSTED refusals since its last answer
     last_error: str = "not tried"
 
     @property
@@ -134,6 +147,15 @@ class OnlineTeacher:
     `ipc:///path` or `dns:///name:port` (every address behind the name, round-robin).
     `mode`: `query` sends the student's inputs, `index` only the ids (the teacher reads its
     own copy of the dataset). `tls=True` turns `grpc://` endpoints into TLS (`grpcs://`).
+
+    Credentials: a bearer `token` (or `token_file`) on both transports; for gRPC, `tls_ca`,
+    `tls_cert` + `tls_key` (mutual TLS) and `tls_server_name` (the name the certificate was
+    issued for, when it differs from the endpoint's host); for ZeroMQ, the teacher's CURVE
+    public key `curve_server_key` (or `curve_server_key_file`), and for a teacher with an
+    allow-list the student's own `curve_secret_key` (or `curve_secret_key_file`: a bare
+    z85 key or a zmq `.key_secret` certificate). Keys are 40-character z85 text. The
+    student's public key follows from its secret key; `curve_public_key` is only checked
+    against it. Without a secret key a fresh key pair is used per connection.
     """
 
     def __init__(
@@ -149,6 +171,10 @@ class OnlineTeacher:
         tls_key: str | Path | None = None,
         tls_server_name: str | None = None,
         curve_server_key: str | bytes | None = None,
+        curve_server_key_file: str | Path | None = None,
+        curve_public_key: str | bytes | None = None,
+        curve_secret_key: str | bytes | None = None,
+        curve_secret_key_file: str | Path | None = None,
         name: str | None = None,
         timeout_s: float = 60.0,
         request_timeout_s: float = 30.0,
@@ -163,8 +189,28 @@ class OnlineTeacher:
             raise ValueError(f"OnlineTeacher: endpoints {listed} name the same replica twice")
         if mode not in ("query", "index"):
             raise ValueError(f"OnlineTeacher: mode {mode!r}: expected 'query' or 'index'")
-        if token is not None and token_file is not None:
-            raise ValueError("OnlineTeacher: give token or token_file, not both")
+        try:
+            check_credentials(
+                listed,
+                token=token,
+                token_file=token_file,
+                tls=tls,
+                tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_server_name=tls_server_name,
+                curve_server_key=curve_server_key,
+                curve_server_key_file=curve_server_key_file,
+                curve_public_key=curve_public_key,
+                curve_secret_key=curve_secret_key,
+                curve_secret_key_file=curve_secret_key_file,
+            )
+            server_key = server_curve_key(curve_server_key, curve_server_key_file)
+            public_key, secret_key = client_curve_keys(
+                curve_public_key, curve_secret_key, curve_secret_key_file
+            )
+        except ValueError as exc:
+            raise ValueError(f"OnlineTeacher {listed}: {exc}") from None
         if token_file is not None:
             token = Path(token_file).read_bytes().strip()
         # grpc:// endpoints become grpcs://; dns:/// names get a TLS channel in _open.
@@ -183,9 +229,9 @@ class OnlineTeacher:
             tls_cert=Path(tls_cert).read_bytes() if tls_cert is not None else None,
             tls_key=Path(tls_key).read_bytes() if tls_key is not None else None,
             tls_server_name=tls_server_name,
-            curve_server_key=(
-                curve_server_key.encode() if isinstance(curve_server_key, str) else curve_server_key
-            ),
+            curve_server_key=server_key,
+            curve_public_key=public_key,
+            curve_secret_key=secret_key,
         )
         for e in listed:  # fail on a bad URL now, not at the first request
             _open(e, self.credentials, self._tls).close()
@@ -199,6 +245,7 @@ class OnlineTeacher:
         self._early: list[tuple[int, KnowledgeBatch]] = []  # finished while request() waited
         self.duplicates_dropped = 0
         self.failovers = 0
+        self.busy_refusals = 0  # chunks a replica refused with RESOURCE_EXHAUSTED, asked again
 
     # -- description ---------------------------------------------------------------------
 
@@ -378,6 +425,21 @@ class OnlineTeacher:
         self.failovers += len(requeue)
         self._queue[:0] = requeue
 
+    def _refused_busy(self, replica: _Replica, wire: int, chunk: _Chunk, message: str) -> None:
+        """Ask a chunk a busy replica refused again later (see `_BUSY`)."""
+        del replica.owed[wire]
+        replica.sent_at.pop(wire, None)
+        if replica.probe_at is not None and not replica.owed:
+            replica.probe_at = None
+        chunk.wire.discard(wire)
+        if not chunk.wire:  # not in flight elsewhere
+            self._queue.insert(0, chunk)
+        replica.busy_streak += 1
+        self.busy_refusals += 1
+        replica.last_error = f"busy: {message}"
+        pause = min(_BUSY_PAUSE_S[0] * 2 ** (replica.busy_streak - 1), _BUSY_PAUSE_S[1])
+        replica.down_until = max(replica.down_until, time.monotonic() + pause)
+
     def poll(self, timeout_s: float) -> list[tuple[int, KnowledgeBatch]]:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -403,18 +465,30 @@ class OnlineTeacher:
             r for r in self._replicas if (r.owed or r.probe_at is not None) and r.conn is not None
         ]
         finished: set[int] = set()
+        if busy:
+            # One wait on every busy replica at once, until a reply, the deadline, or the
+            # moment a backed-off replica may take the queued chunks.
+            wake = deadline
+            if self._queue:
+                wake = min(wake, min(r.down_until for r in self._replicas))
+            wait_any(
+                [r.conn for r in busy if r.conn is not None],
+                min(max(0.0, wake - time.monotonic()), _WAIT_S),
+            )
         for replica in busy:
-            slice_s = _POLL_SLICE_S if len(busy) > 1 or self._queue else 0.02
-            wait = max(0.0, min(slice_s, deadline - time.monotonic()))
             if replica.conn is None:  # failed earlier in this round
                 continue
             failure = ""
-            for reply in replica.conn.poll(wait):
+            for reply in replica.conn.poll(0.0):
                 if reply.knowledge is not None:
                     replica.failures, replica.probe_at = 0, None  # it answers: healthy again
+                    replica.busy_streak = 0
                 chunk = replica.owed.get(reply.request_id)
                 if chunk is None:
                     self.duplicates_dropped += 1  # a late answer to a chunk re-asked elsewhere
+                    continue
+                if reply.knowledge is None and reply.code == _BUSY:
+                    self._refused_busy(replica, reply.request_id, chunk, reply.message)
                     continue
                 if reply.knowledge is None:
                     if reply.code not in _RETRYABLE:

@@ -5,15 +5,17 @@ Import them from `lyceum.student_client.merger`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
 from lyceum.proto.schema import FieldSpec, TopK
+from lyceum.proto.specs import parse_spec
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -239,7 +241,13 @@ class CallableStrategy:
 def register_strategy(
     registry: dict[str, MergeStrategy], strategy: MergeStrategy
 ) -> dict[str, MergeStrategy]:
-    """Add `strategy` under its name; refuses a name that is already taken."""
+    """Add `strategy` under its name (to pass `registry` to `Merger`); refuses a name that
+    is already taken, or that holds a colon (which marks a `module:attribute` spec)."""
+    if ":" in strategy.name:
+        raise ValueError(
+            f"merge strategy name {strategy.name!r}: a name cannot hold ':', which marks a "
+            f"'module:attribute' spec; pick a plain name"
+        )
     if strategy.name in registry:
         raise ValueError(
             f"merge strategy {strategy.name!r} is already registered ({registry[strategy.name]!r}); "
@@ -262,13 +270,62 @@ STRATEGIES: Mapping[str, MergeStrategy] = _builtin_registry()
 StrategyLike = MergeStrategy | str | Callable[[list[Tensor]], Tensor]
 
 
+def is_strategy_spec(text: str) -> bool:
+    """True if `text` names code (`module:attribute`, maybe with `{json kwargs}`), not a
+    registry name (which never holds a colon)."""
+    return ":" in text.partition("{")[0]
+
+
+def strategy_from_spec(field: str, text: str) -> MergeStrategy:
+    """The strategy a `module:attribute{json kwargs}` spec names, so a YAML config can use
+    code of the user's own (YAML stays data: the spec is imported, never evaluated).
+
+    The attribute may be a `MergeStrategy` class (built with the kwargs), a `MergeStrategy`
+    instance, or a function `(list[Tensor], **kwargs) -> Tensor` (called with the kwargs).
+    """
+    try:
+        spec = parse_spec(text)
+        target = spec.resolve()
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"field {field!r}: merge strategy {message}") from None
+    except ValueError as exc:
+        raise ValueError(f"field {field!r}: merge strategy {exc}") from None
+    if isinstance(target, type):
+        try:
+            built = target(**spec.kwargs)
+        except TypeError as exc:
+            raise ValueError(
+                f"field {field!r}: merge strategy {spec}: building it failed: {exc}"
+            ) from None
+        if not isinstance(built, MergeStrategy):
+            raise ValueError(
+                f"field {field!r}: merge strategy {spec}: {target.__name__} is not a "
+                f"MergeStrategy (it needs `name`, `merged_spec` and `__call__`); name a "
+                f"MergeStrategy class or a function (list[Tensor]) -> Tensor"
+            )
+        return built
+    if isinstance(target, MergeStrategy):
+        if spec.kwargs:
+            raise ValueError(
+                f"field {field!r}: merge strategy {spec} names an instance, which takes no "
+                f"keyword arguments; drop them or name its class"
+            )
+        return target
+    fn = functools.partial(target, **spec.kwargs) if spec.kwargs else target
+    return CallableStrategy(fn, name=str(spec))
+
+
 def resolve_strategy(
     field: str, strategy: StrategyLike, registry: Mapping[str, MergeStrategy] = STRATEGIES
 ) -> MergeStrategy:
-    """A strategy object from a name in `registry`, a strategy, or a plain callable."""
+    """A strategy object from a name in `registry`, a `module:attribute` spec, a strategy,
+    or a plain callable."""
     if isinstance(strategy, str):
         if strategy in registry:
             return registry[strategy]
+        if is_strategy_spec(strategy):
+            return strategy_from_spec(field, strategy)
         if strategy == "weighted":
             raise ValueError(
                 f"field {field!r}: 'weighted' needs its weights; pass "
@@ -276,7 +333,8 @@ def resolve_strategy(
             )
         raise ValueError(
             f"field {field!r}: unknown merge strategy {strategy!r}; known: {sorted(registry)}, "
-            f"Weighted(weights=...), or any callable (list[Tensor]) -> Tensor"
+            f"a 'module:attribute' spec of your own strategy, Weighted(weights=...), or any "
+            f"callable (list[Tensor]) -> Tensor"
         )
     if isinstance(strategy, MergeStrategy):
         return strategy

@@ -13,6 +13,14 @@ processes), so the student only waits when the teachers are slower than its step
 `stats.wait_s` says how long it did. `knowledge` holds the merged fields keyed by
 column, plus `sample_id` (the ids of the batch, int64), which the merger joined on.
 
+Across epochs: when this epoch's last batches are requested, the first batches of the next
+epoch are requested too (its order is known: `seed + epoch`, or the sampler's `set_epoch`), so
+the student does not wait one teacher forward pass at the start of every epoch. The next pass
+takes those requests over if it starts with the same batches (after `set_epoch` or
+`load_state_dict` it may not: then they are dropped). Only when every teacher answers by ids
+(`index` mode, offline dumps): a `query` teacher needs inputs, which are loaded in order.
+`prefetch_next_epoch=False` turns it off (e.g. so the last epoch does not ask for more).
+
 Resuming: `state_dict()` is `{epoch, seed, position}` (position = batches already yielded in
 this epoch); after `load_state_dict`, the next pass yields the remaining batches of that
 epoch, with the same order, not the epoch from its start. The order must be reproducible: the
@@ -28,6 +36,7 @@ import itertools
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,13 +85,17 @@ class _InFlight:
     labels: Any
 
 
-def _pin(value: Any) -> Any:
-    return value.pin_memory() if isinstance(value, torch.Tensor) else value
-
-
-def _move(value: Any, device: torch.device, non_blocking: bool) -> Any:
+def _apply(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`fn` on every tensor of a batch: a tensor, or dicts, lists and tuples of them (what
+    `default_collate` makes of a dataset whose inputs are several tensors)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=non_blocking)
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: _apply(v, fn) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_apply(v, fn) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(_apply(v, fn) for v in value)
     return value
 
 
@@ -93,8 +106,10 @@ class DistillLoader:
     (default: each field passes through, which refuses fields sent by several teachers).
     `shuffle`/`seed` or `sampler` choose the order; `window` is how many batches ahead the
     knowledge is requested. `num_workers`, `collate_fn` and `pin_memory` are the DataLoader's,
-    for the student's own data; `pin_memory` also pins the knowledge, and `device` moves
-    inputs, labels and knowledge there (non-blocking when pinned).
+    for the student's own data (workers load it in other processes; the teachers are only
+    ever asked from this one); `pin_memory` also pins the knowledge (skipped, with a warning,
+    without an accelerator), and `device` moves inputs, labels and knowledge there, tensors
+    nested in dicts, lists and tuples included (non-blocking when pinned).
     """
 
     def __init__(
@@ -113,6 +128,7 @@ class DistillLoader:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         pin_memory: bool = False,
         device: str | torch.device | None = None,
+        prefetch_next_epoch: bool = True,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -134,6 +150,15 @@ class DistillLoader:
         self.drop_last = drop_last
         self.num_workers = num_workers
         self.collate_fn = collate_fn or default_collate
+        if pin_memory and not torch.accelerator.is_available():
+            # As DataLoader does: pinned memory only exists for an accelerator, so a config
+            # written for a GPU machine still runs on a CPU one, unpinned.
+            warnings.warn(
+                "DistillLoader: pin_memory=True but no accelerator is available, so batches "
+                "are not pinned; pass pin_memory=False on a CPU-only machine",
+                stacklevel=2,
+            )
+            pin_memory = False
         self.pin_memory = pin_memory
         self.device = torch.device(device) if device is not None else None
         self.merger = merger or Merger({})
@@ -145,6 +170,13 @@ class DistillLoader:
         self.position = 0
         self.stats = LoaderStats()
         self._request_ids = itertools.count()
+        self.prefetch_next_epoch = prefetch_next_epoch and not any(
+            source.needs_inputs for source in self.teachers.values()
+        )
+        # Requests for the next pass's first batches (request id, sample ids), in order, and
+        # knowledge that arrived for requests still wanted; both outlive one pass.
+        self._prefetched: collections.deque[tuple[int, list[int]]] = collections.deque()
+        self._results: dict[str, dict[int, KnowledgeBatch]] = {name: {} for name in self.teachers}
 
     # -- order and resumption ------------------------------------------------------------
 
@@ -172,21 +204,21 @@ class DistillLoader:
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
-    def _order(self) -> list[int]:
+    def _order(self, epoch: int) -> list[int]:
         if self.sampler is not None:
             set_epoch = getattr(self.sampler, "set_epoch", None)
             if callable(set_epoch):
-                set_epoch(self.epoch)
+                set_epoch(epoch)
             return [int(i) for i in self.sampler]
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             return torch.randperm(n, generator=g).tolist()
         return list(range(n))
 
-    def batches(self) -> list[list[int]]:
-        """The sample ids of every batch of the current epoch, in order."""
-        order = self._order()
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        """The sample ids of every batch of an epoch (default: the current one), in order."""
+        order = self._order(self.epoch if epoch is None else epoch)
         out = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.drop_last and out and len(out[-1]) < self.batch_size:
             out.pop()
@@ -253,7 +285,12 @@ class DistillLoader:
             # The DataLoader yields batches in `remaining`'s order, so ids come from there.
             batch_ids = iter(remaining)
             inflight: collections.deque[_InFlight] = collections.deque()
-            results: dict[str, dict[int, KnowledgeBatch]] = {name: {} for name in self.teachers}
+            results = self._results
+            wanted = {rid for rid, _ids in self._prefetched}
+            for arrived in results.values():  # left by a pass that stopped early
+                for rid in [r for r in arrived if r not in wanted]:
+                    del arrived[rid]
+            upcoming: list[list[int]] | None = None  # the next epoch's batches, once needed
             exhausted = False
             while not stop.is_set():
                 while not exhausted and len(inflight) <= self.window:
@@ -262,13 +299,25 @@ class DistillLoader:
                     except StopIteration:
                         exhausted = True
                         break
-                    ids = torch.tensor(next(batch_ids), dtype=torch.int64)
-                    inflight.append(self._submit(ids, inputs, labels))
+                    listed = next(batch_ids)
+                    ids = torch.tensor(listed, dtype=torch.int64)
+                    taken = self._take_prefetched(listed)
+                    if taken is None:
+                        inflight.append(self._submit(ids, inputs, labels))
+                    else:
+                        inflight.append(_InFlight(taken, ids, inputs, labels))
+                if exhausted and self.prefetch_next_epoch:
+                    if upcoming is None:
+                        upcoming = self.batches(self.epoch + 1)
+                    self._prefetch(
+                        upcoming, self.window + 1 - len(inflight) - len(self._prefetched)
+                    )
                 if not inflight:
                     ready.put(None)
                     return
                 head = inflight.popleft()
-                knowledge = self._wait(head, results, {b.request_id for b in inflight}, stop)
+                pending = {b.request_id for b in inflight} | {r for r, _ in self._prefetched}
+                knowledge = self._wait(head, results, pending, stop)
                 if knowledge is None:
                     return
                 item = _Ready(self._deliver(head.inputs, head.labels, knowledge), len(head.ids))
@@ -278,6 +327,25 @@ class DistillLoader:
                         break
         except BaseException as exc:  # handed to the consumer, raised there
             ready.put(exc)
+
+    def _take_prefetched(self, ids: list[int]) -> int | None:
+        """The request id already asking for batch `ids` (prefetched by the previous pass),
+        or None. Prefetched requests that are not this pass's next batches are dropped."""
+        if self._prefetched and self._prefetched[0][1] == ids:
+            return self._prefetched.popleft()[0]
+        while self._prefetched:  # another epoch or position than predicted: let them go
+            rid, _ids = self._prefetched.popleft()
+            for results in self._results.values():
+                results.pop(rid, None)
+        return None
+
+    def _prefetch(self, upcoming: list[list[int]], room: int) -> None:
+        """Ask for the next epoch's first batches, up to `room` more requests in flight."""
+        while room > 0 and len(self._prefetched) < len(upcoming):
+            listed = upcoming[len(self._prefetched)]
+            ids = torch.tensor(listed, dtype=torch.int64)
+            self._prefetched.append((self._submit(ids, None, None).request_id, listed))
+            room -= 1
 
     def _submit(self, ids: torch.Tensor, inputs: Any, labels: Any) -> _InFlight:
         rid = next(self._request_ids)
@@ -323,16 +391,17 @@ class DistillLoader:
     def _deliver(
         self, inputs: Any, labels: Any, knowledge: dict[str, torch.Tensor]
     ) -> tuple[Any, Any, dict[str, torch.Tensor]]:
-        if self.pin_memory:
-            knowledge = {k: _pin(v) for k, v in knowledge.items()}
-        if self.device is None:
+        if self.pin_memory:  # inputs and labels were pinned by the DataLoader
+            knowledge = _apply(knowledge, torch.Tensor.pin_memory)
+        device = self.device
+        if device is None:
             return inputs, labels, knowledge
-        nb = self.pin_memory
-        return (
-            _move(inputs, self.device, nb),
-            _move(labels, self.device, nb),
-            {k: _move(v, self.device, nb) for k, v in knowledge.items()},
-        )
+        nb = self.pin_memory  # a copy from pageable memory would block anyway
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=nb)
+
+        return _apply(inputs, move), _apply(labels, move), _apply(knowledge, move)
 
 
 def _named(name: str, exc: TeacherError) -> TeacherError:

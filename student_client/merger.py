@@ -3,7 +3,8 @@
 Teachers answer in their own row order (replicas, batching, retries), so rows are joined by
 `sample_id`, never by arrival: `merge(ids, batches)` returns every field in the order of
 `ids`, the student's order. How a field shared by several teachers is combined is its
-strategy (`mean`, `sum`, `Weighted`, `max`, `first`, `stack`, `logsumexp`, or a callable);
+strategy (`mean`, `sum`, `Weighted`, `max`, `first`, `stack`, `logsumexp`, a callable, or a
+`module:attribute` spec naming the user's own);
 `check(schemas)` validates the teachers against the strategies once, at start, so a bad
 combination fails before training with a message naming the teachers.
 
@@ -210,19 +211,25 @@ def _check_result(
 class Merger:
     """Join teachers by sample id and combine each field with its strategy.
 
-    `strategies`: our field name -> strategy (a name from `STRATEGIES`, a `MergeStrategy`
-    such as `Weighted(weights={...})`, or a callable `(list[Tensor]) -> Tensor`).
+    `strategies`: our field name -> strategy: a name from `registry`, a `module:attribute`
+    spec of the user's own strategy (a `MergeStrategy` class or instance, or a function),
+    a `MergeStrategy` such as `Weighted(weights={...})`, or a callable
+    `(list[Tensor]) -> Tensor`.
     `renames`: teacher name -> {their field name: our field name}, applied before merging
     (e.g. two teachers calling their logits `out` and `logits`).
+    `registry`: the strategies known by name; `STRATEGIES`, or a copy with strategies of
+    the user's own added by `register_strategy(registry, strategy)`.
     """
 
     def __init__(
         self,
         strategies: Mapping[str, StrategyLike],
         renames: Mapping[str, Mapping[str, str]] | None = None,
+        *,
+        registry: Mapping[str, MergeStrategy] = STRATEGIES,
     ) -> None:
         self.strategies: dict[str, MergeStrategy] = {
-            name: resolve_strategy(name, s) for name, s in strategies.items()
+            name: resolve_strategy(name, s, registry) for name, s in strategies.items()
         }
         self.renames = {t: dict(r) for t, r in (renames or {}).items()}
         self._merged: MergedSchema | None = None

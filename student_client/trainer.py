@@ -120,6 +120,10 @@ def _source(
         tls_ca=teacher.tls_ca,
         tls_cert=teacher.tls_cert,
         tls_key=teacher.tls_key,
+        tls_server_name=teacher.tls_server_name,
+        curve_server_key=teacher.curve_server_key,
+        curve_server_key_file=teacher.curve_server_key_file,
+        curve_secret_key_file=teacher.curve_secret_key_file,
         name=name,
         timeout_s=teacher.timeout_s,
         request_timeout_s=teacher.request_timeout_s,
@@ -127,11 +131,14 @@ def _source(
 
 
 def _merger(config: TrainConfig) -> Merger:
-    # Any: a strategy is a name or a MergeStrategy object (the merger resolves both).
+    # Any: a strategy is a name, a spec or a MergeStrategy object (the merger resolves all).
     strategies: dict[str, Any] = {
         f: Weighted(weights=s) if isinstance(s, dict) else s for f, s in config.merge.items()
     }
-    return Merger(strategies, renames=config.renames)
+    try:
+        return Merger(strategies, renames=config.renames)
+    except ValueError as exc:  # e.g. a spec that does not import: say which key
+        raise ValueError(f"config key 'merge': {exc}") from None
 
 
 def _term(term: LossTermConfig, merged: MergedSchema) -> DistillTerm:
@@ -300,6 +307,7 @@ def _run(
         if env.enabled
         else None
     )
+    merger = _merger(config)  # before the sources: a bad strategy spec fails at once
     sources = build_sources(config, train_set)
     try:
         loader = DistillLoader(
@@ -310,7 +318,7 @@ def _run(
             sampler=sampler,
             seed=config.seed,
             window=config.window,
-            merger=_merger(config),
+            merger=merger,
             num_workers=config.num_workers,
             pin_memory=env.device.type == "cuda",
             device=env.device,

@@ -11,7 +11,9 @@
     teachers:
       cnn: {endpoints: ["grpc://10.0.0.5:50051", "grpc://10.0.0.6:50051"], mode: index}
       dump: {dir: /data/knowledge/cnn}
-    merge: {logits: mean}
+      secure: {endpoints: ["zmq://10.0.0.7:5555"], curve_server_key_file: keys/teacher.key,
+               curve_secret_key_file: keys/student.key_secret}
+    merge: {logits: mean}     # or "my_package.merging:geometric_mean", code of your own
     losses:
       task_weight: 1.0
       terms: [{name: kd, kind: soft_label, field: logits, weight: 1.0, temperature: 4.0}]
@@ -34,7 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lyceum.proto.specs import Spec, parse_spec
-from lyceum.student_client._strategies import STRATEGIES
+from lyceum.student_client._credentials import check_credentials
+from lyceum.student_client._strategies import STRATEGIES, is_strategy_spec
 
 __all__ = [
     "DatasetConfig",
@@ -108,7 +111,28 @@ class TeacherConfig(BaseModel):
     tls_ca: Path | None = Field(default=None, description="CA certificate (PEM) of the teacher.")
     tls_cert: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
     tls_key: Path | None = Field(default=None, description="Client key (mutual TLS).")
+    tls_server_name: str | None = Field(
+        default=None,
+        description="gRPC: the name the teacher's certificate was issued for, when it differs "
+        "from the endpoint's host (e.g. an IP address).",
+    )
     token_file: Path | None = Field(default=None, description="File holding the bearer token.")
+    curve_server_key: str | None = Field(
+        default=None,
+        description="ZeroMQ: the teacher's CURVE public key, 40 z85 characters (quote it in "
+        "YAML); or give curve_server_key_file.",
+    )
+    curve_server_key_file: Path | None = Field(
+        default=None,
+        description="ZeroMQ: file with the teacher's CURVE public key (bare z85 or a zmq "
+        "certificate).",
+    )
+    curve_secret_key_file: Path | None = Field(
+        default=None,
+        description="ZeroMQ: the student's CURVE secret key (bare z85 or a zmq .key_secret "
+        "certificate), for a teacher with an allow-list; its public key follows from it. A "
+        "file only: secrets stay out of the YAML.",
+    )
     timeout_s: float = Field(
         default=60.0, gt=0, description="Fail if no replica answers for this long."
     )
@@ -122,8 +146,28 @@ class TeacherConfig(BaseModel):
             raise ValueError(
                 "give exactly one of 'endpoints' (an online teacher) or 'dir' (an offline dump)"
             )
-        if self.endpoints is not None and not self.endpoints:
+        if self.dir is not None:
+            online = sorted(self.model_fields_set - {"dir"})
+            if online:
+                raise ValueError(
+                    f"{online} are for online teachers (endpoints); a teacher read from 'dir' "
+                    f"takes no other key"
+                )
+            return self
+        if not self.endpoints:
             raise ValueError("'endpoints' is empty: list at least one, e.g. grpc://host:50051")
+        check_credentials(
+            self.endpoints,
+            token_file=self.token_file,
+            tls=self.tls,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_server_name=self.tls_server_name,
+            curve_server_key=self.curve_server_key,
+            curve_server_key_file=self.curve_server_key_file,
+            curve_secret_key_file=self.curve_secret_key_file,
+        )
         return self
 
 
@@ -188,8 +232,10 @@ class TrainConfig(BaseModel):
     )
     merge: dict[str, str | dict[str, float]] = Field(
         default_factory=dict,
-        description=f"Field -> strategy ({', '.join(_STRATEGY_NAMES)}) or {{teacher: weight}} "
-        f"for a weighted mean. Needed for every field several teachers send.",
+        description=f"Field -> strategy ({', '.join(_STRATEGY_NAMES)}), {{teacher: weight}} "
+        f"for a weighted mean, or a 'module:attribute' spec of your own strategy (a "
+        f"MergeStrategy class or a function (list[Tensor]) -> Tensor; JSON kwargs may follow "
+        f"in braces). Needed for every field several teachers send.",
     )
     renames: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Teacher -> {their field: our field}, before merging."
@@ -217,11 +263,18 @@ class TrainConfig(BaseModel):
     @classmethod
     def _check_merge(cls, merge: dict[str, str | dict[str, float]]) -> dict[str, Any]:
         for name, strategy in merge.items():
-            if isinstance(strategy, str) and strategy not in _STRATEGY_NAMES:
+            if not isinstance(strategy, str) or strategy in _STRATEGY_NAMES:
+                continue
+            if not is_strategy_spec(strategy):
                 raise ValueError(
                     f"field {name!r}: unknown strategy {strategy!r}; expected one of "
-                    f"{list(_STRATEGY_NAMES)} or a mapping of teacher weights"
+                    f"{list(_STRATEGY_NAMES)}, a mapping of teacher weights, or a "
+                    f"'module:attribute' spec of your own strategy"
                 )
+            try:
+                _check_spec(strategy)
+            except ValueError as exc:
+                raise ValueError(f"field {name!r}: strategy {strategy!r}: {exc}") from None
         return merge
 
     @field_validator("device")

@@ -3,8 +3,18 @@
 One queue, bounded in samples, feeds one worker thread per engine (one engine per device).
 A worker takes the oldest request, then keeps taking requests until the batch holds
 `max_batch` samples or the oldest request has waited `max_delay`; it runs the engine once,
-splits the knowledge back per request as Arrow record batches (views of the engine's output). Requests are never
-split across batches, so one request's rows come from one forward pass.
+splits the knowledge back per request as Arrow record batches (views of the engine's output).
+Requests are never split across batches, so one request's rows come from one forward pass.
+
+A transport thread may also run a batch itself (`run_ready`): when the server has one engine,
+it is idle and the queued requests need not wait for company (`max_delay` 0, a full batch,
+or the oldest request's deadline passed). On a busy server this is most batches: the
+requests that queued while the engine ran form the next batch. Why: handing every request
+to a worker thread and every reply back cost 4-12 thread switches per message (futex wake,
+GIL hand-over, cold cache), measured at 0.4-0.6 ms of CPU per message, several times the
+Python work itself (bench/transport.md). An engine is claimed by one thread at a time.
+With several engines (devices) the transport threads only queue: a thread busy running one
+device's batch would not receive the requests that keep the other devices busy.
 
 Why a bounded queue in samples (not requests): memory and latency grow with samples; a full
 queue refuses new work at once (RESOURCE_EXHAUSTED) so students back off instead of the
@@ -73,7 +83,14 @@ class DynamicBatcher:
         self._queue: deque[Job] = deque()
         self._queued = 0
         self._running = 0
-        self._cond = threading.Condition()
+        # Engines not running a batch; a worker or a transport thread claims one to run it.
+        self._idle: list[TeacherEngine] = list(self.engines)
+        # One lock, two conditions: workers wait for work, `drain` for an empty server. Waking
+        # a thread that finds nothing to do costs a context switch per batch (measured), so
+        # each is woken only when its condition may have become true.
+        self._lock = threading.Lock()
+        self._has_work = threading.Condition(self._lock)
+        self._settled = threading.Condition(self._lock)
         self._accepting = True
         self._stopping = False
         self._workers = [
@@ -88,57 +105,99 @@ class DynamicBatcher:
     @property
     def in_flight(self) -> int:
         """Samples queued or running."""
-        with self._cond:
+        with self._lock:
             return self._queued + self._running
 
-    def submit(self, job: Job) -> None:
-        """Queue a request; raises `ServeError` (RESOURCE_EXHAUSTED, UNAVAILABLE) if refused."""
+    def submit(self, job: Job, *, defer: bool = False) -> None:
+        """Queue a request; raises `ServeError` (RESOURCE_EXHAUSTED, UNAVAILABLE) if refused.
+
+        `defer=True` does not wake a worker: the caller promises to call `run_ready` next
+        (after queueing whatever else it received), which runs the batch on its own thread or
+        wakes a worker.
+        """
         if job.size > self.max_batch:
             # Transports check this first; kept here so the batcher's own contract holds.
             raise ServeError(
                 RESOURCE_EXHAUSTED,
                 f"request of {job.size} samples exceeds the batch limit {self.max_batch}",
             )
-        with self._cond:
+        with self._lock:
             if not self._accepting:
                 raise ServeError(UNAVAILABLE, "the teacher is shutting down; use another replica")
-            if self._queued + job.size > self.max_queue_samples:
+            # An idle engine takes a batch at once: those samples are not waiting. (A
+            # transport thread queues all it received before it runs the first batch; without
+            # this it would refuse requests a busy worker-run server accepted.)
+            waiting = self._queued - self.max_batch * len(self._idle)
+            if waiting + job.size > self.max_queue_samples:
                 raise ServeError(
                     RESOURCE_EXHAUSTED,
-                    f"the teacher's queue is full ({self._queued} of {self.max_queue_samples} "
-                    f"samples waiting); retry later or keep fewer requests in flight",
+                    f"the teacher's queue is full ({max(waiting, 0)} of "
+                    f"{self.max_queue_samples} samples waiting); retry later or keep fewer "
+                    f"requests in flight",
                 )
             self._queue.append(job)
             self._queued += job.size
             self._metrics.queue_samples.set(self._queued)
-            self._cond.notify()
+            if not defer:
+                self._has_work.notify_all()
+
+    def run_ready(self, *, again: bool = False) -> bool:
+        """Run one batch of queued requests on the calling thread if the one engine is idle and
+        the batch need not wait for more requests; otherwise leave the queue to the workers.
+        True if a batch ran here (its replies have been handed to their callbacks).
+
+        `again=True`: the caller calls `run_ready` again as soon as this returns True, so the
+        requests still queued are not handed to a worker meanwhile (that hand-off is what
+        running here saves).
+        """
+        with self._lock:
+            if not self._queue:
+                return False
+            if len(self.engines) > 1:  # see the module docstring
+                self._has_work.notify_all()
+                return False
+            ready = (
+                self.max_delay_s == 0
+                or self._queued >= self.max_batch
+                or time.monotonic() >= self._queue[0].enqueued + self.max_delay_s
+            )
+            if not (ready and self._idle) or self._stopping:
+                # A worker waits out the delay; a busy engine's release wakes one.
+                if self._idle:
+                    self._has_work.notify_all()
+                return False
+            engine = self._idle.pop()
+            batch = self._take()
+        self._run_claimed(engine, batch, wake=not again)
+        return True
 
     def stop_accepting(self) -> None:
-        with self._cond:
+        with self._lock:
             self._accepting = False
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or running; True if drained within the timeout."""
         deadline = time.monotonic() + timeout_s
-        with self._cond:
+        with self._lock:
             while self._queued or self._running:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self._settled.wait(remaining)
         return True
 
     def close(self, join_timeout_s: float = 5.0) -> None:
         """Stop the workers; requests still queued are answered UNAVAILABLE. A worker stuck in
         a forward pass (a hung device) is left behind after `join_timeout_s`: the workers are
         daemon threads, so the process can still exit."""
-        with self._cond:
+        with self._lock:
             self._accepting = False
             self._stopping = True
             left = list(self._queue)
             self._queue.clear()
             self._queued = 0
-            self._cond.notify_all()
+            self._has_work.notify_all()
+            self._settled.notify_all()
         for job in left:
             _answer(job, ServeError(UNAVAILABLE, "the teacher stopped before running this request"))
         deadline = time.monotonic() + join_timeout_s
@@ -147,42 +206,56 @@ class DynamicBatcher:
             if w.is_alive():
                 log_event("worker_stuck", thread=w.name, join_timeout_s=join_timeout_s)
 
-    def _next_batch(self) -> list[Job] | None:
-        with self._cond:
-            while not self._queue:
+    def _take(self) -> list[Job]:
+        """Pop the oldest requests that fit one batch; they count as running until answered.
+        Call with the lock held and the queue non-empty."""
+        first = self._queue.popleft()
+        batch, n = [first], first.size
+        while self._queue and n + self._queue[0].size <= self.max_batch:
+            job = self._queue.popleft()
+            batch.append(job)
+            n += job.size
+        self._queued -= n
+        self._running += n
+        self._metrics.queue_samples.set(self._queued)
+        return batch
+
+    def _next_batch(self, engine: TeacherEngine) -> list[Job] | None:
+        with self._lock:
+            while True:
                 if self._stopping:
                     return None
-                self._cond.wait()
-            first = self._queue.popleft()
-            batch, n = [first], first.size
-            deadline = first.enqueued + self.max_delay_s
-            while n < self.max_batch and not self._stopping:
-                if self._queue:
-                    if n + self._queue[0].size > self.max_batch:
-                        break
-                    job = self._queue.popleft()
-                    batch.append(job)
-                    n += job.size
+                if not (self._queue and engine in self._idle):
+                    self._has_work.wait()
                     continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            # Requests taken by this worker are counted as running until answered.
-            self._queued -= sum(j.size for j in batch)
-            self._running += n
-            self._metrics.queue_samples.set(self._queued)
-            return batch
+                # Wait for company up to the oldest request's deadline unless the queue
+                # already fills a batch. The engine stays idle meanwhile, so a transport
+                # thread may run these requests first: every wake-up looks again.
+                remaining = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
+                if self._queued >= self.max_batch or remaining <= 0:
+                    self._idle.remove(engine)
+                    return self._take()
+                self._has_work.wait(remaining)
 
     def _work(self, engine: TeacherEngine) -> None:
-        while (batch := self._next_batch()) is not None:
-            n = sum(j.size for j in batch)
-            try:
-                self._run(engine, batch)
-            finally:
-                with self._cond:
-                    self._running -= n
-                    self._cond.notify_all()
+        while (batch := self._next_batch(engine)) is not None:
+            self._run_claimed(engine, batch)
+
+    def _run_claimed(self, engine: TeacherEngine, batch: list[Job], wake: bool = True) -> None:
+        """Run a batch on an engine this thread claimed; then give the engine back. `wake`:
+        let a worker take what queued meanwhile (not needed if this thread comes back for it;
+        `drain` waiters are woken once nothing is left)."""
+        n = sum(j.size for j in batch)
+        try:
+            self._run(engine, batch)
+        finally:
+            with self._lock:
+                self._running -= n
+                self._idle.append(engine)
+                if self._queue and wake:
+                    self._has_work.notify_all()
+                if not (self._queued or self._running):
+                    self._settled.notify_all()
 
     def _run(self, engine: TeacherEngine, batch: list[Job]) -> None:
         n = sum(j.size for j in batch)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lyceum.compression._train import cross_entropy, train_epochs
 from lyceum.compression.distillation import DistillLoss, distilled_loss
 
 __all__ = ["DistillLoss", "evaluate_accuracy", "finetune"]
@@ -44,25 +45,15 @@ def finetune(
         )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"finetune: alpha must be in [0, 1], got {alpha}")
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = (
         distilled_loss(teacher, distill_loss, alpha)
         if teacher is not None and distill_loss is not None
-        else None
+        else cross_entropy
     )
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = (
-                nn.functional.cross_entropy(logits, y) if loss_fn is None else loss_fn(logits, x, y)
-            )
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    train_epochs(
+        model, dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn
+    )
+    return model
 
 
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:

@@ -14,8 +14,9 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from lyceum.compression._train import train_epochs
 from lyceum.compression.distillation import Distillation, DistillLoss, distilled_loss
 from lyceum.compression.job_config import JobConfig
 
@@ -83,23 +84,6 @@ class QuantizeJobConfig(JobConfig):
     )
 
 
-def _train_float(model: nn.Module, data: Dataset, config: QuantizeJobConfig) -> None:
-    loader = DataLoader(
-        data,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.float_lr)
-    model.train()
-    for _ in range(config.float_epochs):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    model.eval()
-
-
 def quantize_job(
     config: QuantizeJobConfig,
     *,
@@ -136,8 +120,15 @@ def _run(
     teacher: nn.Module | None,
     distill_loss: DistillLoss | None,
 ) -> QuantReport:
-    if config.float_epochs:
-        _train_float(model, train_data, config)
+    if config.float_epochs:  # a model without a checkpoint: train it in float first
+        train_epochs(
+            model,
+            train_data,
+            epochs=config.float_epochs,
+            lr=config.float_lr,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
     model.eval()
     n = min(config.batch_size, len(train_data))  # type: ignore[arg-type]
     example = torch.stack([train_data[i][0] for i in range(n)])

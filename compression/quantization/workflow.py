@@ -20,18 +20,11 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader, Dataset
 
+from lyceum.compression._train import LossFn, cross_entropy, train_epochs
+
 from .api import as_tuple, calibrate, convert, quantize, quantized_layers
 from .config import PTQ, QAT
 from .export import compile_int8, load_int8, save_program
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""`loss_fn(outputs, inputs, labels) -> scalar`; a distillation loss can run its teacher on `inputs`."""
-
-
-def _cross_entropy(
-    outputs: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs, labels)
 
 
 class QuantReport(BaseModel):
@@ -113,18 +106,15 @@ def train_qat(
     """Train a QAT-prepared model with Adam; `loss_fn(outputs, inputs, labels)` defaults to CE."""
     if epochs <= 0:
         raise ValueError(f"train_qat: epochs must be positive, got {epochs}")
-    loss_fn = loss_fn or _cross_entropy
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    train_epochs(
+        prepared,
+        dataset,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        loss_fn=loss_fn or cross_entropy,
     )
-    optimizer = torch.optim.Adam(prepared.parameters(), lr=lr)
-    prepared.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(prepared(x), x, y).backward()
-            optimizer.step()
-    prepared.eval()  # torchao's replacement returns None
     return prepared
 
 

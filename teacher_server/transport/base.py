@@ -100,10 +100,13 @@ class TeacherService:
         mode: str,
         payload: memoryview | np.ndarray,
         done: Done,
+        *,
+        defer: bool = False,
     ) -> None:
         """Decode (query) or load (index) a request and queue it; raises `ServeError` if refused.
 
         `payload` is Arrow IPC bytes in query mode and an array of sample ids in index mode.
+        `defer=True`: the caller calls `run_ready()` after queueing (see `DynamicBatcher`).
         """
         self.metrics.requests.labels(transport, mode).inc()
         if self.draining:
@@ -119,7 +122,11 @@ class TeacherService:
                 samples.inc(len(ids))
             done(result)  # type: ignore[arg-type]
 
-        self.batcher.submit(Job(ids=ids, inputs=inputs, done=finished))
+        self.batcher.submit(Job(ids=ids, inputs=inputs, done=finished), defer=defer)
+
+    def run_ready(self, *, again: bool = False) -> bool:
+        """Run a batch of queued requests on the calling (transport) thread if one is ready."""
+        return self.batcher.run_ready(again=again)
 
     def record_error(self, transport: str, error: ServeError, peer: str, request_id: int) -> None:
         self.metrics.errors.labels(transport, error.code_name).inc()

@@ -6,6 +6,9 @@ from the received buffer and a reply is its knowledge with a few header bytes in
 copy instead of the 4+ that `bytes` fields cost. Each stream has a reader thread that submits
 requests as they arrive, while the handler thread yields replies as the batcher finishes them,
 so one stream keeps many requests in flight and replies come back in completion order.
+Batches run on the batcher's workers: running them on the handler thread instead (as the
+ZeroMQ transport does on its socket thread) was slower here, 0.7-0.8x at 64 KB and 16 MiB
+(bench/transport.md): the handler then encodes and sends in turn instead of in parallel.
 """
 
 from __future__ import annotations

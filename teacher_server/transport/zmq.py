@@ -9,10 +9,14 @@ Reply frames, the request id echoed:
     [request id, b"knowledge", Arrow IPC]  |  [request id, b"describe", DescribeReply protobuf]
     [request id, b"error", code (ASCII decimal, the proto's ErrorCode = gRPC status), message]
 
-One thread owns the socket (ZeroMQ sockets are not thread-safe). Batcher workers hand replies
-back through a queue and wake the thread with a byte on a pipe the poller watches. Large
-frames are sent zero-copy (the Arrow buffer itself). ROUTER_MANDATORY makes a send to a peer
-at its high-water mark block (up to `send_timeout_ms`) or fail instead of silently dropping.
+One thread owns the socket (ZeroMQ sockets are not thread-safe). It receives every request
+that has arrived, queues them all, then runs the ready batch itself when an engine is idle
+(`DynamicBatcher.run_ready`) and sends those replies directly: on a busy server requests
+never change threads. Replies of batches that batcher workers ran (a request that waited for
+company, another device, a gRPC-run batch) come back through a queue and wake the thread
+with a byte on a pipe the poller watches. Large frames are sent zero-copy (the Arrow buffer
+itself). ROUTER_MANDATORY makes a send to a peer at its high-water mark block (up to
+`send_timeout_ms`) or fail instead of silently dropping.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import pyarrow as pa
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lyceum.proto import wire
+from lyceum.proto.codec import to_ipc
 from lyceum.teacher_server.batcher import Done
 from lyceum.teacher_server.errors import INVALID_ARGUMENT, ServeError
 from lyceum.teacher_server.metrics import log_event
@@ -143,8 +147,9 @@ class ZmqTransport:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        timeout: int | None = None
         while True:
-            ready = dict(poller.poll())
+            ready = dict(poller.poll(timeout))
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
             self._flush()
@@ -159,6 +164,9 @@ class ZmqTransport:
                     except zmq.Again:
                         break
                     self._handle(frames)
+            # After a batch ran here, look for what arrived meanwhile without blocking: it
+            # forms the next batch.
+            timeout = 0 if self._service.run_ready(again=True) else None
 
     def _log_connections(self) -> None:
         while True:
@@ -226,7 +234,7 @@ class ZmqTransport:
                     f"unknown request kind {kind[:32]!r}; expected b'query', b'index' or b'describe'",
                 )
             self._service.submit(
-                self.name, mode, self._payload(mode, payload), self._replier(peer, rid)
+                self.name, mode, self._payload(mode, payload), self._replier(peer, rid), defer=True
             )
         except ServeError as exc:
             self._service.record_error(self.name, exc, peer_name, int.from_bytes(rid[:8], "little"))
@@ -257,8 +265,11 @@ class ZmqTransport:
                     result.message.encode(),
                 ]
             else:
-                frames = [peer, rid, KIND_KNOWLEDGE, wire.encode_ipc(result)]
-            self._outbox.put(frames)
-            self._wake()
+                frames = [peer, rid, KIND_KNOWLEDGE, to_ipc(result)]
+            if threading.get_ident() == self._thread.ident:
+                self._send(frames)  # a batch this thread ran: no hand-off needed
+            else:
+                self._outbox.put(frames)
+                self._wake()
 
         return done

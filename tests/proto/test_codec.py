@@ -308,3 +308,40 @@ def test_decode_forged_sequence_offsets_refused():
     forged = data.replace(valid, np.array([0, 3, 1_000_000], np.int64).tobytes())
     with pytest.raises(ValueError, match="sequence offsets"):
         decode(forged)
+
+
+def test_to_ipc_is_pyarrows_own_stream_at_both_sizes():
+    schema = KnowledgeSchema(fields=(dense("logits", "float32", (1000,)),))
+    for rows in (16, 300):  # 64 KB joins the cached pieces; 1.2 MB is written in one pass
+        batch = to_record_batch(schema, range(rows), {"logits": torch.randn(rows, 1000)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        assert to_ipc(batch).to_pybytes() == sink.getvalue().to_pybytes()
+
+
+def test_decode_after_the_schema_is_known_still_refuses_bad_streams():
+    # The second message with a seen schema takes the cached path: it must refuse exactly
+    # what the full reader refuses, with the same messages.
+    schema = KnowledgeSchema(fields=(dense("logits", "float32", (5,)),))
+    first = to_record_batch(schema, [1, 2], {"logits": torch.randn(2, 5)})
+    decode(to_ipc(first), schema)
+    second = to_record_batch(schema, [3, 4], {"logits": torch.randn(2, 5)})
+    good = to_ipc(second).to_pybytes()
+    back = decode(good, schema)
+    assert back.sample_ids.tolist() == [3, 4]
+    assert torch.equal(back.tensors["logits"], torch.from_numpy(
+        second.column(1).flatten().to_numpy().reshape(2, 5)))  # fmt: skip
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, second.schema) as writer:
+        writer.write_batch(second)
+        writer.write_batch(first)
+    with pytest.raises(ValueError, match="exactly 1 record batch, got 2"):
+        decode(sink.getvalue(), schema)
+    with pytest.raises(ValueError, match="truncated or garbage"):
+        decode(good[: len(good) - 40], schema)
+    with pytest.raises(ValueError):
+        decode(good[:-8] + b"garbage!", schema)
+    other = KnowledgeSchema(fields=(dense("logits", "float32", (6,)),))
+    with pytest.raises(ValueError, match="schema mismatch"):
+        decode(good, other)

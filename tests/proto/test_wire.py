@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lyceum.proto import wire
+from lyceum.proto import codec, wire
 from lyceum.proto.codec import decode, to_ipc, to_record_batch
 from lyceum.proto.schema import KnowledgeSchema, dense
 from lyceum.v1 import knowledge_pb2 as pb
@@ -31,7 +31,6 @@ def test_batch_reply_matches_generated_classes_and_decodes(rid, rows):
     batch = to_record_batch(schema, range(rows), {"logits": x})
     reply = wire.encode_batch_reply(rid, batch)
     ipc = to_ipc(batch).to_pybytes()
-    assert wire.encode_ipc(batch).to_pybytes() == ipc
     assert reply == pb.DistillReply(request_id=rid, knowledge=ipc).SerializeToString()
     back = wire.decode_reply(reply)
     assert back.request_id == rid and back.error_code == 0
@@ -45,6 +44,18 @@ def test_index_request_round_trips(rid, ids):
     assert generated.request_id == rid and list(generated.ids.ids) == ids
     parsed = wire.decode_request(generated.SerializeToString())
     assert parsed.ids.tolist() == ids and parsed.ids.dtype == np.uint64
+
+
+def test_large_batch_reply_takes_the_exact_size_path_with_the_same_bytes():
+    schema = KnowledgeSchema(fields=(dense("logits", "float32", (1000,)),))
+    x = torch.randn(300, 1000)  # 1.2 MB: above JOIN_BELOW
+    batch = to_record_batch(schema, range(300), {"logits": x})
+    assert codec.ipc_size(batch) >= codec.JOIN_BELOW
+    reply = wire.encode_batch_reply(9, batch)
+    ipc = to_ipc(batch).to_pybytes()
+    assert len(ipc) == codec.ipc_size(batch)
+    assert reply == pb.DistillReply(request_id=9, knowledge=ipc).SerializeToString()
+    assert torch.equal(decode(wire.decode_reply(reply).knowledge, schema).tensors["logits"], x)
 
 
 def test_error_reply_and_unknown_fields():

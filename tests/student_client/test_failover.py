@@ -120,3 +120,23 @@ def test_single_replica_lost_raises_naming_endpoint(checkpoint: Path) -> None:
     message = str(err.value)
     assert "'cnn'" in message and endpoint in message and "within 3s" in message
     assert elapsed < 3 + 2, f"the error came after {elapsed:.1f}s, the timeout is 3s"
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "zmq"])
+def test_a_busy_teacher_is_asked_again_not_abandoned(
+    checkpoint: Path, reference: torch.Tensor, scheme: str
+) -> None:
+    """A window larger than the teacher's queue: refused chunks (RESOURCE_EXHAUSTED) are asked
+    again later on the same connection; nothing in flight is dropped or asked twice."""
+    data = digits("train")
+    extra = ["--max-batch", "32", "--max-queue-samples", "32"]
+    with _serve(checkpoint, grpc=scheme == "grpc", zmq=scheme == "zmq", extra_args=extra) as t:
+        source = OnlineTeacher(t.endpoint(scheme), mode="index", timeout_s=30)
+        loader = DistillLoader(data, {"t": source}, 32, shuffle=True, seed=2, window=8)
+        seen = _epoch(loader)
+        source.close()
+    assert source.busy_refusals > 0, "the queue never filled: nothing tested"
+    assert source.failovers == 0 and source.duplicates_dropped == 0
+    assert sorted(seen) == list(range(len(data)))
+    for i, row in seen.items():
+        torch.testing.assert_close(row, reference[i])

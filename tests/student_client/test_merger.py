@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
+from custom_strategies import Median
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
@@ -362,3 +363,61 @@ def test_registry_rejects_duplicate_names() -> None:
     assert sorted(registry) == ["first", "logsumexp", "max", "mean", "stack", "sum"]
     with pytest.raises(ValueError, match="merge strategy 'mean' is already registered"):
         register_strategy(registry, Mean())
+
+
+def test_registry_rejects_names_with_a_colon() -> None:
+    renamed = Mean()
+    renamed.name = "my:mean"
+    with pytest.raises(ValueError, match="cannot hold ':'"):
+        register_strategy(dict(STRATEGIES), renamed)
+
+
+def test_a_registry_of_the_users_own_feeds_the_merger() -> None:
+    with pytest.raises(ValueError, match="unknown merge strategy 'median'"):
+        three_teacher_merge("median")
+    registry = register_strategy(dict(STRATEGIES), Median())
+    merger = Merger({"logits": "median"}, registry=registry)
+    batches = {"a": logits_batch("a"), "b": logits_batch("b"), "c": logits_batch("c")}
+    assert merger.check({t: b.schema for t, b in batches.items()}).fields[0].strategy == "median"
+    out = merger.merge(STUDENT_IDS, batches)
+    torch.testing.assert_close(out["logits"], merged_by_hand(lambda xs: sorted(xs)[1]))
+    assert "median" not in STRATEGIES  # the built-in registry is left alone
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "combine"),
+    [
+        ("custom_strategies:Median", "median", lambda xs: sorted(xs)[1]),
+        ("custom_strategies:MEDIAN", "median", lambda xs: sorted(xs)[1]),
+        ("custom_strategies:scaled_sum", "custom_strategies:scaled_sum", sum),
+        (
+            'custom_strategies:scaled_sum{"scale": 0.5}',
+            'custom_strategies:scaled_sum{"scale": 0.5}',
+            lambda xs: 0.5 * sum(xs),
+        ),
+    ],
+    ids=["class", "instance", "function", "function-kwargs"],
+)
+def test_a_spec_names_a_strategy_of_the_users_own(spec: str, name: str, combine: object) -> None:
+    merger = Merger({"logits": spec})
+    assert merger.strategies["logits"].name == name
+    torch.testing.assert_close(
+        three_teacher_merge(spec)["logits"], merged_by_hand(combine), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("custom_strategies:nope", "module 'custom_strategies' has no attribute 'nope'"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("custom_strategies:", "expected 'package.module:callable'"),
+        ("custom_strategies:NotAStrategy", "NotAStrategy is not a MergeStrategy"),
+        ('custom_strategies:MEDIAN{"x": 1}', "names an instance, which takes no keyword"),
+        ('custom_strategies:Median{"x": 1}', "building it failed"),
+    ],
+)
+def test_bad_strategy_specs_are_named(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match="field 'logits': merge strategy") as err:
+        Merger({"logits": spec})
+    assert message in str(err.value)

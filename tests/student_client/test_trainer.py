@@ -54,6 +54,12 @@ def _config(dump_dir: Path, checkpoint_dir: Path, **extra: Any) -> dict[str, Any
         ({"teachers": {"t": {"dir": "/x", "endpoints": ["grpc://h:1"]}}}, "teachers.t", "'dir'"),
         ({"merge": {"logits": "median"}}, "merge", "'median'"),
         ({"model": "no_colon"}, "model", "'no_colon'"),
+        ({"merge": {"logits": "mine:"}}, "merge", "'mine:'"),
+        (
+            {"teachers": {"t": {"dir": "/x", "curve_server_key_file": "/k"}}},
+            "teachers.t",
+            "are for online teachers",
+        ),
     ],
 )
 def test_bad_config_names_the_key(
@@ -114,3 +120,22 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_continues(tmp_path: Path, dump
     # Model, optimizer and order were all restored: the same weights as without the stop.
     for name, value in uninterrupted.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value)
+
+
+def test_a_yaml_merge_spec_runs_the_users_strategy(tmp_path: Path, dump_dir: Path) -> None:
+    """`merge: {logits: module:function}` in the YAML: the trainer imports it and merges with
+    it (two teachers, so every batch goes through it)."""
+    import custom_strategies
+
+    raw = _config(dump_dir, tmp_path / "ckpt", epochs=1, batch_size=256)
+    raw["teachers"] = {"a": {"dir": str(dump_dir)}, "b": {"dir": str(dump_dir)}}
+    raw["merge"] = {"logits": "custom_strategies:counting_mean"}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    custom_strategies.CALLS.clear()
+    steps: list[int] = []
+    train(load_config(path), on_step=lambda s: steps.append(len(s.sample_ids)))
+    assert steps == custom_strategies.CALLS and sum(steps) == len(digits("train"))
+    raw["merge"] = {"logits": "custom_strategies:no_such_function"}
+    with pytest.raises(ValueError, match="config key 'merge': field 'logits': merge strategy"):
+        train(validate_config(raw))

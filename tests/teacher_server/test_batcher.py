@@ -137,3 +137,84 @@ def test_close_answers_queued_requests_unavailable():
         r.code if isinstance(r, ServeError) else "ok" for _, r in sorted(results.items.items())
     ]
     assert codes == ["ok", UNAVAILABLE, UNAVAILABLE]
+
+
+class Threaded(Recording):
+    """Records which thread ran each device batch."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s)
+        self.threads: list[int] = []
+
+    def infer(self, batch, lengths=None):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.get_ident())
+        return super().infer(batch, lengths)
+
+
+def test_run_ready_runs_deferred_requests_on_the_calling_thread():
+    engine = Threaded()
+    batcher = _batcher([engine], max_batch=8, delay_s=0.0)
+    results = Results()
+    assert not batcher.run_ready()  # nothing queued
+    jobs = [_job([3 * k, 3 * k + 1, 3 * k + 2], results.callback(k, 4)) for k in range(4)]
+    for job in jobs:
+        batcher.submit(job, defer=True)
+    # Deferred: no worker was woken, so the caller forms the batches (6, then 6) itself.
+    assert batcher.run_ready(again=True) and batcher.run_ready(again=True)
+    assert not batcher.run_ready(again=True)
+    assert results.event.is_set() and batcher.drain(1)
+    batcher.close()
+    assert engine.sizes == [6, 6]
+    assert engine.threads == [threading.get_ident()] * 2
+    for k in range(4):
+        assert from_record_batch(results.items[k]).sample_ids.tolist() == [
+            3 * k,
+            3 * k + 1,
+            3 * k + 2,
+        ]  # type: ignore[arg-type]
+
+
+def test_run_ready_leaves_a_batch_that_may_wait_to_a_worker():
+    engine = Threaded()
+    batcher = _batcher([engine], max_batch=4, delay_s=0.5)
+    results = Results()
+    batcher.submit(_job([0, 1], results.callback(0, 3)), defer=True)
+    # Half a batch, within its delay: a worker waits for company, the caller goes on.
+    assert not batcher.run_ready()
+    # A full batch need not wait: the caller runs it.
+    batcher.submit(_job([2, 3], results.callback(1, 3)), defer=True)
+    assert batcher.run_ready()
+    assert engine.sizes == [4] and engine.threads == [threading.get_ident()]
+    batcher.submit(_job([4], results.callback(2, 3)), defer=True)
+    assert not batcher.run_ready()
+    assert results.event.wait(5)
+    batcher.close()
+    assert engine.sizes == [4, 1] and engine.threads[1] != threading.get_ident()
+
+
+def test_run_ready_does_not_take_an_engine_a_worker_holds():
+    engine = Threaded(delay_s=0.3)
+    batcher = _batcher([engine], max_batch=2, delay_s=0.0)
+    results = Results()
+    batcher.submit(_job([0, 1], results.callback(0, 2)))  # a worker takes the engine
+    deadline = time.monotonic() + 5
+    while not engine.sizes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.submit(_job([2, 3], results.callback(1, 2)), defer=True)
+    assert not batcher.run_ready()  # busy: the worker runs it once the engine is free
+    assert results.event.wait(5)
+    batcher.close()
+    assert engine.sizes == [2, 2] and threading.get_ident() not in engine.threads
+
+
+def test_with_several_engines_run_ready_leaves_batches_to_the_workers():
+    engines = [Threaded(), Threaded()]
+    batcher = _batcher(engines, max_batch=2, delay_s=0.0)
+    results = Results()
+    for k in range(4):
+        batcher.submit(_job([2 * k, 2 * k + 1], results.callback(k, 4)), defer=True)
+    assert not batcher.run_ready(again=True)  # the caller keeps receiving; workers run these
+    assert results.event.wait(5)
+    batcher.close()
+    assert sum(len(e.sizes) for e in engines) == 4
+    assert threading.get_ident() not in engines[0].threads + engines[1].threads

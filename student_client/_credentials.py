@@ -1,0 +1,185 @@
+"""A student's credentials for online teachers: which options fit which endpoints, CURVE keys.
+
+`OnlineTeacher` (keyword arguments) and `TeacherConfig` (YAML keys of the same names) both
+call `check_credentials`, so a mistake gets the same message either way, naming the option
+and what it needs. Only the shape of the options is checked here; files are read when the
+teacher is built (`server_curve_key`, `client_curve_keys`), on the machine that trains.
+
+CURVE (ZeroMQ) needs the teacher's public key to connect at all; a teacher with an
+allow-list (`--zmq-curve-clients`) also needs the student's own key pair. The student's
+public key follows from its secret key (`zmq.curve_public`), so the secret alone is enough;
+a public key given as well must be that key's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+__all__ = [
+    "check_credentials",
+    "client_curve_keys",
+    "read_curve_key",
+    "server_curve_key",
+    "z85_key",
+]
+
+Z85_KEY_LEN = 40
+_Z85_ALPHABET = frozenset(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+)
+ZMQ_SCHEMES = ("zmq://", "ipc://")
+GRPC_SCHEMES = ("grpc://", "grpcs://", "unix://", "dns:///")
+_KEYGEN_HINT = "create keys with zmq.curve_keypair() or zmq.auth.create_certificates"
+
+
+def _given(options: dict[str, object]) -> list[str]:
+    return [name for name, value in options.items() if value is not None and value is not False]
+
+
+def check_credentials(
+    endpoints: Sequence[str],
+    *,
+    token: str | bytes | None = None,
+    token_file: str | Path | None = None,
+    tls: bool = False,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    tls_server_name: str | None = None,
+    curve_server_key: str | bytes | None = None,
+    curve_server_key_file: str | Path | None = None,
+    curve_public_key: str | bytes | None = None,
+    curve_secret_key: str | bytes | None = None,
+    curve_secret_key_file: str | Path | None = None,
+) -> None:
+    """Raise `ValueError` naming the option if the options cannot work together or with
+    `endpoints` (TLS needs a gRPC endpoint, CURVE a ZeroMQ one)."""
+    pairs: tuple[tuple[str, object, str, object], ...] = (
+        ("token", token, "token_file", token_file),
+        ("curve_server_key", curve_server_key, "curve_server_key_file", curve_server_key_file),
+        ("curve_secret_key", curve_secret_key, "curve_secret_key_file", curve_secret_key_file),
+    )
+    for inline, inline_value, from_file, file_value in pairs:
+        if inline_value is not None and file_value is not None:
+            raise ValueError(f"give {inline!r} or {from_file!r}, not both")
+    for name, key in (
+        ("curve_server_key", curve_server_key),
+        ("curve_public_key", curve_public_key),
+        ("curve_secret_key", curve_secret_key),
+    ):
+        if key is not None:
+            z85_key(key, name)
+    secret = curve_secret_key is not None or curve_secret_key_file is not None
+    if curve_public_key is not None and not secret:
+        raise ValueError(
+            "'curve_public_key' is half of the student's CURVE key pair: also give "
+            "'curve_secret_key' (or 'curve_secret_key_file'), from which the public key follows"
+        )
+    if secret and curve_server_key is None and curve_server_key_file is None:
+        raise ValueError(
+            "the student's CURVE keys need the teacher's public key: give 'curve_server_key' "
+            "(40-character z85) or 'curve_server_key_file' (the teacher's public key or "
+            "certificate)"
+        )
+    if tls_key is not None and tls_cert is None:
+        raise ValueError("'tls_key' is the key of a client certificate: also give 'tls_cert'")
+    if tls_cert is not None and tls_key is None:
+        raise ValueError("'tls_cert' (a client certificate) needs its private key: give 'tls_key'")
+    curve = _given(
+        {
+            "curve_server_key": curve_server_key,
+            "curve_server_key_file": curve_server_key_file,
+            "curve_public_key": curve_public_key,
+            "curve_secret_key": curve_secret_key,
+            "curve_secret_key_file": curve_secret_key_file,
+        }
+    )
+    if curve and not any(e.startswith(ZMQ_SCHEMES) for e in endpoints):
+        raise ValueError(
+            f"{curve} secure ZeroMQ (CURVE), but no endpoint is zmq://host:port or ipc:///path "
+            f"(endpoints: {list(endpoints)}); drop the CURVE options, or use TLS options for gRPC"
+        )
+    tls_options = _given(
+        {
+            "tls": tls,
+            "tls_ca": tls_ca,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_server_name": tls_server_name,
+        }
+    )
+    if tls_options and not any(e.startswith(GRPC_SCHEMES) for e in endpoints):
+        raise ValueError(
+            f"{tls_options} secure gRPC (TLS), but no endpoint is grpc://, grpcs://, unix:// or "
+            f"dns:/// (endpoints: {list(endpoints)}); for ZeroMQ use the curve_* options"
+        )
+
+
+def z85_key(key: str | bytes, option: str) -> bytes:
+    """`key` as bytes, if it is a 40-character z85 CURVE key; else a `ValueError` naming it."""
+    text = key.decode(errors="replace") if isinstance(key, bytes) else key
+    if len(text) != Z85_KEY_LEN or not set(text) <= _Z85_ALPHABET:
+        raise ValueError(
+            f"{option!r}: expected a 40-character z85 CURVE key, got {len(text)} characters"
+            f"{'' if len(text) != Z85_KEY_LEN else ' outside the z85 alphabet'}; {_KEYGEN_HINT} "
+            f"(in YAML, quote the key: z85 uses characters such as {{ & * # that YAML reads)"
+        )
+    return text.encode()
+
+
+def read_curve_key(path: str | Path, option: str, secret: bool) -> bytes:
+    """A z85 key from a bare key file or a zmq certificate (`zmq.auth` format): the secret
+    key if `secret`, else the public one."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{option!r}: cannot read CURVE key file {str(path)!r}: {exc}") from exc
+    if len(text) == Z85_KEY_LEN and "\n" not in text:
+        return z85_key(text, f"{option} ({path})")
+    try:
+        public, secret_key = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as exc:
+        raise ValueError(
+            f"{option!r}: {str(path)!r} is neither a 40-character z85 key nor a zmq certificate "
+            f"({exc}); {_KEYGEN_HINT}"
+        ) from exc
+    key = secret_key if secret else public
+    if key is None:
+        raise ValueError(
+            f"{option!r}: certificate {str(path)!r} holds no secret key; give the *.key_secret "
+            f"file that zmq.auth.create_certificates wrote"
+        )
+    return key
+
+
+def server_curve_key(key: str | bytes | None, key_file: str | Path | None) -> bytes | None:
+    """The teacher's CURVE public key, inline or from a file; None when not given."""
+    if key_file is not None:
+        return read_curve_key(key_file, "curve_server_key_file", secret=False)
+    return None if key is None else z85_key(key, "curve_server_key")
+
+
+def client_curve_keys(
+    public: str | bytes | None,
+    secret: str | bytes | None,
+    secret_file: str | Path | None,
+) -> tuple[bytes | None, bytes | None]:
+    """The student's CURVE (public, secret) keys, or (None, None) when not given; the public
+    key is derived from the secret one, and a public key given too must match it."""
+    if secret_file is not None:
+        secret_key = read_curve_key(secret_file, "curve_secret_key_file", secret=True)
+    elif secret is not None:
+        secret_key = z85_key(secret, "curve_secret_key")
+    else:
+        return None, None
+    derived = zmq.curve_public(secret_key)
+    if public is not None and z85_key(public, "curve_public_key") != derived:
+        raise ValueError(
+            "'curve_public_key' is not the public key of the given CURVE secret key (it is "
+            f"{derived.decode()}); give the matching pair, or leave 'curve_public_key' out"
+        )
+    return derived, secret_key
