@@ -114,3 +114,26 @@ def test_zmq_requires_token_and_allowed_curve_key(secure):
 
 def _requests(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("lyceum_teacher_requests_total"))
+
+
+def test_dns_name_with_tls_reaches_the_teacher_and_checks_its_certificate(secure):
+    """`dns:///localhost:PORT` (gRPC resolves the name, round_robin) with TLS: the channel
+    verifies the server certificate (issued for localhost) and presents the client's."""
+    from lyceum.student_client.sources import OnlineTeacher, TeacherUnavailableError
+
+    proc, certs = secure["proc"], secure["certs"]
+    port = proc.endpoint("grpcs").rsplit(":", 1)[1]
+    mtls = {"tls_cert": certs["client.pem"], "tls_key": certs["client.key"], "token": TOKEN}
+    with OnlineTeacher(
+        f"dns:///localhost:{port}", mode="index", tls=True, tls_ca=certs["ca.pem"], **mtls
+    ) as teacher:
+        assert teacher.request([3, 1]).sample_ids.tolist() == [3, 1]
+    # Without the CA the teacher's certificate cannot be verified: no connection.
+    with (
+        OnlineTeacher(
+            f"dns:///localhost:{port}", mode="index", tls=True, timeout_s=3, connect_timeout_s=1,
+            **mtls,
+        ) as untrusted,
+        pytest.raises(TeacherUnavailableError),
+    ):  # fmt: skip
+        untrusted.request([3])
