@@ -176,7 +176,9 @@ def encode_error_reply(request_id: int, code: int, message: str) -> bytes:
 
 @dataclass(frozen=True)
 class Reply:
-    """A parsed `DistillReply`: `knowledge` (a view of the received bytes) or an error."""
+    """One reply, on either transport (a parsed `DistillReply`, or ZeroMQ's reply frames):
+    `knowledge` (a view of the received bytes) or an error code (gRPC status number) and
+    its text."""
 
     request_id: int
     knowledge: memoryview | None = None

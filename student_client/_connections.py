@@ -24,6 +24,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from lyceum.proto import wire
+from lyceum.proto.wire import Reply
 from lyceum.v1 import knowledge_pb2 as pb
 
 DISTILL_METHOD = "/lyceum.v1.Teacher/Distill"
@@ -54,16 +55,6 @@ class TeacherError(Exception):
 
 
 @dataclass(frozen=True)
-class RawReply:
-    """One reply: knowledge bytes (a view of the received message) or an error code and text."""
-
-    request_id: int
-    knowledge: memoryview | None = None
-    code: int = 0
-    message: str = ""
-
-
-@dataclass(frozen=True)
 class Credentials:
     """How a student proves who it is and checks who the teacher is."""
 
@@ -90,7 +81,7 @@ class Connection(Protocol):
         """Send a query (Arrow IPC `inputs`) or index (`ids`) request without waiting."""
         ...
 
-    def poll(self, timeout_s: float) -> list[RawReply]:
+    def poll(self, timeout_s: float) -> list[Reply]:
         """Replies that arrived, waiting up to `timeout_s` for the first one."""
         ...
 
@@ -156,7 +147,7 @@ class GrpcConnection:
         # No (de)serializers: requests and replies are framed by lyceum.proto.wire.
         self._distill = self._channel.stream_stream(DISTILL_METHOD)
         self._outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._replies: queue.SimpleQueue[RawReply] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
         # A byte per reply, so `wait_any` can wait on this stream next to ZeroMQ sockets.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -194,11 +185,7 @@ class GrpcConnection:
                 reply = wire.decode_reply(raw)
                 with self._lock:
                     self._outstanding.discard(reply.request_id)
-                self._put(
-                    RawReply(
-                        reply.request_id, reply.knowledge, reply.error_code, reply.error_message
-                    )
-                )
+                self._put(reply)
         except grpc.RpcError as exc:
             failure = _rpc_error(exc)
         except wire.WireError as exc:
@@ -212,9 +199,9 @@ class GrpcConnection:
                     self._call = None
             outgoing.put(None)
             for rid in lost:
-                self._put(RawReply(rid, code=failure.code, message=failure.message))
+                self._put(Reply(rid, error_code=failure.code, error_message=failure.message))
 
-    def _put(self, reply: RawReply) -> None:
+    def _put(self, reply: Reply) -> None:
         self._replies.put(reply)
         # A full pipe already wakes the waiter.
         with self._lock, contextlib.suppress(BlockingIOError):
@@ -232,7 +219,7 @@ class GrpcConnection:
     def wait_handles(self) -> list[zmq.Socket[bytes] | int]:
         return [self._wake_r]
 
-    def poll(self, timeout_s: float) -> list[RawReply]:
+    def poll(self, timeout_s: float) -> list[Reply]:
         # Drained before the queue is read: a byte written after this stays for the next wait.
         with self._lock, contextlib.suppress(BlockingIOError):
             if not self._wake_closed:
@@ -284,7 +271,7 @@ class ZmqConnection:
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._outstanding: set[int] = set()
-        self._stash: list[RawReply] = []
+        self._stash: list[Reply] = []
         self._describes: dict[int, bytes] = {}
         self._describe_ids = itertools.count(1 << 63)
 
@@ -305,7 +292,7 @@ class ZmqConnection:
                 raise TeacherError(UNAVAILABLE, f"no Describe reply within {timeout_s}s")
             for reply in self._receive(remaining):
                 if reply.request_id == rid:
-                    raise TeacherError(reply.code, reply.message)
+                    raise TeacherError(reply.error_code, reply.error_message)
                 self._stash.append(reply)
         return pb.DescribeReply.FromString(self._describes.pop(rid))
 
@@ -320,19 +307,19 @@ class ZmqConnection:
     def wait_handles(self) -> list[zmq.Socket[bytes] | int]:
         return [self._sock, self._monitor]
 
-    def poll(self, timeout_s: float) -> list[RawReply]:
+    def poll(self, timeout_s: float) -> list[Reply]:
         if self._stash:
             out, self._stash = self._stash, []
             return out + self._receive(0)
         return self._receive(timeout_s)
 
-    def _receive(self, timeout_s: float) -> list[RawReply]:
-        out: list[RawReply] = []
+    def _receive(self, timeout_s: float) -> list[Reply]:
+        out: list[Reply] = []
         ready = dict(self._poller.poll(int(timeout_s * 1000)))
         if self._monitor in ready:
             code, message = self._handshake_failure(recv_monitor_message(self._monitor))
             lost, self._outstanding = self._outstanding, set()
-            out += [RawReply(rid, code=code, message=message) for rid in lost]
+            out += [Reply(rid, error_code=code, error_message=message) for rid in lost]
         while True:
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -344,13 +331,17 @@ class ZmqConnection:
             self._outstanding.discard(rid)
             kind = frames[1].bytes
             if kind == b"knowledge":
-                out.append(RawReply(rid, knowledge=frames[2].buffer))
+                out.append(Reply(rid, knowledge=frames[2].buffer))
             elif kind == b"describe":
                 self._describes[rid] = frames[2].bytes
             elif kind == b"error" and len(frames) == 4:
                 code = int(frames[2].bytes) if frames[2].bytes.isdigit() else 0
                 out.append(
-                    RawReply(rid, code=code, message=frames[3].bytes.decode(errors="replace"))
+                    Reply(
+                        rid,
+                        error_code=code,
+                        error_message=frames[3].bytes.decode(errors="replace"),
+                    )
                 )
 
     def _handshake_failure(self, event: Mapping[str, object]) -> tuple[int, str]:

@@ -1,9 +1,10 @@
 """A student's credentials for online teachers: which options fit which endpoints, CURVE keys.
 
-`OnlineTeacher` (keyword arguments) and `TeacherConfig` (YAML keys of the same names) both
-call `check_credentials`, so a mistake gets the same message either way, naming the option
-and what it needs. Only the shape of the options is checked here; files are read when the
-teacher is built (`server_curve_key`, `client_curve_keys`), on the machine that trains.
+`OnlineTeacher` and `EndpointClient` (keyword arguments) and `TeacherConfig` (YAML keys of
+the same names) all call `check_credentials`, so a mistake gets the same message either way,
+naming the option and what it needs. `TeacherConfig` only checks the shape of the options;
+the clients' `build_credentials` also reads the files, on the machine that trains (keys
+through `lyceum.proto.curve_keys`, the reader the teacher uses too).
 
 CURVE (ZeroMQ) needs the teacher's public key to connect at all; a teacher with an
 allow-list (`--zmq-curve-clients`) also needs the student's own key pair. The student's
@@ -17,23 +18,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import zmq
-import zmq.auth
+
+from lyceum.proto.curve_keys import read_curve_key, z85_key
+from lyceum.student_client._connections import Credentials
 
 __all__ = [
+    "build_credentials",
     "check_credentials",
     "client_curve_keys",
-    "read_curve_key",
     "server_curve_key",
-    "z85_key",
 ]
 
-Z85_KEY_LEN = 40
-_Z85_ALPHABET = frozenset(
-    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
-)
 ZMQ_SCHEMES = ("zmq://", "ipc://")
 GRPC_SCHEMES = ("grpc://", "grpcs://", "unix://", "dns:///")
-_KEYGEN_HINT = "create keys with zmq.curve_keypair() or zmq.auth.create_certificates"
 
 
 def _given(options: dict[str, object]) -> list[str]:
@@ -119,43 +116,6 @@ def check_credentials(
         )
 
 
-def z85_key(key: str | bytes, option: str) -> bytes:
-    """`key` as bytes, if it is a 40-character z85 CURVE key; else a `ValueError` naming it."""
-    text = key.decode(errors="replace") if isinstance(key, bytes) else key
-    if len(text) != Z85_KEY_LEN or not set(text) <= _Z85_ALPHABET:
-        raise ValueError(
-            f"{option!r}: expected a 40-character z85 CURVE key, got {len(text)} characters"
-            f"{'' if len(text) != Z85_KEY_LEN else ' outside the z85 alphabet'}; {_KEYGEN_HINT} "
-            f"(in YAML, quote the key: z85 uses characters such as {{ & * # that YAML reads)"
-        )
-    return text.encode()
-
-
-def read_curve_key(path: str | Path, option: str, secret: bool) -> bytes:
-    """A z85 key from a bare key file or a zmq certificate (`zmq.auth` format): the secret
-    key if `secret`, else the public one."""
-    try:
-        text = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"{option!r}: cannot read CURVE key file {str(path)!r}: {exc}") from exc
-    if len(text) == Z85_KEY_LEN and "\n" not in text:
-        return z85_key(text, f"{option} ({path})")
-    try:
-        public, secret_key = zmq.auth.load_certificate(str(path))
-    except (ValueError, OSError) as exc:
-        raise ValueError(
-            f"{option!r}: {str(path)!r} is neither a 40-character z85 key nor a zmq certificate "
-            f"({exc}); {_KEYGEN_HINT}"
-        ) from exc
-    key = secret_key if secret else public
-    if key is None:
-        raise ValueError(
-            f"{option!r}: certificate {str(path)!r} holds no secret key; give the *.key_secret "
-            f"file that zmq.auth.create_certificates wrote"
-        )
-    return key
-
-
 def server_curve_key(key: str | bytes | None, key_file: str | Path | None) -> bytes | None:
     """The teacher's CURVE public key, inline or from a file; None when not given."""
     if key_file is not None:
@@ -183,3 +143,53 @@ def client_curve_keys(
             f"{derived.decode()}); give the matching pair, or leave 'curve_public_key' out"
         )
     return derived, secret_key
+
+
+def build_credentials(
+    endpoints: Sequence[str],
+    *,
+    token: str | bytes | None = None,
+    token_file: str | Path | None = None,
+    tls: bool = False,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    tls_server_name: str | None = None,
+    curve_server_key: str | bytes | None = None,
+    curve_server_key_file: str | Path | None = None,
+    curve_public_key: str | bytes | None = None,
+    curve_secret_key: str | bytes | None = None,
+    curve_secret_key_file: str | Path | None = None,
+) -> Credentials:
+    """Check the options (`check_credentials`), then read the files they name: what a
+    connection to one of `endpoints` presents."""
+    check_credentials(
+        endpoints,
+        token=token,
+        token_file=token_file,
+        tls=tls,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_server_name=tls_server_name,
+        curve_server_key=curve_server_key,
+        curve_server_key_file=curve_server_key_file,
+        curve_public_key=curve_public_key,
+        curve_secret_key=curve_secret_key,
+        curve_secret_key_file=curve_secret_key_file,
+    )
+    if token_file is not None:
+        token = Path(token_file).read_bytes().strip()
+    public_key, secret_key = client_curve_keys(
+        curve_public_key, curve_secret_key, curve_secret_key_file
+    )
+    return Credentials(
+        token=token.encode() if isinstance(token, str) else token,
+        tls_ca=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+        tls_cert=Path(tls_cert).read_bytes() if tls_cert is not None else None,
+        tls_key=Path(tls_key).read_bytes() if tls_key is not None else None,
+        tls_server_name=tls_server_name,
+        curve_server_key=server_curve_key(curve_server_key, curve_server_key_file),
+        curve_public_key=public_key,
+        curve_secret_key=secret_key,
+    )

@@ -35,11 +35,7 @@ from lyceum.student_client._connections import (
     TeacherError,
     wait_any,
 )
-from lyceum.student_client._credentials import (
-    check_credentials,
-    client_curve_keys,
-    server_curve_key,
-)
+from lyceum.student_client._credentials import build_credentials
 from lyceum.student_client._positions import jagged_offsets
 from lyceum.student_client.online import TeacherInfo, connect
 
@@ -190,7 +186,7 @@ class OnlineTeacher:
         if mode not in ("query", "index"):
             raise ValueError(f"OnlineTeacher: mode {mode!r}: expected 'query' or 'index'")
         try:
-            check_credentials(
+            self.credentials = build_credentials(
                 listed,
                 token=token,
                 token_file=token_file,
@@ -205,14 +201,8 @@ class OnlineTeacher:
                 curve_secret_key=curve_secret_key,
                 curve_secret_key_file=curve_secret_key_file,
             )
-            server_key = server_curve_key(curve_server_key, curve_server_key_file)
-            public_key, secret_key = client_curve_keys(
-                curve_public_key, curve_secret_key, curve_secret_key_file
-            )
         except ValueError as exc:
             raise ValueError(f"OnlineTeacher {listed}: {exc}") from None
-        if token_file is not None:
-            token = Path(token_file).read_bytes().strip()
         # grpc:// endpoints become grpcs://; dns:/// names get a TLS channel in _open.
         self._tls = tls or tls_ca is not None
         if tls:
@@ -223,16 +213,6 @@ class OnlineTeacher:
         self.timeout_s = timeout_s
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self.credentials = Credentials(
-            token=token.encode() if isinstance(token, str) else token,
-            tls_ca=Path(tls_ca).read_bytes() if tls_ca is not None else None,
-            tls_cert=Path(tls_cert).read_bytes() if tls_cert is not None else None,
-            tls_key=Path(tls_key).read_bytes() if tls_key is not None else None,
-            tls_server_name=tls_server_name,
-            curve_server_key=server_key,
-            curve_public_key=public_key,
-            curve_secret_key=secret_key,
-        )
         for e in listed:  # fail on a bad URL now, not at the first request
             _open(e, self.credentials, self._tls).close()
         self._replicas = [_Replica(e) for e in listed]
@@ -487,18 +467,18 @@ class OnlineTeacher:
                 if chunk is None:
                     self.duplicates_dropped += 1  # a late answer to a chunk re-asked elsewhere
                     continue
-                if reply.knowledge is None and reply.code == _BUSY:
-                    self._refused_busy(replica, reply.request_id, chunk, reply.message)
+                if reply.knowledge is None and reply.error_code == _BUSY:
+                    self._refused_busy(replica, reply.request_id, chunk, reply.error_message)
                     continue
                 if reply.knowledge is None:
-                    if reply.code not in _RETRYABLE:
+                    if reply.error_code not in _RETRYABLE:
                         raise TeacherError(
-                            reply.code,
+                            reply.error_code,
                             f"teacher {self.name!r} at {replica.endpoint} refused a request: "
-                            f"{reply.message}",
+                            f"{reply.error_message}",
                         )
                     # Left in `owed`: _fail below re-queues it with the rest.
-                    failure = str(TeacherError(reply.code, reply.message))
+                    failure = str(TeacherError(reply.error_code, reply.error_message))
                     continue
                 chunk.batch = self._decode(replica, chunk, reply.knowledge)
                 self._last_progress = time.monotonic()

@@ -24,14 +24,15 @@ import torch
 
 from lyceum.proto.codec import KnowledgeBatch, decode, encode
 from lyceum.proto.schema import KnowledgeSchema
+from lyceum.proto.wire import Reply
 from lyceum.student_client._connections import (
     Connection,
     Credentials,
     GrpcConnection,
-    RawReply,
     TeacherError,
     ZmqConnection,
 )
+from lyceum.student_client._credentials import build_credentials
 from lyceum.v1 import knowledge_pb2 as pb
 
 __all__ = ["EndpointClient", "TeacherError", "TeacherInfo", "connect"]
@@ -87,14 +88,6 @@ def connect(endpoint: str, credentials: Credentials) -> Connection:
     )
 
 
-def _read(path: str | Path | None) -> bytes | None:
-    return Path(path).read_bytes() if path is not None else None
-
-
-def _curve_key(key: str | bytes | None) -> bytes | None:
-    return key.encode() if isinstance(key, str) else key
-
-
 class EndpointClient:
     """A client of one teacher: `describe()`, `request(ids, inputs=None)`, `submit`/`poll`."""
 
@@ -113,20 +106,19 @@ class EndpointClient:
         curve_secret_key: str | bytes | None = None,
         timeout_s: float = 60.0,
     ) -> None:
-        if token is not None and token_file is not None:
-            raise ValueError("give token or token_file, not both")
-        raw_token = _read(token_file).strip() if token_file is not None else token  # type: ignore[union-attr]
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        credentials = Credentials(
-            token=raw_token.encode() if isinstance(raw_token, str) else raw_token,
-            tls_ca=_read(tls_ca),
-            tls_cert=_read(tls_cert),
-            tls_key=_read(tls_key),
+        credentials = build_credentials(
+            [endpoint],
+            token=token,
+            token_file=token_file,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
             tls_server_name=tls_server_name,
-            curve_server_key=_curve_key(curve_server_key),
-            curve_public_key=_curve_key(curve_public_key),
-            curve_secret_key=_curve_key(curve_secret_key),
+            curve_server_key=curve_server_key,
+            curve_public_key=curve_public_key,
+            curve_secret_key=curve_secret_key,
         )
         self._conn = connect(endpoint, credentials)
         self._ids = itertools.count(1)
@@ -162,9 +154,9 @@ class EndpointClient:
         """Finished requests as (request id, knowledge or error), waiting up to `timeout_s`."""
         return [(r.request_id, self._result(r)) for r in self._conn.poll(timeout_s)]
 
-    def _result(self, reply: RawReply) -> KnowledgeBatch | TeacherError:
+    def _result(self, reply: Reply) -> KnowledgeBatch | TeacherError:
         if reply.knowledge is None:
-            return TeacherError(reply.code, reply.message)
+            return TeacherError(reply.error_code, reply.error_message)
         try:
             return decode(reply.knowledge, self.describe().schema)
         except ValueError as exc:

@@ -15,10 +15,10 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from lyceum.proto.curve_keys import Z85_KEY_LEN, read_curve_key
 from lyceum.teacher_server.config import SecurityConfig
 from lyceum.teacher_server.metrics import log_event
 
-_Z85_KEY_LEN = 40
 _ZAP_DOMAIN = "lyceum"
 
 
@@ -47,26 +47,6 @@ def grpc_server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | 
     )
 
 
-def read_curve_key(path: Path, secret: bool) -> bytes:
-    """A z85 CURVE key from a bare key file or a zmq certificate file (zmq.auth format)."""
-    text = Path(path).read_text().strip()
-    if len(text) == _Z85_KEY_LEN and "\n" not in text:
-        return text.encode()
-    try:
-        public, secret_key = zmq.auth.load_certificate(str(path))
-    except (ValueError, OSError) as exc:
-        raise ValueError(
-            f"CURVE key file {str(path)!r}: neither a 40-character z85 key nor a zmq certificate "
-            f"({exc}); create keys with zmq.curve_keypair() or zmq.auth.create_certificates"
-        ) from exc
-    key = secret_key if secret else public
-    if key is None:
-        raise ValueError(
-            f"CURVE key file {str(path)!r} holds no secret key; pass the *.key_secret certificate"
-        )
-    return key
-
-
 def read_allowed_keys(path: Path) -> frozenset[bytes]:
     """Allowed client public keys: a directory of zmq certificates or a file of z85 keys."""
     path = Path(path)
@@ -75,7 +55,7 @@ def read_allowed_keys(path: Path) -> frozenset[bytes]:
     else:
         lines = [ln.strip() for ln in path.read_text().splitlines()]
         keys = frozenset(ln.encode() for ln in lines if ln and not ln.startswith("#"))
-        bad = [k for k in keys if len(k) != _Z85_KEY_LEN]
+        bad = [k for k in keys if len(k) != Z85_KEY_LEN]
         if bad:
             raise ValueError(
                 f"CURVE client key file {str(path)!r}: {len(bad)} lines are not 40-character z85 "
@@ -114,7 +94,7 @@ class CurveServerKeys:
     def from_config(cls, config: SecurityConfig) -> CurveServerKeys | None:
         if config.zmq_curve_secret_key is None:
             return None
-        secret = read_curve_key(config.zmq_curve_secret_key, secret=True)
+        secret = read_curve_key(config.zmq_curve_secret_key, "--zmq-curve-secret-key", secret=True)
         allowed = read_allowed_keys(config.zmq_curve_clients) if config.zmq_curve_clients else None
         return cls(secret, allowed)
 
