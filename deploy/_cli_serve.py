@@ -58,6 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     b.add_argument("--max-queue-samples", type=int, metavar="N")
     b.add_argument("--max-message-bytes", type=int, metavar="B")
     b.add_argument(
+        "--grpc-max-calls",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="gRPC calls open at once (a student's stream is one); more get RESOURCE_EXHAUSTED",
+    )
+    b.add_argument(
         "--threads", type=int, metavar="N", help="torch intra-op threads of this process"
     )
     s = p.add_argument_group("security")
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         max_delay_ms=args.max_delay_ms,
         max_queue_samples=args.max_queue_samples,
         max_message_bytes=args.max_message_bytes,
+        grpc_max_calls=args.grpc_max_calls,
         security=SecurityConfig(
             token_file=args.token_file,
             tls_cert=args.tls_cert,

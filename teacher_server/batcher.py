@@ -93,6 +93,8 @@ class DynamicBatcher:
         self._settled = threading.Condition(self._lock)
         self._accepting = True
         self._stopping = False
+        # Seconds per batch, averaged over recent batches; unknown (inf) before the first.
+        self._batch_s = float("inf")
         self._workers = [
             threading.Thread(target=self._work, args=(e,), name=f"lyceum-engine-{i}", daemon=True)
             for i, e in enumerate(self.engines)
@@ -107,6 +109,12 @@ class DynamicBatcher:
         """Samples queued or running."""
         with self._lock:
             return self._queued + self._running
+
+    @property
+    def recent_batch_s(self) -> float:
+        """How long recent batches took to run (a moving average; inf before the first), so a
+        transport can tell whether running one on its own thread would stall its I/O."""
+        return self._batch_s
 
     def submit(self, job: Job, *, defer: bool = False) -> None:
         """Queue a request; raises `ServeError` (RESOURCE_EXHAUSTED, UNAVAILABLE) if refused.
@@ -246,10 +254,15 @@ class DynamicBatcher:
         let a worker take what queued meanwhile (not needed if this thread comes back for it;
         `drain` waiters are woken once nothing is left)."""
         n = sum(j.size for j in batch)
+        started = time.monotonic()
         try:
             self._run(engine, batch)
         finally:
+            took = time.monotonic() - started
             with self._lock:
+                self._batch_s = (
+                    took if self._batch_s == float("inf") else (0.8 * self._batch_s + 0.2 * took)
+                )
                 self._running -= n
                 self._idle.append(engine)
                 if self._queue and wake:

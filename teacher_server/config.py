@@ -93,11 +93,11 @@ class ServerConfig(BaseModel):
         description="Largest message accepted or sent; default: sized for a full batch of "
         "inputs or knowledge (at least 64 MiB).",
     )
-    grpc_workers: int = Field(
-        default=32,
+    grpc_max_calls: int = Field(
+        default=1024,
         gt=0,
-        description="gRPC handler threads, one per open call (each Distill stream also has a "
-        "reader thread); calls beyond it get RESOURCE_EXHAUSTED.",
+        description="gRPC calls open at once (each student's Distill stream is one); calls "
+        "beyond it get RESOURCE_EXHAUSTED. Open calls cost no threads, only memory.",
     )
     zmq_send_timeout_ms: int = Field(
         default=5000,

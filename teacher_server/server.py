@@ -92,7 +92,7 @@ class TeacherServer:
                     config.host,
                     config.grpc_port,
                     config.grpc_unix,
-                    config.grpc_workers,
+                    config.grpc_max_calls,
                     grpc_server_credentials(security),
                 )
             )

@@ -3,23 +3,33 @@
 Distill messages bypass protobuf's generated classes (pass-through serializers and the
 hand-rolled framing of `lyceum.proto.wire`): the request's Arrow bytes are decoded straight
 from the received buffer and a reply is its knowledge with a few header bytes in front, one
-copy instead of the 4+ that `bytes` fields cost. Each stream has a reader thread that submits
-requests as they arrive, while the handler thread yields replies as the batcher finishes them,
-so one stream keeps many requests in flight and replies come back in completion order.
-Batches run on the batcher's workers: running them on the handler thread instead (as the
-ZeroMQ transport does on its socket thread) was slower here, 0.7-0.8x at 64 KB and 16 MiB
-(bench/transport.md): the handler then encodes and sends in turn instead of in parallel.
+copy instead of the 4+ that `bytes` fields cost.
+
+Why `grpc.aio` on one event-loop thread and not grpcio's thread-pool server: the thread-pool
+server holds a pool thread per open call (and a stream that reads ahead needs a second
+thread), so the number of students was capped by the pool (32 by default) and every message
+crossed three threads (grpc's poller -> stream reader -> engine -> stream handler), each a
+futex wake and a GIL hand-over. Here every stream is two coroutines on the loop (a reader that
+submits requests as they arrive, the handler that yields replies in completion order), open
+streams cost no threads, and while batches are short (< `_INLINE_MAX_S`, e.g. a GPU teacher or
+a small model) the loop runs ready batches itself, as the ZeroMQ socket thread does
+(`DynamicBatcher.run_ready`): a request is read, run and answered without changing threads.
+Longer batches run on the batcher's workers, whose replies come back by
+`call_soon_threadsafe`, so reads, health checks and Describe calls never wait for a forward
+pass. Measured side by side with the thread-pool server (bench/transport.md): server CPU per
+64 KB message 630 -> 490 us, 1 MB throughput 0.57x -> 0.76x of a bare grpcio stream (bare
+client); handing every batch to a worker instead was slower than the thread-pool server.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
+import contextlib
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import pyarrow as pa
@@ -37,17 +47,21 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
 # the configured limit by the service, which answers INVALID_ARGUMENT and keeps the stream.
 _ENVELOPE_SLACK = 1 << 20
 
+# The loop runs a batch itself only when batches are this short: a longer one would hold up
+# every stream's reads (so later batches would form from fewer requests and a full queue would
+# never refuse), health checks and Describe calls for its whole duration.
+_INLINE_MAX_S = 0.002
+
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True)
 class _StreamEnd:
     requests: int
 
 
-_CANCELLED = object()
-
-
-def _bearer(context: grpc.ServicerContext) -> bytes | None:
-    for key, value in context.invocation_metadata():
+def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+    for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             text = value.decode(errors="replace") if isinstance(value, bytes) else value
             scheme, _, token = text.partition(" ")
@@ -66,21 +80,45 @@ class GrpcTransport:
         host: str,
         port: int | None,
         unix_path: Path | None,
-        workers: int,
+        max_calls: int,
         credentials: grpc.ServerCredentials | None,
     ) -> None:
         self._service = service
-        limit = 2 * service.max_message_bytes + _ENVELOPE_SLACK
-        self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lyceum-grpc"),
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="lyceum-grpc", daemon=True
+        )
+        self._thread.start()
+        self._run_scheduled = False
+        self._endpoints: list[str] = []
+        try:
+            # grpc.aio objects belong to the loop they were made on: build them there.
+            self._call(self._build(host, port, unix_path, max_calls, credentials))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _call(self, coro: Awaitable[_T], timeout_s: float | None = None) -> _T:
+        """Run a coroutine on the transport's loop from another thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)  # type: ignore[arg-type]
+
+    async def _build(
+        self,
+        host: str,
+        port: int | None,
+        unix_path: Path | None,
+        max_calls: int,
+        credentials: grpc.ServerCredentials | None,
+    ) -> None:
+        limit = 2 * self._service.max_message_bytes + _ENVELOPE_SLACK
+        self._server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
             ],
-            # Each open call holds a pool thread: beyond the pool, refuse new calls at once
-            # (RESOURCE_EXHAUSTED) rather than leave them hanging in grpc's backlog.
-            maximum_concurrent_rpcs=workers,
+            # Beyond this, new calls are refused at once (RESOURCE_EXHAUSTED).
+            maximum_concurrent_rpcs=max_calls,
         )
         handlers = {
             "Describe": grpc.unary_unary_rpc_method_handler(
@@ -94,12 +132,11 @@ class GrpcTransport:
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
-        self._health = health.HealthServicer()
+        self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self._endpoints: list[str] = []
         scheme = "grpcs" if credentials is not None else "grpc"
         if port is not None:
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -125,74 +162,95 @@ class GrpcTransport:
         return list(self._endpoints)
 
     def start(self) -> None:
-        self._server.start()
-        for name in ("", SERVICE):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        async def start() -> None:
+            await self._server.start()
+            for name in ("", SERVICE):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        self._call(start())
 
     def begin_drain(self) -> None:
         """Tell health checks and load balancers to stop sending new streams here."""
-        self._health.enter_graceful_shutdown()
+        if not self._loop.is_closed():
+            self._call(self._health.enter_graceful_shutdown())
 
     def stop(self, grace_s: float) -> None:
+        if self._loop.is_closed():
+            return
         self.begin_drain()
-        self._server.stop(grace_s).wait()
+        try:
+            self._call(self._server.stop(grace_s), timeout_s=grace_s + 5)
+        finally:
+            self._close_loop()
 
-    def _check_access(self, context: grpc.ServicerContext) -> None:
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _check_access(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
             self._service.authenticate(_bearer(context))
         except ServeError as exc:
-            self._service.record_error(self.name, exc, context.peer(), 0)
-            context.abort(exc.grpc_status, exc.message)
+            await self._abort(context, exc)
         if self._service.draining:
             refused = ServeError(UNAVAILABLE, "the teacher is shutting down; use another replica")
-            self._service.record_error(self.name, refused, context.peer(), 0)
-            context.abort(refused.grpc_status, refused.message)
+            await self._abort(context, refused)
 
-    def _describe(
-        self, _request: pb.DescribeRequest, context: grpc.ServicerContext
+    async def _abort(
+        self, context: grpc.aio.ServicerContext[Any, Any], exc: ServeError
+    ) -> NoReturn:
+        self._service.record_error(self.name, exc, context.peer(), 0)
+        await context.abort(exc.grpc_status, exc.message)
+        raise AssertionError("context.abort returned")  # it raises; this tells type checkers
+
+    async def _describe(
+        self, _request: pb.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DescribeReply:
-        self._check_access(context)
+        await self._check_access(context)
         return self._service.describe_reply
 
-    def _distill(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._check_access(context)
+    async def _distill(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        await self._check_access(context)
         peer = context.peer()
         log_event("stream_open", transport=self.name, peer=peer)
-        replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        context.add_callback(lambda: replies.put(_CANCELLED))
-        reader = threading.Thread(
-            target=self._read,
-            args=(requests, replies, peer),
-            name="lyceum-grpc-reader",
-            daemon=True,
-        )
-        reader.start()
+        replies: asyncio.Queue[bytes | _StreamEnd] = asyncio.Queue()
+        reader = asyncio.ensure_future(self._read(requests, replies, peer))
         sent, expected = 0, None
         try:
             while expected is None or sent < expected:
-                item = replies.get()
-                if item is _CANCELLED:
-                    break
+                item = await replies.get()
                 if isinstance(item, _StreamEnd):
                     expected = item.requests
                     continue
                 yield item
                 sent += 1
         finally:
+            # A cancelled or failed stream: its requests still in the batcher answer into a
+            # queue nobody reads, which is dropped with it.
+            reader.cancel()
             log_event("stream_close", transport=self.name, peer=peer, replies=sent)
 
-    def _read(self, requests: Iterator[bytes], replies: queue.SimpleQueue[Any], peer: str) -> None:
+    async def _read(
+        self,
+        requests: AsyncIterator[bytes],
+        replies: asyncio.Queue[bytes | _StreamEnd],
+        peer: str,
+    ) -> None:
         count = 0
         try:
-            for raw in requests:
+            async for raw in requests:
                 count += 1
                 self._handle(raw, replies, peer)
         except grpc.RpcError:
-            pass  # the student went away or cancelled: the stream's callback ends the handler
+            pass  # the student went away or cancelled: the handler is cancelled with the call
         finally:
-            replies.put(_StreamEnd(count))
+            replies.put_nowait(_StreamEnd(count))
 
-    def _handle(self, raw: bytes, replies: queue.SimpleQueue[Any], peer: str) -> None:
+    def _handle(self, raw: bytes, replies: asyncio.Queue[bytes | _StreamEnd], peer: str) -> None:
         try:
             request = wire.decode_request(raw)
         except wire.WireError as exc:
@@ -200,21 +258,60 @@ class GrpcTransport:
             self._fail(replies, peer, exc.request_id, error)
             return
         rid = request.request_id
+        deliver = self._deliverer(replies)
 
         def done(result: pa.RecordBatch | ServeError) -> None:
             if isinstance(result, ServeError):
-                self._fail(replies, peer, rid, result)
+                self._service.record_error(self.name, result, peer, rid)
+                deliver(wire.encode_error_reply(rid, result.code, result.message))
             else:
-                replies.put(wire.encode_batch_reply(rid, result))
+                deliver(wire.encode_batch_reply(rid, result))
 
         mode, payload = (
             (QUERY, request.inputs) if request.inputs is not None else (INDEX, request.ids)
         )
+        inline = self._service.batcher.recent_batch_s <= _INLINE_MAX_S
         try:
-            self._service.submit(self.name, mode, payload, done)  # type: ignore[arg-type]
+            self._service.submit(self.name, mode, payload, done, defer=inline)  # type: ignore[arg-type]
         except ServeError as exc:
             self._fail(replies, peer, rid, exc)
+            return
+        if inline:
+            self._schedule_run()
 
-    def _fail(self, replies: queue.SimpleQueue[Any], peer: str, rid: int, exc: ServeError) -> None:
+    def _deliverer(self, replies: asyncio.Queue[bytes | _StreamEnd]) -> Callable[[bytes], None]:
+        loop, loop_thread = self._loop, self._thread.ident
+
+        def deliver(reply: bytes) -> None:
+            if threading.get_ident() == loop_thread:
+                replies.put_nowait(reply)  # a batch the loop ran: no hand-off needed
+                return
+            # RuntimeError: the transport stopped (loop closed); the student is gone with it.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(replies.put_nowait, reply)
+
+        return deliver
+
+    def _schedule_run(self) -> None:
+        # Once per loop iteration: the requests every stream read in this iteration are
+        # queued before the batch runs, so they share it.
+        if not self._run_scheduled:
+            self._run_scheduled = True
+            self._loop.call_soon(self._run_ready)
+
+    def _run_ready(self) -> None:
+        self._run_scheduled = False
+        # One batch per iteration: the loop sends its replies and reads what arrived meanwhile
+        # before the next one; `again=True` keeps the engine from being handed to a worker.
+        if self._service.run_ready(again=True):
+            self._schedule_run()
+
+    def _fail(
+        self,
+        replies: asyncio.Queue[bytes | _StreamEnd],
+        peer: str,
+        rid: int,
+        exc: ServeError,
+    ) -> None:
         self._service.record_error(self.name, exc, peer, rid)
-        replies.put(wire.encode_error_reply(rid, exc.code, exc.message))
+        replies.put_nowait(wire.encode_error_reply(rid, exc.code, exc.message))

@@ -232,3 +232,21 @@ def test_with_several_engines_run_ready_leaves_batches_to_the_workers():
     batcher.close()
     assert sum(len(e.sizes) for e in engines) == 4
     assert threading.get_ident() not in engines[0].threads + engines[1].threads
+
+
+def test_recent_batch_time_is_unknown_then_follows_the_batches():
+    engine = Threaded(delay_s=0.05)
+    batcher = _batcher([engine], max_batch=2, delay_s=0.0)
+    # Unknown before any batch ran: a transport must not assume batches are short.
+    assert batcher.recent_batch_s == float("inf")
+    results = Results()
+    batcher.submit(_job([0, 1], results.callback(0, 2)), defer=True)
+    assert batcher.run_ready()
+    slow = batcher.recent_batch_s
+    assert 0.05 <= slow < float("inf")
+    engine.delay_s = 0.0
+    batcher.submit(_job([2, 3], results.callback(1, 2)), defer=True)
+    assert batcher.run_ready()
+    # A moving average: a fast batch pulls it down without forgetting the slow one at once.
+    assert 0 < batcher.recent_batch_s < slow
+    batcher.close()

@@ -3,11 +3,15 @@ SIGTERM finishes the requests in flight, refuses new ones and exits 0."""
 
 from __future__ import annotations
 
+import queue
 import time
 
+import grpc
+import numpy as np
 import pytest
-from servers import DATASET, ServerProcess
+from servers import DATASET, MODEL, ServerProcess
 
+from lyceum.proto import wire
 from lyceum.student_client.online import EndpointClient, TeacherError
 
 pytestmark = pytest.mark.integration
@@ -77,3 +81,68 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(tmp_path, scheme):
         assert '"event": "draining"' in proc.log() and '"drained": true' in proc.log()
     finally:
         proc.kill()
+
+
+class _OpenStream:
+    """A Distill stream kept open: one index request now, more only when asked."""
+
+    def __init__(self, distill: grpc.StreamStreamMultiCallable, first_id: int) -> None:
+        self._outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._outgoing.put(wire.encode_request(1, ids=np.array([first_id], dtype=np.uint64)))
+        self._call = distill(iter(self._outgoing.get, None), timeout=60)
+
+    def reply(self) -> wire.Reply:
+        return wire.decode_reply(next(self._call))
+
+    def close(self) -> None:
+        self._outgoing.put(None)
+        self._call.cancel()
+
+
+def test_open_streams_cost_no_threads_and_the_call_limit_refuses(tmp_path):
+    # The grpcio thread-pool server held a pool thread per open stream (32 by default): the
+    # 33rd student was refused. 48 streams are open at once here, then a server limited to
+    # 3 calls refuses a 4th with RESOURCE_EXHAUSTED and takes one again once a stream ends.
+    roomy = ServerProcess(["--model", MODEL, "--dataset", DATASET, "--grpc-port", "0"], tmp_path)
+    tight = ServerProcess(
+        ["--model", MODEL, "--dataset", DATASET, "--grpc-port", "0", "--grpc-max-calls", "3"],
+        tmp_path,
+    )
+    try:
+        with grpc.insecure_channel(roomy.endpoint("grpc").removeprefix("grpc://")) as channel:
+            distill = channel.stream_stream("/lyceum.v1.Teacher/Distill")
+            streams = [_OpenStream(distill, k) for k in range(48)]
+            try:
+                replies = [s.reply() for s in streams]  # every stream is still open here
+            finally:
+                for s in streams:
+                    s.close()
+            assert all(r.knowledge is not None for r in replies), [r for r in replies][:3]
+        with grpc.insecure_channel(tight.endpoint("grpc").removeprefix("grpc://")) as channel:
+            distill = channel.stream_stream("/lyceum.v1.Teacher/Distill")
+            streams = [_OpenStream(distill, k) for k in range(3)]
+            assert all(s.reply().knowledge is not None for s in streams)
+            extra = _OpenStream(distill, 3)
+            with pytest.raises(grpc.RpcError) as refused:
+                extra.reply()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            streams[0].close()
+            deadline = time.monotonic() + 30
+            while True:  # the server learns of the cancelled stream asynchronously
+                again = _OpenStream(distill, 4)
+                try:
+                    assert again.reply().knowledge is not None
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, (
+                        "a closed stream's call slot never came back"
+                    )
+                    time.sleep(0.1)
+                finally:
+                    again.close()
+            for s in streams[1:]:
+                s.close()
+    finally:
+        assert roomy.terminate() == 0, roomy.log()
+        assert tight.terminate() == 0, tight.log()
