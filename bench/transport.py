@@ -8,6 +8,12 @@ rows go through everything a student sees: index-mode request, dynamic batcher, 
 (a model returning a fixed tensor, so no compute), Arrow encode, transport, Arrow decode.
 Each figure is the median of `--repeats` runs; ratios are taken within this one run.
 
+Two more rows per transport split Lyceum's cost between the two sides: "client share" is the
+Lyceum client (request encode, reply decode to tensors, its threads) against a canned server
+that answers every request with one precomputed valid reply and does nothing else; "server
+share" is the Lyceum server against a bare client that sends one precomputed valid request
+per reply and never decodes. Each bounds what either side alone can reach.
+
     .venv/bin/python bench/transport.py                 # ~2 min on two cores
     .venv/bin/python bench/transport.py --cases 16MiB --repeats 5
 """
@@ -29,8 +35,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
+
+from lyceum.proto.codec import to_record_batch
+from lyceum.teacher_server.engine import EngineConfig, OutputSpec, TeacherEngine
 
 CASES: dict[str, tuple[int, ...]] = {
     "64KB": (16, 1000),
@@ -130,18 +141,22 @@ def serve_bare_grpc(case: str) -> None:
     server.wait_for_termination()
 
 
-def serve_lyceum(case: str, workdir: str) -> None:
-    from lyceum.teacher_server.config import ServerConfig
-    from lyceum.teacher_server.engine import EngineConfig, OutputSpec, TeacherEngine
-    from lyceum.teacher_server.server import create_server
-
+def _engine(case: str) -> TeacherEngine:
     shape = CASES[case]
     output = "features" if len(shape) == 3 else "logits"
-    engine = TeacherEngine(
+    return TeacherEngine(
         FixedOutput(shape),
         EngineConfig(outputs=(OutputSpec(name=output, source="@output"),)),
         torch.zeros(1),
     )
+
+
+def serve_lyceum(case: str, workdir: str) -> None:
+    from lyceum.teacher_server.config import ServerConfig
+    from lyceum.teacher_server.server import create_server
+
+    shape = CASES[case]
+    engine = _engine(case)
     config = ServerConfig(
         grpc_port=0,
         zmq_port=0,
@@ -154,6 +169,83 @@ def serve_lyceum(case: str, workdir: str) -> None:
     server.start()
     _announce(endpoints=server.endpoints)
     server.wait()
+
+
+def _canned_knowledge(case: str) -> tuple[TeacherEngine, pa.RecordBatch]:
+    shape = CASES[case]
+    engine = _engine(case)
+    columns = engine.infer(torch.zeros(shape[0], 1))
+    ids = np.arange(shape[0], dtype=np.uint64)
+    return engine, to_record_batch(engine.schema, ids, columns)
+
+
+def serve_canned_grpc(case: str) -> None:
+    """Answers Describe like a teacher and every Distill request with one fixed reply."""
+    import grpc
+
+    from lyceum.proto import wire
+    from lyceum.teacher_server.transport.grpc import SERVICE
+    from lyceum.v1 import knowledge_pb2 as pb
+
+    engine, batch = _canned_knowledge(case)
+    reply = wire.encode_batch_reply(1, batch)
+    describe = _describe_reply(engine)
+
+    def distill(requests: Iterator[bytes], _context: object) -> Iterator[bytes]:
+        for _ in requests:
+            yield reply
+
+    server = grpc.server(
+        ThreadPoolExecutor(4),
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+    )
+    handlers = {
+        "Distill": grpc.stream_stream_rpc_method_handler(distill),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            lambda _r, _c: describe,
+            request_deserializer=pb.DescribeRequest.FromString,
+            response_serializer=pb.DescribeReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    _announce(endpoint=f"grpc://127.0.0.1:{port}")
+    server.wait_for_termination()
+
+
+def serve_canned_zmq(case: str) -> None:
+    import zmq
+
+    from lyceum.proto.codec import to_ipc
+
+    engine, batch = _canned_knowledge(case)
+    knowledge = to_ipc(batch)
+    describe = _describe_reply(engine).SerializeToString()
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    _announce(endpoint=f"zmq://127.0.0.1:{port}")
+    while True:
+        peer, rid, kind, _payload = sock.recv_multipart(copy=False)
+        out = [b"describe", describe] if kind.bytes == b"describe" else [b"knowledge", knowledge]
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send_multipart([peer, rid, *out], copy=False)
+
+
+def _describe_reply(engine: TeacherEngine) -> object:
+    from lyceum.proto.schema import FORMAT_VERSION
+    from lyceum.v1 import knowledge_pb2 as pb
+
+    return pb.DescribeReply(
+        format_version=FORMAT_VERSION,
+        knowledge_schema_json=engine.schema.to_json(),
+        input_schema_json=engine.input_schema.to_json(),
+        teacher_id="canned",
+        accepts_index=True,
+        max_request_samples=1 << 16,
+        max_message_bytes=1 << 30,
+    )
 
 
 # ---------------------------------------------------------------- clients (this process)
@@ -225,6 +317,63 @@ def run_bare_grpc(info: dict, case: str, seconds: float, window: int) -> float:
     return nbytes / elapsed
 
 
+def _index_request_ids(case: str) -> np.ndarray:
+    return np.arange(CASES[case][0], dtype=np.uint64)
+
+
+def run_bare_against_grpc(endpoint: str, case: str, seconds: float, window: int) -> float:
+    """The bare grpcio client loop sending one valid index request, never decoding."""
+    import grpc
+
+    from lyceum.proto import wire
+    from lyceum.teacher_server.transport.grpc import SERVICE
+
+    request = wire.encode_request(1, ids=_index_request_ids(case))
+    channel = grpc.insecure_channel(
+        endpoint.removeprefix("grpc://"), options=[("grpc.max_receive_message_length", -1)]
+    )
+    tokens: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    for _ in range(window):
+        tokens.put(request)
+    call = channel.stream_stream(f"/{SERVICE}/Distill")(iter(tokens.get, None))
+    nbytes, start = 0, time.perf_counter()
+    for reply in call:
+        nbytes += len(reply)
+        if time.perf_counter() - start >= seconds:
+            break
+        tokens.put(request)
+    elapsed = time.perf_counter() - start
+    tokens.put(None)
+    call.cancel()
+    channel.close()
+    return nbytes / elapsed
+
+
+def run_bare_against_zmq(endpoint: str, case: str, seconds: float, window: int) -> float:
+    """The bare pyzmq client loop sending one valid index request, never decoding."""
+    import zmq
+
+    ids = _index_request_ids(case).tobytes()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint.replace("zmq://", "tcp://"))
+    for i in range(window):
+        sock.send_multipart([i.to_bytes(8, "little"), b"index", ids])
+    count, nbytes, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        frames = sock.recv_multipart(copy=False)
+        nbytes += len(frames[-1].buffer)
+        count += 1
+        sock.send_multipart([count.to_bytes(8, "little"), b"index", ids])
+    elapsed = time.perf_counter() - start
+    # Let the requests in flight finish so the next run starts on an idle server.
+    while sock.poll(200):
+        sock.recv_multipart()
+    sock.close(linger=0)
+    ctx.term()
+    return nbytes / elapsed
+
+
 def run_lyceum(endpoint: str, case: str, seconds: float, window: int) -> float:
     from lyceum.student_client.online import EndpointClient, TeacherError
 
@@ -276,7 +425,7 @@ def measure(case: str, seconds: float, repeats: int, window: int) -> dict[str, f
     with tempfile.TemporaryDirectory() as workdir:
         servers = {
             role: _start(role, case, workdir)
-            for role in ("raw-tcp", "bare-zmq", "bare-grpc", "lyceum")
+            for role in ("raw-tcp", "bare-zmq", "bare-grpc", "lyceum", "canned-zmq", "canned-grpc")
         }
         try:
             endpoints = {e.split("://")[0]: e for e in servers["lyceum"][1]["endpoints"]}
@@ -290,6 +439,18 @@ def measure(case: str, seconds: float, repeats: int, window: int) -> dict[str, f
                 "Lyceum gRPC tcp": lambda: run_lyceum(endpoints["grpc"], case, seconds, window),
                 "Lyceum ZMQ ipc://": lambda: run_lyceum(endpoints["ipc"], case, seconds, window),
                 "Lyceum gRPC unix://": lambda: run_lyceum(endpoints["unix"], case, seconds, window),
+                "ZMQ client share": lambda: run_lyceum(
+                    servers["canned-zmq"][1]["endpoint"], case, seconds, window
+                ),
+                "ZMQ server share": lambda: run_bare_against_zmq(
+                    endpoints["zmq"], case, seconds, window
+                ),
+                "gRPC client share": lambda: run_lyceum(
+                    servers["canned-grpc"][1]["endpoint"], case, seconds, window
+                ),
+                "gRPC server share": lambda: run_bare_against_grpc(
+                    endpoints["grpc"], case, seconds, window
+                ),
             }
             # Interleaved, so a slow moment of the machine hits every path alike.
             for _ in range(repeats):
@@ -318,6 +479,8 @@ def main() -> None:
             "raw-tcp": serve_raw_tcp,
             "bare-zmq": serve_bare_zmq,
             "bare-grpc": serve_bare_grpc,
+            "canned-zmq": serve_canned_zmq,
+            "canned-grpc": serve_canned_grpc,
         }
         if args.serve == "lyceum":
             serve_lyceum(args.case, args.workdir)
@@ -342,7 +505,8 @@ def main() -> None:
                 if "gRPC" in name or "grpcio" in name
                 else ""
             )
-            vs_bare = f"{value / bare[kind]:7.2f}" if name.startswith("Lyceum") else f"{'':>7}"
+            mine = name.startswith("Lyceum") or name.endswith("share")
+            vs_bare = f"{value / bare[kind]:7.2f}" if mine else f"{'':>7}"
             print(f"{case:>8} | {name:<20} | {value / 1e9:6.2f} | {value / raw:9.2f} | {vs_bare}")
         print("-" * len(header))
 
