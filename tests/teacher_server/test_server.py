@@ -135,6 +135,36 @@ def test_eight_concurrent_clients_get_their_own_replies(server, engine):
     assert batch_sum >= 8 * 12 * 8 and batch_count <= batch_sum  # every sample went through
 
 
+def test_two_engines_answer_both_transports(tmp_path, checkpoint, engine):
+    # Two --device values: the batcher's worker threads run every batch (a transport thread
+    # must keep receiving for the other engine) and hand replies back across threads.
+    proc = ServerProcess(
+        ["--model", MODEL, "--checkpoint", str(checkpoint), "--dataset", DATASET,
+         "--device", "cpu", "--device", "cpu", "--grpc-port", "0", "--zmq-port", "0",
+         "--max-batch", "8", "--max-delay-ms", "0"],
+        tmp_path,
+    )  # fmt: skip
+    data = digits()
+    try:
+        for scheme in ("grpc", "zmq"):
+            with EndpointClient(proc.endpoint(scheme), timeout_s=30) as teacher:
+                sent = {teacher.submit(list(range(4 * k, 4 * k + 4))): k for k in range(12)}
+                got: dict[int, object] = {}
+                while len(got) < len(sent):
+                    replies = teacher.poll(30)
+                    assert replies, f"{scheme}: {len(got)} of {len(sent)} replies in 30 s"
+                    got.update(replies)
+            for rid, k in sent.items():
+                batch = got[rid]
+                assert not isinstance(batch, TeacherError), batch
+                ids = list(range(4 * k, 4 * k + 4))
+                want = engine.infer(torch.stack([data[i][0] for i in ids]))["logits"]
+                assert batch.sample_ids.tolist() == ids
+                assert torch.allclose(batch.tensors["logits"], want, atol=1e-5)
+    finally:
+        assert proc.terminate() == 0, proc.log()
+
+
 def _inputs(schema: KnowledgeSchema, ids: list[int], x: torch.Tensor) -> bytes:
     return encode(schema, ids, {schema.fields[0].name: x}).to_pybytes()
 
