@@ -3,7 +3,8 @@
 One queue, bounded in samples, feeds one worker thread per engine (one engine per device).
 A worker takes the oldest request, then keeps taking requests until the batch holds
 `max_batch` samples or the oldest request has waited `max_delay`; it runs the engine once,
-splits the knowledge back per request as Arrow record batches (views of the engine's output).
+splits the knowledge back per request (views of the engine's output, which the transports
+encode on their own threads).
 Requests are never split across batches, so one request's rows come from one forward pass.
 
 A transport thread may also run a batch itself (`run_ready`): when the server has one engine,
@@ -14,7 +15,12 @@ to a worker thread and every reply back cost 4-12 thread switches per message (f
 GIL hand-over, cold cache), measured at 0.4-0.6 ms of CPU per message, several times the
 Python work itself (bench/transport.md). An engine is claimed by one thread at a time.
 With several engines (devices) the transport threads only queue: a thread busy running one
-device's batch would not receive the requests that keep the other devices busy.
+device's batch would not receive the requests that keep the other devices busy. Nor does a
+transport thread run batches that take long (recent ones above `inline_max_s`, or before
+any batch was timed): it would stop receiving, replying and answering health checks for the
+whole forward pass, while on a worker the forward pass (which releases the GIL) overlaps the
+transport's per-request work. Measured on bench/batching.py (ZeroMQ, resnet_cnn, ~8 ms
+batches): the socket thread running every batch left the engine idle between batches.
 
 Why a bounded queue in samples (not requests): memory and latency grow with samples; a full
 queue refuses new work at once (RESOURCE_EXHAUSTED) so students back off instead of the
@@ -34,19 +40,46 @@ import pyarrow as pa
 import torch
 
 from lyceum.proto.codec import to_record_batch
+from lyceum.proto.schema import KnowledgeSchema
 from lyceum.teacher_server.engine import TeacherEngine
 from lyceum.teacher_server.errors import INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, ServeError
 from lyceum.teacher_server.metrics import ServerMetrics, log_event
 
-Done = Callable[[pa.RecordBatch | ServeError], None]
+
+@dataclass(frozen=True)
+class Knowledge:
+    """One request's rows of a device batch (views of the engine's output), not yet encoded.
+
+    The transport that answers encodes it (`record_batch()`, then its wire format) on its own
+    thread, so the worker that runs the engine spends its time on forward passes, which
+    release the GIL while the transport threads encode. Encoding on the worker made it the
+    bottleneck of bench/batching.py: ~30% of its time went to per-request encoding while the
+    other core idled.
+    """
+
+    schema: KnowledgeSchema
+    ids: np.ndarray
+    columns: dict[str, torch.Tensor | list[torch.Tensor]]
+
+    def record_batch(self) -> pa.RecordBatch:
+        """The Arrow record batch; raises `ServeError` (INTERNAL) if the model's output does
+        not fit its schema (a bug in the model or its output spec, not the student's)."""
+        try:
+            return to_record_batch(self.schema, self.ids, self.columns)
+        except Exception as exc:
+            log_event("encode_error", samples=len(self.ids), error=repr(exc))
+            raise ServeError(INTERNAL, f"encoding knowledge failed: {exc}") from None
+
+
+Done = Callable[[Knowledge | ServeError], None]
 
 
 @dataclass
 class Job:
     """One request: its sample ids, its inputs (a stacked tensor or per-sample sequences) and
-    the callback that receives the knowledge record batch or the error (each transport
-    serialises the batch its own way, with as few copies as it allows). `done` is called exactly
-    once, from a worker thread (or from `submit`'s caller when it raises)."""
+    the callback that receives its `Knowledge` or the error (each transport serialises the
+    knowledge its own way, with as few copies as it allows). `done` is called exactly once,
+    from the thread that ran the batch (or from `submit`'s caller when it raises)."""
 
     ids: np.ndarray
     inputs: torch.Tensor | list[torch.Tensor]
@@ -68,6 +101,7 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue_samples: int,
         metrics: ServerMetrics,
+        inline_max_s: float = 0.002,
     ) -> None:
         if not engines:
             raise ValueError("the batcher needs at least one engine (one per --device)")
@@ -79,6 +113,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue_samples = max_queue_samples
+        self.inline_max_s = inline_max_s
         self._metrics = metrics
         self._queue: deque[Job] = deque()
         self._queued = 0
@@ -150,8 +185,9 @@ class DynamicBatcher:
                 self._has_work.notify_all()
 
     def run_ready(self, *, again: bool = False) -> bool:
-        """Run one batch of queued requests on the calling thread if the one engine is idle and
-        the batch need not wait for more requests; otherwise leave the queue to the workers.
+        """Run one batch of queued requests on the calling thread if the one engine is idle,
+        recent batches were short (`inline_max_s`) and the batch need not wait for more
+        requests; otherwise leave the queue to the workers.
         True if a batch ran here (its replies have been handed to their callbacks).
 
         `again=True`: the caller calls `run_ready` again as soon as this returns True, so the
@@ -161,7 +197,8 @@ class DynamicBatcher:
         with self._lock:
             if not self._queue:
                 return False
-            if len(self.engines) > 1:  # see the module docstring
+            # See the module docstring: several devices, or batches too long to run here.
+            if len(self.engines) > 1 or self._batch_s > self.inline_max_s:
                 self._has_work.notify_all()
                 return False
             ready = (
@@ -289,16 +326,11 @@ class DynamicBatcher:
         for job in batch:
             part = {name: col[offset : offset + job.size] for name, col in columns.items()}
             offset += job.size
-            try:
-                result: pa.RecordBatch | ServeError = to_record_batch(self.schema, job.ids, part)
-            except Exception as exc:  # e.g. an output its schema does not allow: answer, go on
-                log_event("encode_error", samples=job.size, error=repr(exc))
-                result = ServeError(INTERNAL, f"encoding knowledge failed: {exc}")
             self._metrics.latency.observe(time.monotonic() - job.enqueued)
-            _answer(job, result)
+            _answer(job, Knowledge(self.schema, job.ids, part))
 
 
-def _answer(job: Job, result: pa.RecordBatch | ServeError) -> None:
+def _answer(job: Job, result: Knowledge | ServeError) -> None:
     """Deliver a result; a transport's failing callback must not kill the engine's worker
     (that device would never serve again) nor keep the batch's other requests unanswered."""
     try:

@@ -11,8 +11,8 @@ thread), so the number of students was capped by the pool (32 by default) and ev
 crossed three threads (grpc's poller -> stream reader -> engine -> stream handler), each a
 futex wake and a GIL hand-over. Here every stream is two coroutines on the loop (a reader that
 submits requests as they arrive, the handler that yields replies in completion order), open
-streams cost no threads, and while batches are short (< `_INLINE_MAX_S`, e.g. a GPU teacher or
-a small model) the loop runs ready batches itself, as the ZeroMQ socket thread does
+streams cost no threads, and while batches are short (`DynamicBatcher.inline_max_s`, e.g. a
+GPU teacher or a small model) the loop runs ready batches itself, as the ZeroMQ socket thread does
 (`DynamicBatcher.run_ready`): a request is read, run and answered without changing threads.
 Longer batches run on the batcher's workers, whose replies come back by
 `call_soon_threadsafe`, so reads, health checks and Describe calls never wait for a forward
@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-import pyarrow as pa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lyceum.proto import wire
+from lyceum.teacher_server.batcher import Knowledge
 from lyceum.teacher_server.errors import INVALID_ARGUMENT, UNAVAILABLE, ServeError
 from lyceum.teacher_server.metrics import log_event
 from lyceum.teacher_server.transport.base import INDEX, QUERY, TeacherService
@@ -47,17 +47,23 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
 # the configured limit by the service, which answers INVALID_ARGUMENT and keeps the stream.
 _ENVELOPE_SLACK = 1 << 20
 
-# The loop runs a batch itself only when batches are this short: a longer one would hold up
-# every stream's reads (so later batches would form from fewer requests and a full queue would
-# never refuse), health checks and Describe calls for its whole duration.
-_INLINE_MAX_S = 0.002
-
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class _StreamEnd:
     requests: int
+
+
+@dataclass(frozen=True)
+class _Result:
+    """A request's outcome, encoded by the stream's handler on the loop when it is sent."""
+
+    request_id: int
+    result: Knowledge | ServeError
+
+
+_Queued = bytes | _Result | _StreamEnd
 
 
 def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
@@ -217,7 +223,7 @@ class GrpcTransport:
         await self._check_access(context)
         peer = context.peer()
         log_event("stream_open", transport=self.name, peer=peer)
-        replies: asyncio.Queue[bytes | _StreamEnd] = asyncio.Queue()
+        replies: asyncio.Queue[_Queued] = asyncio.Queue()
         reader = asyncio.ensure_future(self._read(requests, replies, peer))
         sent, expected = 0, None
         try:
@@ -226,7 +232,7 @@ class GrpcTransport:
                 if isinstance(item, _StreamEnd):
                     expected = item.requests
                     continue
-                yield item
+                yield self._encode(item, peer) if isinstance(item, _Result) else item
                 sent += 1
         finally:
             # A cancelled or failed stream: its requests still in the batcher answer into a
@@ -237,7 +243,7 @@ class GrpcTransport:
     async def _read(
         self,
         requests: AsyncIterator[bytes],
-        replies: asyncio.Queue[bytes | _StreamEnd],
+        replies: asyncio.Queue[_Queued],
         peer: str,
     ) -> None:
         count = 0
@@ -250,7 +256,7 @@ class GrpcTransport:
         finally:
             replies.put_nowait(_StreamEnd(count))
 
-    def _handle(self, raw: bytes, replies: asyncio.Queue[bytes | _StreamEnd], peer: str) -> None:
+    def _handle(self, raw: bytes, replies: asyncio.Queue[_Queued], peer: str) -> None:
         try:
             request = wire.decode_request(raw)
         except wire.WireError as exc:
@@ -260,29 +266,23 @@ class GrpcTransport:
         rid = request.request_id
         deliver = self._deliverer(replies)
 
-        def done(result: pa.RecordBatch | ServeError) -> None:
-            if isinstance(result, ServeError):
-                self._service.record_error(self.name, result, peer, rid)
-                deliver(wire.encode_error_reply(rid, result.code, result.message))
-            else:
-                deliver(wire.encode_batch_reply(rid, result))
+        def done(result: Knowledge | ServeError) -> None:
+            deliver(_Result(rid, result))
 
         mode, payload = (
             (QUERY, request.inputs) if request.inputs is not None else (INDEX, request.ids)
         )
-        inline = self._service.batcher.recent_batch_s <= _INLINE_MAX_S
         try:
-            self._service.submit(self.name, mode, payload, done, defer=inline)  # type: ignore[arg-type]
+            self._service.submit(self.name, mode, payload, done, defer=True)  # type: ignore[arg-type]
         except ServeError as exc:
             self._fail(replies, peer, rid, exc)
             return
-        if inline:
-            self._schedule_run()
+        self._schedule_run()
 
-    def _deliverer(self, replies: asyncio.Queue[bytes | _StreamEnd]) -> Callable[[bytes], None]:
+    def _deliverer(self, replies: asyncio.Queue[_Queued]) -> Callable[[_Result], None]:
         loop, loop_thread = self._loop, self._thread.ident
 
-        def deliver(reply: bytes) -> None:
+        def deliver(reply: _Result) -> None:
             if threading.get_ident() == loop_thread:
                 replies.put_nowait(reply)  # a batch the loop ran: no hand-off needed
                 return
@@ -291,6 +291,16 @@ class GrpcTransport:
                 loop.call_soon_threadsafe(replies.put_nowait, reply)
 
         return deliver
+
+    def _encode(self, item: _Result, peer: str) -> bytes:
+        result = item.result
+        if isinstance(result, Knowledge):
+            try:
+                return wire.encode_batch_reply(item.request_id, result.record_batch())
+            except ServeError as exc:
+                result = exc
+        self._service.record_error(self.name, result, peer, item.request_id)
+        return wire.encode_error_reply(item.request_id, result.code, result.message)
 
     def _schedule_run(self) -> None:
         # Once per loop iteration: the requests every stream read in this iteration are
@@ -308,7 +318,7 @@ class GrpcTransport:
 
     def _fail(
         self,
-        replies: asyncio.Queue[bytes | _StreamEnd],
+        replies: asyncio.Queue[_Queued],
         peer: str,
         rid: int,
         exc: ServeError,

@@ -28,12 +28,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from lyceum.proto.codec import to_ipc
-from lyceum.teacher_server.batcher import Done
+from lyceum.teacher_server.batcher import Done, Knowledge
 from lyceum.teacher_server.errors import INVALID_ARGUMENT, ServeError
 from lyceum.teacher_server.metrics import log_event
 from lyceum.teacher_server.security import CurveServerKeys
@@ -90,7 +89,10 @@ class ZmqTransport:
             self._bind(f"ipc://{path}")
             self._endpoints.append(f"ipc://{path}")
         self._monitor = sock.get_monitor_socket(events=sum(_MONITOR_EVENTS))
-        self._outbox: queue.SimpleQueue[list[object]] = queue.SimpleQueue()
+        # Results of batches a worker ran, encoded and sent by the socket thread.
+        self._outbox: queue.SimpleQueue[tuple[bytes, bytes, Knowledge | ServeError]] = (
+            queue.SimpleQueue()
+        )
         self._wake_r, self._wake_w = os.pipe()
         self._wake_lock = threading.Lock()
         self._wake_closed = False
@@ -186,10 +188,10 @@ class ZmqTransport:
     def _flush(self) -> None:
         while True:
             try:
-                frames = self._outbox.get_nowait()
+                peer, rid, result = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            self._send(frames)
+            self._send(self._reply(peer, rid, result))
 
     def _send(self, frames: list[object]) -> None:
         try:
@@ -252,24 +254,20 @@ class ZmqTransport:
         return np.frombuffer(view, dtype="<u8").astype(np.uint64)
 
     def _replier(self, peer: bytes, rid: bytes) -> Done:
-        def done(result: pa.RecordBatch | ServeError) -> None:
-            if isinstance(result, ServeError):
-                self._service.record_error(
-                    self.name, result, peer.hex(), int.from_bytes(rid, "little")
-                )
-                frames: list[object] = [
-                    peer,
-                    rid,
-                    KIND_ERROR,
-                    str(result.code).encode(),
-                    result.message.encode(),
-                ]
-            else:
-                frames = [peer, rid, KIND_KNOWLEDGE, to_ipc(result)]
+        def done(result: Knowledge | ServeError) -> None:
             if threading.get_ident() == self._thread.ident:
-                self._send(frames)  # a batch this thread ran: no hand-off needed
+                self._send(self._reply(peer, rid, result))  # a batch this thread ran
             else:
-                self._outbox.put(frames)
+                self._outbox.put((peer, rid, result))
                 self._wake()
 
         return done
+
+    def _reply(self, peer: bytes, rid: bytes, result: Knowledge | ServeError) -> list[object]:
+        if isinstance(result, Knowledge):
+            try:
+                return [peer, rid, KIND_KNOWLEDGE, to_ipc(result.record_batch())]
+            except ServeError as exc:
+                result = exc
+        self._service.record_error(self.name, result, peer.hex(), int.from_bytes(rid, "little"))
+        return [peer, rid, KIND_ERROR, str(result.code).encode(), result.message.encode()]

@@ -52,8 +52,8 @@ def _job(ids: list[int], done) -> Job:  # type: ignore[no-untyped-def]
     return Job(ids=np.asarray(ids, dtype=np.uint64), inputs=x, done=done)
 
 
-def _batcher(engines, max_batch=8, delay_s=0.05, queue=64) -> DynamicBatcher:  # type: ignore[no-untyped-def]
-    b = DynamicBatcher(engines, max_batch, delay_s, queue, ServerMetrics())
+def _batcher(engines, max_batch=8, delay_s=0.05, queue=64, inline_max_s=0.002) -> DynamicBatcher:  # type: ignore[no-untyped-def]
+    b = DynamicBatcher(engines, max_batch, delay_s, queue, ServerMetrics(), inline_max_s)
     b.start()
     return b
 
@@ -70,7 +70,7 @@ def test_requests_coalesce_up_to_max_batch_and_split_back():
     # 3+3 fit in 8, a third request of 3 would not: batches of 6, 6 and 3 samples.
     assert engine.sizes == [6, 6, 3]
     for k, job in enumerate(jobs):
-        got = from_record_batch(results.items[k])  # type: ignore[arg-type]
+        got = from_record_batch(results.items[k].record_batch())  # type: ignore[union-attr]
         assert got.sample_ids.tolist() == [3 * k, 3 * k + 1, 3 * k + 2]
         with torch.inference_mode():
             want = engine.model(job.inputs)
@@ -167,7 +167,8 @@ class Threaded(Recording):
 
 def test_run_ready_runs_deferred_requests_on_the_calling_thread():
     engine = Threaded()
-    batcher = _batcher([engine], max_batch=8, delay_s=0.0)
+    # inline_max_s=inf: run here even before any batch was timed.
+    batcher = _batcher([engine], max_batch=8, delay_s=0.0, inline_max_s=float("inf"))
     results = Results()
     assert not batcher.run_ready()  # nothing queued
     jobs = [_job([3 * k, 3 * k + 1, 3 * k + 2], results.callback(k, 4)) for k in range(4)]
@@ -181,7 +182,7 @@ def test_run_ready_runs_deferred_requests_on_the_calling_thread():
     assert engine.sizes == [6, 6]
     assert engine.threads == [threading.get_ident()] * 2
     for k in range(4):
-        assert from_record_batch(results.items[k]).sample_ids.tolist() == [
+        assert from_record_batch(results.items[k].record_batch()).sample_ids.tolist() == [  # type: ignore[union-attr]
             3 * k,
             3 * k + 1,
             3 * k + 2,
@@ -190,7 +191,7 @@ def test_run_ready_runs_deferred_requests_on_the_calling_thread():
 
 def test_run_ready_leaves_a_batch_that_may_wait_to_a_worker():
     engine = Threaded()
-    batcher = _batcher([engine], max_batch=4, delay_s=0.5)
+    batcher = _batcher([engine], max_batch=4, delay_s=0.5, inline_max_s=float("inf"))
     results = Results()
     batcher.submit(_job([0, 1], results.callback(0, 3)), defer=True)
     # Half a batch, within its delay: a worker waits for company, the caller goes on.
@@ -236,9 +237,8 @@ def test_with_several_engines_run_ready_leaves_batches_to_the_workers():
 
 def test_recent_batch_time_is_unknown_then_follows_the_batches():
     engine = Threaded(delay_s=0.05)
-    batcher = _batcher([engine], max_batch=2, delay_s=0.0)
-    # Unknown before any batch ran: a transport must not assume batches are short.
-    assert batcher.recent_batch_s == float("inf")
+    batcher = _batcher([engine], max_batch=2, delay_s=0.0, inline_max_s=float("inf"))
+    assert batcher.recent_batch_s == float("inf")  # unknown before any batch ran
     results = Results()
     batcher.submit(_job([0, 1], results.callback(0, 2)), defer=True)
     assert batcher.run_ready()
@@ -250,3 +250,29 @@ def test_recent_batch_time_is_unknown_then_follows_the_batches():
     # A moving average: a fast batch pulls it down without forgetting the slow one at once.
     assert 0 < batcher.recent_batch_s < slow
     batcher.close()
+
+
+def test_long_batches_run_on_the_workers_not_the_calling_thread():
+    engine = Threaded(delay_s=0.05)
+    batcher = _batcher([engine], max_batch=2, delay_s=0.0)  # inline only below 2 ms
+    results = Results()
+    # Not timed yet: the caller does not risk a long forward pass; a worker runs it.
+    batcher.submit(_job([0, 1], results.callback(0, 3)), defer=True)
+    assert not batcher.run_ready()
+    deadline = time.monotonic() + 5
+    while len(results.items) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Timed at 50 ms: still the workers' (the caller would stop receiving for that long).
+    batcher.submit(_job([2, 3], results.callback(1, 3)), defer=True)
+    assert not batcher.run_ready()
+    # Short enough for the limit again (shorter batches, or here a looser limit): the caller.
+    while len(results.items) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.delay_s = 0.0
+    batcher.inline_max_s = 1.0
+    batcher.submit(_job([4, 5], results.callback(2, 3)), defer=True)
+    assert batcher.run_ready()
+    assert results.event.wait(5)
+    batcher.close()
+    me = threading.get_ident()
+    assert engine.threads[0] != me and engine.threads[1] != me and engine.threads[2] == me
