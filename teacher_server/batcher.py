@@ -15,12 +15,12 @@ to a worker thread and every reply back cost 4-12 thread switches per message (f
 GIL hand-over, cold cache), measured at 0.4-0.6 ms of CPU per message, several times the
 Python work itself (bench/transport.md). An engine is claimed by one thread at a time.
 With several engines (devices) the transport threads only queue: a thread busy running one
-device's batch would not receive the requests that keep the other devices busy. Nor does a
-transport thread run batches that take long (recent ones above `inline_max_s`, or before
-any batch was timed): it would stop receiving, replying and answering health checks for the
-whole forward pass, while on a worker the forward pass (which releases the GIL) overlaps the
-transport's per-request work. Measured on bench/batching.py (ZeroMQ, resnet_cnn, ~8 ms
-batches): the socket thread running every batch left the engine idle between batches.
+device's batch would not receive the requests that keep the other devices busy. A transport
+may also refuse batches that take long (`run_ready(max_batch_s=...)`, judged by recent
+batches): the gRPC event loop does, as it would otherwise stop reading every stream and
+answering health checks for each forward pass (ZeroMQ's socket thread keeps running them:
+libzmq queues what arrives meanwhile, and handing them to a worker measured 7% slower on
+bench/batching.py).
 
 Why a bounded queue in samples (not requests): memory and latency grow with samples; a full
 queue refuses new work at once (RESOURCE_EXHAUSTED) so students back off instead of the
@@ -29,6 +29,7 @@ server growing without bound.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -51,10 +52,9 @@ class Knowledge:
     """One request's rows of a device batch (views of the engine's output), not yet encoded.
 
     The transport that answers encodes it (`record_batch()`, then its wire format) on its own
-    thread, so the worker that runs the engine spends its time on forward passes, which
-    release the GIL while the transport threads encode. Encoding on the worker made it the
-    bottleneck of bench/batching.py: ~30% of its time went to per-request encoding while the
-    other core idled.
+    thread, so a worker that runs the engine spends its time on forward passes (which release
+    the GIL while the transport encodes). Measured on bench/batching.py with gRPC, whose long
+    batches run on the workers: 8-15% more samples/s than encoding on the worker.
     """
 
     schema: KnowledgeSchema
@@ -101,7 +101,6 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue_samples: int,
         metrics: ServerMetrics,
-        inline_max_s: float = 0.002,
     ) -> None:
         if not engines:
             raise ValueError("the batcher needs at least one engine (one per --device)")
@@ -113,7 +112,6 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue_samples = max_queue_samples
-        self.inline_max_s = inline_max_s
         self._metrics = metrics
         self._queue: deque[Job] = deque()
         self._queued = 0
@@ -184,10 +182,11 @@ class DynamicBatcher:
             if not defer:
                 self._has_work.notify_all()
 
-    def run_ready(self, *, again: bool = False) -> bool:
+    def run_ready(self, *, again: bool = False, max_batch_s: float = math.inf) -> bool:
         """Run one batch of queued requests on the calling thread if the one engine is idle,
-        recent batches were short (`inline_max_s`) and the batch need not wait for more
-        requests; otherwise leave the queue to the workers.
+        recent batches took at most `max_batch_s` (none timed yet counts as longer, unless it
+        is inf) and the batch need not wait for more requests; otherwise leave the queue to
+        the workers.
         True if a batch ran here (its replies have been handed to their callbacks).
 
         `again=True`: the caller calls `run_ready` again as soon as this returns True, so the
@@ -198,7 +197,7 @@ class DynamicBatcher:
             if not self._queue:
                 return False
             # See the module docstring: several devices, or batches too long to run here.
-            if len(self.engines) > 1 or self._batch_s > self.inline_max_s:
+            if len(self.engines) > 1 or self._batch_s > max_batch_s:
                 self._has_work.notify_all()
                 return False
             ready = (

@@ -9,6 +9,7 @@ answers, codes and messages for the same request.
 from __future__ import annotations
 
 import hmac
+import math
 from typing import Any, Protocol
 
 import numpy as np
@@ -133,9 +134,10 @@ class TeacherService:
 
         self.batcher.submit(Job(ids=ids, inputs=inputs, done=finished), defer=defer)
 
-    def run_ready(self, *, again: bool = False) -> bool:
-        """Run a batch of queued requests on the calling (transport) thread if one is ready."""
-        return self.batcher.run_ready(again=again)
+    def run_ready(self, *, again: bool = False, max_batch_s: float = math.inf) -> bool:
+        """Run a batch of queued requests on the calling (transport) thread if one is ready
+        (see `DynamicBatcher.run_ready`)."""
+        return self.batcher.run_ready(again=again, max_batch_s=max_batch_s)
 
     def record_error(self, transport: str, error: ServeError, peer: str, request_id: int) -> None:
         self.metrics.errors.labels(transport, error.code_name).inc()

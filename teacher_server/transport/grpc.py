@@ -11,8 +11,8 @@ thread), so the number of students was capped by the pool (32 by default) and ev
 crossed three threads (grpc's poller -> stream reader -> engine -> stream handler), each a
 futex wake and a GIL hand-over. Here every stream is two coroutines on the loop (a reader that
 submits requests as they arrive, the handler that yields replies in completion order), open
-streams cost no threads, and while batches are short (`DynamicBatcher.inline_max_s`, e.g. a
-GPU teacher or a small model) the loop runs ready batches itself, as the ZeroMQ socket thread does
+streams cost no threads, and while batches are short (`_INLINE_MAX_S`, e.g. a GPU teacher or
+a small model) the loop runs ready batches itself, as the ZeroMQ socket thread does
 (`DynamicBatcher.run_ready`): a request is read, run and answered without changing threads.
 Longer batches run on the batcher's workers, whose replies come back by
 `call_soon_threadsafe`, so reads, health checks and Describe calls never wait for a forward
@@ -64,6 +64,12 @@ class _Result:
 
 
 _Queued = bytes | _Result | _StreamEnd
+
+# The loop runs a batch itself only while recent batches took at most this long: a longer one
+# would hold up every stream's reads (later batches would form from fewer requests, and a
+# full queue would never refuse: requests wait in HTTP/2 flow control instead), health checks
+# and Describe calls for its whole duration.
+_INLINE_MAX_S = 0.002
 
 
 def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
@@ -313,7 +319,7 @@ class GrpcTransport:
         self._run_scheduled = False
         # One batch per iteration: the loop sends its replies and reads what arrived meanwhile
         # before the next one; `again=True` keeps the engine from being handed to a worker.
-        if self._service.run_ready(again=True):
+        if self._service.run_ready(again=True, max_batch_s=_INLINE_MAX_S):
             self._schedule_run()
 
     def _fail(

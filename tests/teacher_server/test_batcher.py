@@ -52,8 +52,8 @@ def _job(ids: list[int], done) -> Job:  # type: ignore[no-untyped-def]
     return Job(ids=np.asarray(ids, dtype=np.uint64), inputs=x, done=done)
 
 
-def _batcher(engines, max_batch=8, delay_s=0.05, queue=64, inline_max_s=0.002) -> DynamicBatcher:  # type: ignore[no-untyped-def]
-    b = DynamicBatcher(engines, max_batch, delay_s, queue, ServerMetrics(), inline_max_s)
+def _batcher(engines, max_batch=8, delay_s=0.05, queue=64) -> DynamicBatcher:  # type: ignore[no-untyped-def]
+    b = DynamicBatcher(engines, max_batch, delay_s, queue, ServerMetrics())
     b.start()
     return b
 
@@ -167,8 +167,7 @@ class Threaded(Recording):
 
 def test_run_ready_runs_deferred_requests_on_the_calling_thread():
     engine = Threaded()
-    # inline_max_s=inf: run here even before any batch was timed.
-    batcher = _batcher([engine], max_batch=8, delay_s=0.0, inline_max_s=float("inf"))
+    batcher = _batcher([engine], max_batch=8, delay_s=0.0)
     results = Results()
     assert not batcher.run_ready()  # nothing queued
     jobs = [_job([3 * k, 3 * k + 1, 3 * k + 2], results.callback(k, 4)) for k in range(4)]
@@ -191,7 +190,7 @@ def test_run_ready_runs_deferred_requests_on_the_calling_thread():
 
 def test_run_ready_leaves_a_batch_that_may_wait_to_a_worker():
     engine = Threaded()
-    batcher = _batcher([engine], max_batch=4, delay_s=0.5, inline_max_s=float("inf"))
+    batcher = _batcher([engine], max_batch=4, delay_s=0.5)
     results = Results()
     batcher.submit(_job([0, 1], results.callback(0, 3)), defer=True)
     # Half a batch, within its delay: a worker waits for company, the caller goes on.
@@ -237,7 +236,7 @@ def test_with_several_engines_run_ready_leaves_batches_to_the_workers():
 
 def test_recent_batch_time_is_unknown_then_follows_the_batches():
     engine = Threaded(delay_s=0.05)
-    batcher = _batcher([engine], max_batch=2, delay_s=0.0, inline_max_s=float("inf"))
+    batcher = _batcher([engine], max_batch=2, delay_s=0.0)
     assert batcher.recent_batch_s == float("inf")  # unknown before any batch ran
     results = Results()
     batcher.submit(_job([0, 1], results.callback(0, 2)), defer=True)
@@ -252,27 +251,27 @@ def test_recent_batch_time_is_unknown_then_follows_the_batches():
     batcher.close()
 
 
-def test_long_batches_run_on_the_workers_not_the_calling_thread():
+def test_a_caller_can_leave_long_batches_to_the_workers():
     engine = Threaded(delay_s=0.05)
-    batcher = _batcher([engine], max_batch=2, delay_s=0.0)  # inline only below 2 ms
+    batcher = _batcher([engine], max_batch=2, delay_s=0.0)
     results = Results()
-    # Not timed yet: the caller does not risk a long forward pass; a worker runs it.
-    batcher.submit(_job([0, 1], results.callback(0, 3)), defer=True)
-    assert not batcher.run_ready()
+    # Not timed yet: a caller that cannot afford long batches leaves it to a worker.
+    batcher.submit(_job([0, 1], results.callback(0, 4)), defer=True)
+    assert not batcher.run_ready(max_batch_s=0.002)
     deadline = time.monotonic() + 5
     while len(results.items) < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    # Timed at 50 ms: still the workers' (the caller would stop receiving for that long).
-    batcher.submit(_job([2, 3], results.callback(1, 3)), defer=True)
-    assert not batcher.run_ready()
-    # Short enough for the limit again (shorter batches, or here a looser limit): the caller.
+    # Timed at 50 ms: still the workers' (the caller would stop receiving for that long)...
+    batcher.submit(_job([2, 3], results.callback(1, 4)), defer=True)
+    assert not batcher.run_ready(max_batch_s=0.002)
     while len(results.items) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    engine.delay_s = 0.0
-    batcher.inline_max_s = 1.0
-    batcher.submit(_job([4, 5], results.callback(2, 3)), defer=True)
+    # ...unless the caller allows that long, or any length (the default).
+    batcher.submit(_job([4, 5], results.callback(2, 4)), defer=True)
+    assert batcher.run_ready(max_batch_s=1.0)
+    batcher.submit(_job([6, 7], results.callback(3, 4)), defer=True)
     assert batcher.run_ready()
     assert results.event.wait(5)
     batcher.close()
     me = threading.get_ident()
-    assert engine.threads[0] != me and engine.threads[1] != me and engine.threads[2] == me
+    assert [t == me for t in engine.threads] == [False, False, True, True]
