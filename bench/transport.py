@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,9 @@ from torch import nn
 
 from lyceum.proto.codec import to_record_batch
 from lyceum.teacher_server.engine import EngineConfig, OutputSpec, TeacherEngine
+
+if TYPE_CHECKING:
+    import grpc
 
 CASES: dict[str, tuple[int, ...]] = {
     "64KB": (16, 1000),
@@ -118,6 +122,15 @@ def serve_bare_zmq(case: str) -> None:
             sock.send_multipart([peer, rid, data], copy=False)
 
 
+def _unlimited_grpc_server() -> grpc.Server:
+    import grpc
+
+    return grpc.server(
+        ThreadPoolExecutor(4),
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+    )
+
+
 def serve_bare_grpc(case: str) -> None:
     import grpc
 
@@ -127,10 +140,7 @@ def serve_bare_grpc(case: str) -> None:
         for _ in requests:
             yield data
 
-    server = grpc.server(
-        ThreadPoolExecutor(4),
-        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
-    )
+    server = _unlimited_grpc_server()
     handler = grpc.method_handlers_generic_handler(
         "bench.Bare", {"Distill": grpc.stream_stream_rpc_method_handler(distill)}
     )
@@ -195,10 +205,7 @@ def serve_canned_grpc(case: str) -> None:
         for _ in requests:
             yield reply
 
-    server = grpc.server(
-        ThreadPoolExecutor(4),
-        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
-    )
+    server = _unlimited_grpc_server()
     handlers = {
         "Distill": grpc.stream_stream_rpc_method_handler(distill),
         "Describe": grpc.unary_unary_rpc_method_handler(
