@@ -5,15 +5,22 @@ again when the field is read in Python and again when a message is serialised; f
 knowledge that was 4+ copies and a third of gRPC's throughput. These messages are an id plus
 one `bytes` or small sub-message field, so they are framed by hand: encoding writes a few
 header bytes before the payload (one copy when joined), decoding returns `memoryview` slices
-of the received bytes (no copy). The wire format is exactly the generated classes' (same
-field numbers and wire types), so a client using the generated stubs interoperates; the
-small sub-messages (`SampleIds`, `Error`) still go through the generated classes.
+of the received bytes (no copy). The wire format is the generated classes' (same field
+numbers and wire types), so a client using the generated stubs interoperates; the small
+sub-messages (`SampleIds`, `Error`) still go through the generated classes. One liberty: a
+reply's knowledge length (and, where needed, its id) is written as a padded (non-minimal)
+varint so the Arrow stream starts a multiple of 8 bytes into the message; its buffers, and
+the tensors a client views them as, are then 8-byte aligned (with minimal varints they sat
+2-8 bytes off: float32 tensors were views at 2-byte alignment). Protobuf parsers read padded
+varints (upb tested; it reads lengths in at most 5 bytes, ids in 10); only byte-for-byte
+equality with `SerializeToString()` is lost.
 """
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +42,9 @@ class WireError(ValueError):
         self.request_id = request_id
 
 
-def _varint(value: int) -> bytes:
+def _varint(value: int, width: int = 0) -> bytes:
+    """`value` as a protobuf varint, padded with continuation bytes to `width` bytes if
+    that is longer than its minimal form (at most 10 bytes, as parsers allow)."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -44,7 +53,11 @@ def _varint(value: int) -> bytes:
             out.append(byte | 0x80)
         else:
             out.append(byte)
-            return bytes(out)
+            break
+    if len(out) < width:
+        out[-1] |= 0x80
+        out += b"\x80" * (width - len(out) - 1) + b"\x00"
+    return bytes(out)
 
 
 def _id_field(request_id: int) -> bytes:
@@ -136,9 +149,35 @@ def decode_request(data: bytes | memoryview) -> Request:
     return Request(request_id=request_id, inputs=inputs, ids=ids)
 
 
+# Parsers take varints of up to 10 bytes, but upb reads a length (a 32-bit size) in at most 5.
+_MAX_LENGTH_VARINT_BYTES = 5
+
+
+@lru_cache(maxsize=1024)
+def _aligned_widths(id_bytes: int, length_bytes: int, has_id: bool) -> tuple[int, int] | None:
+    """Widths (id varint, 0 = no id field; length varint) that make the reply header a
+    multiple of 8 bytes long, shortest first; None if no padding can."""
+    id_widths = range(id_bytes, _MAX_VARINT_BYTES + 1) if has_id else (0, *range(1, 11))
+    for total in range(8, 8 * 4, 8):
+        for w_id in id_widths:
+            w_len = total - 1 - (1 + w_id if w_id else 0)
+            if length_bytes <= w_len <= _MAX_LENGTH_VARINT_BYTES:
+                return w_id, w_len
+    return None
+
+
 def knowledge_header(request_id: int, nbytes: int) -> bytes:
-    """The bytes that precede `nbytes` of knowledge in a `DistillReply`."""
-    return _id_field(request_id) + b"\x12" + _varint(nbytes)
+    """The bytes that precede `nbytes` of knowledge in a `DistillReply`, padded to a multiple
+    of 8 bytes (see the module docstring)."""
+    length = _varint(nbytes)
+    rid = _varint(request_id)
+    widths = _aligned_widths(len(rid), len(length), request_id != 0)
+    if widths is None:
+        return _id_field(request_id) + b"\x12" + length
+    w_id, w_len = widths
+    # An explicit id 0 is legal (proto3 reads it as the default) and gives two more bytes.
+    head = b"\x08" + _varint(request_id, w_id) if w_id else b""
+    return head + b"\x12" + _varint(nbytes, w_len)
 
 
 def encode_batch_reply(request_id: int, batch: pa.RecordBatch) -> bytes:

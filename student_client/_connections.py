@@ -331,7 +331,7 @@ class ZmqConnection:
             self._outstanding.discard(rid)
             kind = frames[1].bytes
             if kind == b"knowledge":
-                out.append(Reply(rid, knowledge=frames[2].buffer))
+                out.append(Reply(rid, knowledge=_aligned(frames[2])))
             elif kind == b"describe":
                 self._describes[rid] = frames[2].bytes
             elif kind == b"error" and len(frames) == 4:
@@ -364,6 +364,16 @@ class ZmqConnection:
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
+
+
+def _aligned(frame: zmq.Frame) -> memoryview:
+    """The frame's bytes, 8-byte aligned so the tensors decoded from them are too. libzmq
+    hands frames smaller than its 8 KiB read batch out as slices of its receive buffer, at any
+    alignment; those few KiB are copied (a new `bytes` object's data is aligned)."""
+    view = frame.buffer
+    if np.frombuffer(view, dtype=np.uint8).ctypes.data % 8:
+        return memoryview(frame.bytes)
+    return view
 
 
 def _rpc_error(exc: grpc.RpcError) -> TeacherError:

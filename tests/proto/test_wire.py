@@ -1,4 +1,6 @@
-"""The hand-rolled DistillRequest/DistillReply framing must equal protobuf's own, byte for byte."""
+"""The hand-rolled DistillRequest/DistillReply framing must equal protobuf's own: byte for
+byte for requests; for replies, field for field as the generated classes parse them (the
+knowledge length is padded so the Arrow stream starts 8-byte aligned)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,11 @@ def test_batch_reply_matches_generated_classes_and_decodes(rid, rows):
     batch = to_record_batch(schema, range(rows), {"logits": x})
     reply = wire.encode_batch_reply(rid, batch)
     ipc = to_ipc(batch).to_pybytes()
-    assert reply == pb.DistillReply(request_id=rid, knowledge=ipc).SerializeToString()
+    generated = pb.DistillReply.FromString(reply)
+    assert generated.request_id == rid and generated.knowledge == ipc
+    assert reply.endswith(ipc)
+    if rid < 2**63:  # a 10-byte id leaves no room to pad some lengths
+        assert (len(reply) - len(ipc)) % 8 == 0
     back = wire.decode_reply(reply)
     assert back.request_id == rid and back.error_code == 0
     assert torch.equal(decode(back.knowledge, schema).tensors["logits"], x)
@@ -54,8 +60,29 @@ def test_large_batch_reply_takes_the_exact_size_path_with_the_same_bytes():
     reply = wire.encode_batch_reply(9, batch)
     ipc = to_ipc(batch).to_pybytes()
     assert len(ipc) == codec.ipc_size(batch)
-    assert reply == pb.DistillReply(request_id=9, knowledge=ipc).SerializeToString()
-    assert torch.equal(decode(wire.decode_reply(reply).knowledge, schema).tensors["logits"], x)
+    assert pb.DistillReply.FromString(reply).knowledge == ipc and reply.endswith(ipc)
+    got = decode(wire.decode_reply(reply).knowledge, schema).tensors["logits"]
+    assert torch.equal(got, x)
+    # Zero-copy and aligned: a view of the reply's own bytes at an 8-byte boundary.
+    start = np.frombuffer(reply, dtype=np.uint8).ctypes.data
+    assert start <= got.data_ptr() < start + len(reply)
+    assert (got.data_ptr() - start) % 8 == 0
+
+
+@given(rid=st.integers(0, 2**63 - 1), nbytes=st.integers(0, 2**31))
+def test_knowledge_header_is_padded_to_eight_bytes(rid, nbytes):
+    header = wire.knowledge_header(rid, nbytes)
+    assert len(header) % 8 == 0 or nbytes >= 2**28  # 5-byte lengths may leave no room
+
+
+@given(rid=st.integers(0, 2**64 - 1), nbytes=st.integers(0, 3000))
+def test_padded_header_parses_with_generated_classes(rid, nbytes):
+    message = wire.knowledge_header(rid, nbytes) + b"x" * nbytes
+    generated = pb.DistillReply.FromString(message)
+    assert generated.request_id == rid and len(generated.knowledge) == nbytes
+    ours = wire.decode_reply(message)
+    assert ours.request_id == rid and ours.knowledge is not None
+    assert ours.knowledge.nbytes == nbytes
 
 
 def test_error_reply_and_unknown_fields():
