@@ -145,8 +145,8 @@ class DynamicBatcher:
 
     @property
     def recent_batch_s(self) -> float:
-        """How long recent batches took to run (a moving average; inf before the first), so a
-        transport can tell whether running one on its own thread would stall its I/O."""
+        """How long recent batches took to run (a moving average; inf before the first): what
+        `run_ready(max_batch_s=...)` judges by."""
         return self._batch_s
 
     def submit(self, job: Job, *, defer: bool = False) -> None:
