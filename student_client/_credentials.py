@@ -1,10 +1,11 @@
 """A student's credentials for online teachers: which options fit which endpoints, CURVE keys.
 
 `OnlineTeacher` and `EndpointClient` (keyword arguments) and `TeacherConfig` (YAML keys of
-the same names) all call `check_credentials`, so a mistake gets the same message either way,
-naming the option and what it needs. `TeacherConfig` only checks the shape of the options;
-the clients' `build_credentials` also reads the files, on the machine that trains (keys
-through `lyceum.proto.curve_keys`, the reader the teacher uses too).
+the same names) all gather them in one `CredentialOptions` and call its `check`, so a
+mistake gets the same message either way, naming the option and what it needs.
+`TeacherConfig` only checks the shape of the options; the clients' `build` also reads the
+files, on the machine that trains (keys through `lyceum.proto.curve_keys`, the reader the
+teacher uses too).
 
 CURVE (ZeroMQ) needs the teacher's public key to connect at all; a teacher with an
 allow-list (`--zmq-curve-clients`) also needs the student's own key pair. The student's
@@ -15,6 +16,7 @@ a public key given as well must be that key's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -23,8 +25,7 @@ from lyceum.proto.curve_keys import read_curve_key, z85_key
 from lyceum.student_client._connections import Credentials
 
 __all__ = [
-    "build_credentials",
-    "check_credentials",
+    "CredentialOptions",
     "client_curve_keys",
     "server_curve_key",
 ]
@@ -33,87 +34,112 @@ ZMQ_SCHEMES = ("zmq://", "ipc://")
 GRPC_SCHEMES = ("grpc://", "grpcs://", "unix://", "dns:///")
 
 
-def _given(options: dict[str, object]) -> list[str]:
-    return [name for name, value in options.items() if value is not None and value is not False]
+@dataclass(frozen=True)
+class CredentialOptions:
+    """A student's security options for one online teacher, by the names every entry point
+    uses (`OnlineTeacher`, `EndpointClient`, `TeacherConfig`)."""
 
+    token: str | bytes | None = None
+    token_file: str | Path | None = None
+    tls: bool = False
+    tls_ca: str | Path | None = None
+    tls_cert: str | Path | None = None
+    tls_key: str | Path | None = None
+    tls_server_name: str | None = None
+    curve_server_key: str | bytes | None = None
+    curve_server_key_file: str | Path | None = None
+    curve_public_key: str | bytes | None = None
+    curve_secret_key: str | bytes | None = None
+    curve_secret_key_file: str | Path | None = None
 
-def check_credentials(
-    endpoints: Sequence[str],
-    *,
-    token: str | bytes | None = None,
-    token_file: str | Path | None = None,
-    tls: bool = False,
-    tls_ca: str | Path | None = None,
-    tls_cert: str | Path | None = None,
-    tls_key: str | Path | None = None,
-    tls_server_name: str | None = None,
-    curve_server_key: str | bytes | None = None,
-    curve_server_key_file: str | Path | None = None,
-    curve_public_key: str | bytes | None = None,
-    curve_secret_key: str | bytes | None = None,
-    curve_secret_key_file: str | Path | None = None,
-) -> None:
-    """Raise `ValueError` naming the option if the options cannot work together or with
-    `endpoints` (TLS needs a gRPC endpoint, CURVE a ZeroMQ one)."""
-    pairs: tuple[tuple[str, object, str, object], ...] = (
-        ("token", token, "token_file", token_file),
-        ("curve_server_key", curve_server_key, "curve_server_key_file", curve_server_key_file),
-        ("curve_secret_key", curve_secret_key, "curve_secret_key_file", curve_secret_key_file),
-    )
-    for inline, inline_value, from_file, file_value in pairs:
-        if inline_value is not None and file_value is not None:
-            raise ValueError(f"give {inline!r} or {from_file!r}, not both")
-    for name, key in (
-        ("curve_server_key", curve_server_key),
-        ("curve_public_key", curve_public_key),
-        ("curve_secret_key", curve_secret_key),
-    ):
-        if key is not None:
-            z85_key(key, name)
-    secret = curve_secret_key is not None or curve_secret_key_file is not None
-    if curve_public_key is not None and not secret:
-        raise ValueError(
-            "'curve_public_key' is half of the student's CURVE key pair: also give "
-            "'curve_secret_key' (or 'curve_secret_key_file'), from which the public key follows"
+    def check(self, endpoints: Sequence[str]) -> None:
+        """Raise `ValueError` naming the option if the options cannot work together or with
+        `endpoints` (TLS needs a gRPC endpoint, CURVE a ZeroMQ one)."""
+        pairs: tuple[tuple[str, object, str, object], ...] = (
+            ("token", self.token, "token_file", self.token_file),
+            (
+                "curve_server_key",
+                self.curve_server_key,
+                "curve_server_key_file",
+                self.curve_server_key_file,
+            ),
+            (
+                "curve_secret_key",
+                self.curve_secret_key,
+                "curve_secret_key_file",
+                self.curve_secret_key_file,
+            ),
         )
-    if secret and curve_server_key is None and curve_server_key_file is None:
-        raise ValueError(
-            "the student's CURVE keys need the teacher's public key: give 'curve_server_key' "
-            "(40-character z85) or 'curve_server_key_file' (the teacher's public key or "
-            "certificate)"
+        for inline, inline_value, from_file, file_value in pairs:
+            if inline_value is not None and file_value is not None:
+                raise ValueError(f"give {inline!r} or {from_file!r}, not both")
+        for name, key in (
+            ("curve_server_key", self.curve_server_key),
+            ("curve_public_key", self.curve_public_key),
+            ("curve_secret_key", self.curve_secret_key),
+        ):
+            if key is not None:
+                z85_key(key, name)
+        secret = self.curve_secret_key is not None or self.curve_secret_key_file is not None
+        if self.curve_public_key is not None and not secret:
+            raise ValueError(
+                "'curve_public_key' is half of the student's CURVE key pair: also give "
+                "'curve_secret_key' (or 'curve_secret_key_file'), from which the public key follows"
+            )
+        if secret and self.curve_server_key is None and self.curve_server_key_file is None:
+            raise ValueError(
+                "the student's CURVE keys need the teacher's public key: give 'curve_server_key' "
+                "(40-character z85) or 'curve_server_key_file' (the teacher's public key or "
+                "certificate)"
+            )
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("'tls_key' is the key of a client certificate: also give 'tls_cert'")
+        if self.tls_cert is not None and self.tls_key is None:
+            raise ValueError(
+                "'tls_cert' (a client certificate) needs its private key: give 'tls_key'"
+            )
+        curve = self._given(
+            "curve_server_key",
+            "curve_server_key_file",
+            "curve_public_key",
+            "curve_secret_key",
+            "curve_secret_key_file",
         )
-    if tls_key is not None and tls_cert is None:
-        raise ValueError("'tls_key' is the key of a client certificate: also give 'tls_cert'")
-    if tls_cert is not None and tls_key is None:
-        raise ValueError("'tls_cert' (a client certificate) needs its private key: give 'tls_key'")
-    curve = _given(
-        {
-            "curve_server_key": curve_server_key,
-            "curve_server_key_file": curve_server_key_file,
-            "curve_public_key": curve_public_key,
-            "curve_secret_key": curve_secret_key,
-            "curve_secret_key_file": curve_secret_key_file,
-        }
-    )
-    if curve and not any(e.startswith(ZMQ_SCHEMES) for e in endpoints):
-        raise ValueError(
-            f"{curve} secure ZeroMQ (CURVE), but no endpoint is zmq://host:port or ipc:///path "
-            f"(endpoints: {list(endpoints)}); drop the CURVE options, or use TLS options for gRPC"
+        if curve and not any(e.startswith(ZMQ_SCHEMES) for e in endpoints):
+            raise ValueError(
+                f"{curve} secure ZeroMQ (CURVE), but no endpoint is zmq://host:port or ipc:///path "
+                f"(endpoints: {list(endpoints)}); drop the CURVE options, or use TLS options for gRPC"
+            )
+        tls_options = self._given("tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name")
+        if tls_options and not any(e.startswith(GRPC_SCHEMES) for e in endpoints):
+            raise ValueError(
+                f"{tls_options} secure gRPC (TLS), but no endpoint is grpc://, grpcs://, unix:// or "
+                f"dns:/// (endpoints: {list(endpoints)}); for ZeroMQ use the curve_* options"
+            )
+
+    def build(self, endpoints: Sequence[str]) -> Credentials:
+        """Check the options, then read the files they name: what a connection to one of
+        `endpoints` presents."""
+        self.check(endpoints)
+        token = self.token
+        if self.token_file is not None:
+            token = Path(self.token_file).read_bytes().strip()
+        public_key, secret_key = client_curve_keys(
+            self.curve_public_key, self.curve_secret_key, self.curve_secret_key_file
         )
-    tls_options = _given(
-        {
-            "tls": tls,
-            "tls_ca": tls_ca,
-            "tls_cert": tls_cert,
-            "tls_key": tls_key,
-            "tls_server_name": tls_server_name,
-        }
-    )
-    if tls_options and not any(e.startswith(GRPC_SCHEMES) for e in endpoints):
-        raise ValueError(
-            f"{tls_options} secure gRPC (TLS), but no endpoint is grpc://, grpcs://, unix:// or "
-            f"dns:/// (endpoints: {list(endpoints)}); for ZeroMQ use the curve_* options"
+        return Credentials(
+            token=token.encode() if isinstance(token, str) else token,
+            tls_ca=Path(self.tls_ca).read_bytes() if self.tls_ca is not None else None,
+            tls_cert=Path(self.tls_cert).read_bytes() if self.tls_cert is not None else None,
+            tls_key=Path(self.tls_key).read_bytes() if self.tls_key is not None else None,
+            tls_server_name=self.tls_server_name,
+            curve_server_key=server_curve_key(self.curve_server_key, self.curve_server_key_file),
+            curve_public_key=public_key,
+            curve_secret_key=secret_key,
         )
+
+    def _given(self, *names: str) -> list[str]:
+        return [n for n in names if getattr(self, n) is not None and getattr(self, n) is not False]
 
 
 def server_curve_key(key: str | bytes | None, key_file: str | Path | None) -> bytes | None:
@@ -143,53 +169,3 @@ def client_curve_keys(
             f"{derived.decode()}); give the matching pair, or leave 'curve_public_key' out"
         )
     return derived, secret_key
-
-
-def build_credentials(
-    endpoints: Sequence[str],
-    *,
-    token: str | bytes | None = None,
-    token_file: str | Path | None = None,
-    tls: bool = False,
-    tls_ca: str | Path | None = None,
-    tls_cert: str | Path | None = None,
-    tls_key: str | Path | None = None,
-    tls_server_name: str | None = None,
-    curve_server_key: str | bytes | None = None,
-    curve_server_key_file: str | Path | None = None,
-    curve_public_key: str | bytes | None = None,
-    curve_secret_key: str | bytes | None = None,
-    curve_secret_key_file: str | Path | None = None,
-) -> Credentials:
-    """Check the options (`check_credentials`), then read the files they name: what a
-    connection to one of `endpoints` presents."""
-    check_credentials(
-        endpoints,
-        token=token,
-        token_file=token_file,
-        tls=tls,
-        tls_ca=tls_ca,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_server_name=tls_server_name,
-        curve_server_key=curve_server_key,
-        curve_server_key_file=curve_server_key_file,
-        curve_public_key=curve_public_key,
-        curve_secret_key=curve_secret_key,
-        curve_secret_key_file=curve_secret_key_file,
-    )
-    if token_file is not None:
-        token = Path(token_file).read_bytes().strip()
-    public_key, secret_key = client_curve_keys(
-        curve_public_key, curve_secret_key, curve_secret_key_file
-    )
-    return Credentials(
-        token=token.encode() if isinstance(token, str) else token,
-        tls_ca=Path(tls_ca).read_bytes() if tls_ca is not None else None,
-        tls_cert=Path(tls_cert).read_bytes() if tls_cert is not None else None,
-        tls_key=Path(tls_key).read_bytes() if tls_key is not None else None,
-        tls_server_name=tls_server_name,
-        curve_server_key=server_curve_key(curve_server_key, curve_server_key_file),
-        curve_public_key=public_key,
-        curve_secret_key=secret_key,
-    )

@@ -35,7 +35,7 @@ from lyceum.student_client._connections import (
     TeacherError,
     wait_any,
 )
-from lyceum.student_client._credentials import build_credentials
+from lyceum.student_client._credentials import CredentialOptions
 from lyceum.student_client._positions import jagged_offsets
 from lyceum.student_client.online import TeacherInfo, connect
 
@@ -186,8 +186,7 @@ class OnlineTeacher:
         if mode not in ("query", "index"):
             raise ValueError(f"OnlineTeacher: mode {mode!r}: expected 'query' or 'index'")
         try:
-            self.credentials = build_credentials(
-                listed,
+            self.credentials = CredentialOptions(
                 token=token,
                 token_file=token_file,
                 tls=tls,
@@ -200,7 +199,7 @@ class OnlineTeacher:
                 curve_public_key=curve_public_key,
                 curve_secret_key=curve_secret_key,
                 curve_secret_key_file=curve_secret_key_file,
-            )
+            ).build(listed)
         except ValueError as exc:
             raise ValueError(f"OnlineTeacher {listed}: {exc}") from None
         # grpc:// endpoints become grpcs://; dns:/// names get a TLS channel in _open.

@@ -32,7 +32,7 @@ from lyceum.student_client._connections import (
     TeacherError,
     ZmqConnection,
 )
-from lyceum.student_client._credentials import build_credentials
+from lyceum.student_client._credentials import CredentialOptions
 from lyceum.v1 import knowledge_pb2 as pb
 
 __all__ = ["EndpointClient", "TeacherError", "TeacherInfo", "connect"]
@@ -108,8 +108,7 @@ class EndpointClient:
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        credentials = build_credentials(
-            [endpoint],
+        credentials = CredentialOptions(
             token=token,
             token_file=token_file,
             tls_ca=tls_ca,
@@ -119,7 +118,7 @@ class EndpointClient:
             curve_server_key=curve_server_key,
             curve_public_key=curve_public_key,
             curve_secret_key=curve_secret_key,
-        )
+        ).build([endpoint])
         self._conn = connect(endpoint, credentials)
         self._ids = itertools.count(1)
         self._info: TeacherInfo | None = None

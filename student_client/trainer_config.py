@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lyceum.proto.specs import Spec, parse_spec
-from lyceum.student_client._credentials import check_credentials
+from lyceum.student_client._credentials import CredentialOptions
 from lyceum.student_client._strategies import STRATEGIES, is_strategy_spec
 
 __all__ = [
@@ -156,8 +156,12 @@ class TeacherConfig(BaseModel):
             return self
         if not self.endpoints:
             raise ValueError("'endpoints' is empty: list at least one, e.g. grpc://host:50051")
-        check_credentials(
-            self.endpoints,
+        self.credential_options().check(self.endpoints)
+        return self
+
+    def credential_options(self) -> CredentialOptions:
+        """This teacher's security options, as `OnlineTeacher` takes them."""
+        return CredentialOptions(
             token_file=self.token_file,
             tls=self.tls,
             tls_ca=self.tls_ca,
@@ -168,7 +172,6 @@ class TeacherConfig(BaseModel):
             curve_server_key_file=self.curve_server_key_file,
             curve_secret_key_file=self.curve_secret_key_file,
         )
-        return self
 
 
 class LossTermConfig(BaseModel):
