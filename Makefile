@@ -20,22 +20,25 @@ demo: $(STAMP)
 
 # mypy resolves modules by path; the `lyceum.*` names exist only through the
 # package-dir mapping, so type-check a symlinked view of that mapping.
+# The tests are checked too, as the package `tests` (their fixtures are `tests._support`).
 build/typecheck/lyceum: Makefile
 	rm -rf build/typecheck && mkdir -p build/typecheck/lyceum
 	for d in $(PKG_DIRS); do ln -s $(CURDIR)/$$d build/typecheck/lyceum/$$d; done
 	ln -s $(CURDIR)/proto/lyceum/v1 build/typecheck/lyceum/v1
+	ln -s $(CURDIR)/tests build/typecheck/tests
 
 typecheck: $(STAMP) build/typecheck/lyceum
 	cd build/typecheck && $(CURDIR)/$(PY) -m mypy --config-file $(CURDIR)/pyproject.toml \
-		--cache-dir $(CURDIR)/.mypy_cache -p lyceum
+		--cache-dir $(CURDIR)/.mypy_cache -p lyceum -p tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(MAKE) typecheck
 
+# Fast feedback: neither integration tests (real processes) nor slow ones (CI runs both).
 unit: $(STAMP)
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m "not integration and not slow"
 
 test: lint
 	$(PY) -m pytest

@@ -2,8 +2,8 @@
 
 1. The engine alone (resnet_cnn on digits, one thread): samples/s at each batch size.
 2. A teacher server process (one torch thread) with the best batch size as --max-batch;
-   8 student threads in this process each keep `--window` requests of 8 samples in flight
-   (index mode), for each transport. Goal: >= 0.9x the engine's best in-process throughput.
+   8 student threads in this process (`OnlineTeacher`, as a trainer's) each keep `--window`
+   requests of 8 samples in flight (index mode), for each transport. Goal: >= 0.9x the engine's best in-process throughput.
 3. Latency of one small request (1 sample) on an idle server, p50 / p99, at two max delays.
 
 Two cores: the server computes on one thread, the students (decode only) use the other.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lyceum.deploy.examples import digits, resnet_cnn
-from lyceum.student_client.online import EndpointClient, TeacherError
+from lyceum.student_client.sources import OnlineTeacher
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
 
 MODEL = "lyceum.deploy.examples:resnet_cnn"
@@ -83,22 +83,24 @@ def students(endpoint: str, clients: int, per_request: int, window: int, seconds
 
     def student(k: int) -> None:
         try:
-            with EndpointClient(endpoint) as teacher:
-                nxt = k * 97
+            with OnlineTeacher(endpoint, mode="index") as teacher:
+                nxt, rid = k * 97, 0
+
+                def submit() -> None:
+                    nonlocal nxt, rid
+                    teacher.submit(rid, torch.arange(nxt, nxt + per_request) % n_data)
+                    nxt, rid = nxt + per_request, rid + 1
+
                 for _ in range(window):
-                    teacher.submit([(nxt + j) % n_data for j in range(per_request)])
-                    nxt += per_request
+                    submit()
                 while not stop.is_set():
                     for _rid, batch in teacher.poll(1.0):
-                        if isinstance(batch, TeacherError):
-                            raise batch
                         counts[k] += len(batch)
-                        teacher.submit([(nxt + j) % n_data for j in range(per_request)])
-                        nxt += per_request
+                        submit()
                 # Drain what is still in flight so the next run starts idle.
                 end = time.monotonic() + 10
-                while time.monotonic() < end and teacher.poll(0.2):
-                    pass
+                while time.monotonic() < end and teacher.outstanding():
+                    teacher.poll(0.2)
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 
@@ -119,7 +121,7 @@ def students(endpoint: str, clients: int, per_request: int, window: int, seconds
 
 
 def latency(endpoint: str, n: int) -> tuple[float, float]:
-    with EndpointClient(endpoint) as teacher:
+    with OnlineTeacher(endpoint, mode="index") as teacher:
         for i in range(20):
             teacher.request([i])
         samples = []

@@ -32,12 +32,12 @@ from lyceum.compression.pruning import (
     PruningConfig,
     SensitivityPruning,
     UniformPruning,
-    evaluate_accuracy,
     finetune,
     prune,
 )
 from lyceum.compression.search import SAConfig
 from lyceum.deploy.examples import digits, mobilenet_cnn, resnet_cnn, train_classifier
+from lyceum.proto.evaluation import top1_accuracy
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet_cnn": resnet_cnn,
@@ -56,7 +56,7 @@ def _row(label: str, model: nn.Module, test: torch.utils.data.Dataset, extra: di
     x1 = torch.zeros(1, 1, 8, 8)
     return {
         "strategy": label,
-        "acc": 100 * evaluate_accuracy(model, test),
+        "acc": 100 * top1_accuracy(model, test),
         "macs": count_flops(model, x1),
         "params": count_params(model),
         "size": model_size_bytes(model),
@@ -131,11 +131,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 model,
                 config,
                 x,
-                evaluate=lambda m: evaluate_accuracy(m, val),
+                evaluate=lambda m: top1_accuracy(m, val),
                 candidate_finetune=lambda m: tune(m, 1),
             )
             search_s = time.perf_counter() - t0
-            pre_ft = 100 * evaluate_accuracy(model, test)
+            pre_ft = 100 * top1_accuracy(model, test)
             tune(model, args.finetune_epochs)
             models.append(model)
             rows.append(

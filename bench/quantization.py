@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lyceum.compression.analysis import measure_latency
 from lyceum.compression.quantization import (
     ACTIVATION_SCHEMES,
     PTQ,
@@ -34,15 +35,14 @@ from lyceum.compression.quantization import (
     calibrate,
     compile_int8,
     convert,
-    evaluate,
     load_int8,
-    median_latency_ms,
     quantize,
     save_program,
-    tensor_bytes,
     train_qat,
 )
+from lyceum.compression.quantization.workflow import tensor_bytes
 from lyceum.deploy.examples import digits, mobilenet_cnn, student_cnn, train_classifier
+from lyceum.proto.evaluation import top1_accuracy
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     # name: (factory, fp32 training epochs)
@@ -67,7 +67,7 @@ def _compiled_latency(program: torch.export.ExportedProgram, x: torch.Tensor) ->
     torch._dynamo.reset()
     counters.clear()
     fn = compile_int8(program)
-    ms = median_latency_ms(fn, x, runs=30, warmup=3)
+    ms = 1e3 * measure_latency(fn, x, runs=30, warmup=3, threads=torch.get_num_threads())
     inductor = counters["inductor"]
     fused = (
         inductor["qconv_weight_prepack_matcher_count"]
@@ -88,7 +88,7 @@ def bench_model(name: str, qat_epochs: int, out: Path) -> list[dict[str, object]
     fp32_bytes = save_program(model, example, fp32_path)
     fp32_program = load_int8(fp32_path)
     fp32_tensors = tensor_bytes(fp32_program)
-    eager_ms = median_latency_ms(model, x, runs=30, warmup=3)
+    eager_ms = 1e3 * measure_latency(model, x, runs=30, warmup=3, threads=torch.get_num_threads())
     compiled_ms, _ = _compiled_latency(fp32_program, x)
     rows: list[dict[str, object]] = [
         {
@@ -96,7 +96,7 @@ def bench_model(name: str, qat_epochs: int, out: Path) -> list[dict[str, object]
             "method": "fp32",
             "weights": "-",
             "activations": "-",
-            "acc": evaluate(model, test),
+            "acc": top1_accuracy(model, test),
             "bytes": fp32_bytes,
             "ratio": 1.0,
             "tensor_ratio": 1.0,
@@ -137,7 +137,7 @@ def bench_model(name: str, qat_epochs: int, out: Path) -> list[dict[str, object]
                 "method": method,
                 "weights": SHORT[config.weights],
                 "activations": SHORT[config.activations],
-                "acc": evaluate(int8, test),
+                "acc": top1_accuracy(int8, test),
                 "bytes": int8_bytes,
                 "ratio": int8_bytes / fp32_bytes,
                 "tensor_ratio": tensor_bytes(program) / fp32_tensors,

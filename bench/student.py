@@ -11,7 +11,11 @@ Rows (samples/s of the student: the median of interleaved epochs after a warm-up
   (b) offline knowledge: DistillLoader over a dump of the same teacher;
   (c) online: DistillLoader over 1, 2 and 4 teacher server processes (replicas; gRPC, or
       ZeroMQ with --transport zmq);
-  (d) the teacher computed inside the training loop.
+  (d) the teacher computed inside the training loop, by hand;
+  (e) the same teacher as an `InProcessTeacher` (what `teachers: {t: {model: ...}}` builds):
+      in the student's process, its forward in the loader's producer thread.
+`--cnn-teacher WIDTH` replaces the sleep by a real `teacher_cnn` computing on the student's
+own CPU (rows a, b, d, e): an in-process teacher without a device of its own.
 Each (c) row alternates with (b) while its servers run; there, every measured epoch follows an
 unmeasured one of the same row (see `_Row.epoch`).
 """
@@ -161,6 +165,18 @@ def main() -> None:
         "--transport", choices=("grpc", "zmq"), default="grpc", help="how (c) reaches the teachers"
     )
     parser.add_argument(
+        "--no-online", action="store_true", help="skip the (c) rows (teacher servers)"
+    )
+    parser.add_argument(
+        "--cnn-teacher",
+        type=int,
+        default=0,
+        metavar="WIDTH",
+        help="instead of the sleep, a real teacher_cnn of this width computing on the "
+        "student's CPU (no (c) rows): what an in-process teacher without a device of its "
+        "own costs",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="teacher servers on the last core, the student on the others (Linux): shows how "
@@ -180,6 +196,7 @@ def main() -> None:
 
     from lyceum.deploy.launcher import start_teacher
     from lyceum.proto.manifest import model_identity
+    from lyceum.student_client.inprocess import InProcessTeacher
     from lyceum.student_client.loader import DistillLoader
     from lyceum.student_client.sources import OfflineTeacher, OnlineTeacher
     from lyceum.teacher_server.dump import DumpConfig, dump_knowledge
@@ -196,15 +213,20 @@ def main() -> None:
     def distill_epoch(loader: DistillLoader) -> Callable[[], Iterator[Batch]]:
         return lambda: ((x, y, k["logits"]) for x, y, k in loader)
 
-    # Every row's epochs are interleaved with those of the rows it is compared with (a, b, d
-    # in rounds; each (c) with b while its servers run), so that the load of other jobs on
+    # Every row's epochs are interleaved with those of the rows it is compared with (a, b, d,
+    # e in rounds; each (c) with b while its servers run), so that the load of other jobs on
     # this machine falls on both sides of each ratio; each figure is the median epoch.
     plain = _Row(plain_epoch, args.hidden)
     for _ in range(args.epochs):
         plain.epoch()
     step_ms = 1000 * bs / plain.rate
     delay_s = args.ratio * step_ms / 1000
-    teacher = SleepTeacher(delay_s)
+    teacher: nn.Module = SleepTeacher(delay_s)
+    if args.cnn_teacher:
+        from lyceum.deploy.examples import teacher_cnn
+
+        torch.manual_seed(0)
+        teacher = teacher_cnn(width=args.cnn_teacher).eval()
 
     def inloop_epoch() -> Iterator[Batch]:
         loader = torch.utils.data.DataLoader(data, batch_size=bs, shuffle=True)
@@ -232,8 +254,16 @@ def main() -> None:
         )
         offline = _Row(distill_epoch(offline_loader), args.hidden, offline_loader)
         inloop = _Row(inloop_epoch, args.hidden)
+        inproc_loader = DistillLoader(
+            data,
+            {"t": InProcessTeacher(teacher, data[0][0])},
+            bs,
+            shuffle=True,
+            window=args.window,
+        )
+        inproc = _Row(distill_epoch(inproc_loader), args.hidden, inproc_loader)
         for _ in range(args.epochs):
-            for row in (plain, offline, inloop):
+            for row in (plain, offline, inloop, inproc):
                 row.epoch()
         base, offline_rate = plain.rate, offline.rate
         rows.append(
@@ -263,10 +293,19 @@ def main() -> None:
                 "teacher forward on the critical path",
             )
         )
+        rows.append(
+            (
+                "(e) in-process teacher",
+                inproc.rate,
+                inproc.wait,
+                offline_rate,
+                "InProcessTeacher: forward beside the step",
+            )
+        )
 
         env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
         spec = f'student:sleep_teacher{{"delay_s": {delay_s}}}'
-        for replicas in (1, 2, 4):
+        for replicas in () if args.no_online or args.cnn_teacher else (1, 2, 4):
             with ExitStack() as stack:
                 cores = sorted(os.sched_getaffinity(0))
                 if args.pin:  # children inherit the affinity they are started with
@@ -307,13 +346,17 @@ def main() -> None:
                 )
                 source.close()
                 os.sched_setaffinity(0, cores)
-    rows[2:] = [*rows[3:], rows[2]]  # (d) last
+    rows[2:] = [*rows[4:], *rows[2:4]]  # (d) and (e) last
 
+    what = (
+        f"teacher_cnn width {args.cnn_teacher} computing on the student's CPU"
+        if args.cnn_teacher
+        else f"fixed sleep of {1000 * delay_s:.1f} ms per batch (simulated compute; "
+        f"{delay_s * 1000 / step_ms:.1f}x the student step); online teachers over {args.transport}"
+    )
     print(
         f"student MLP 64-{args.hidden}-10, batch {bs}, digits train x{args.times} ({len(data)} samples), "
-        f"median of {args.epochs} interleaved epochs after a warm-up; teacher = fixed sleep of {1000 * delay_s:.1f} ms "
-        f"per batch (simulated compute; {delay_s * 1000 / step_ms:.1f}x the student step); "
-        f"online teachers over {args.transport}"
+        f"median of {args.epochs} interleaved epochs after a warm-up; teacher = {what}"
     )
     print(
         f"{'configuration':<28} {'samples/s':>10} {'vs (a)':>7} {'vs (b)':>7} "

@@ -4,13 +4,15 @@ bare grpcio stream moving the same bytes, plus unix:// and ipc:// endpoints.
 Three payloads: ~64 KB (16x1000 fp32 logits), ~1 MB (256x1000 fp32 logits) and 16 MiB
 (8x2048x256 fp32 features). Every server runs in its own process; the client (this process)
 keeps `--window` requests in flight and counts payload bytes received per second. The Lyceum
-rows go through everything a student sees: index-mode request, dynamic batcher, engine
-(a model returning a fixed tensor, so no compute), Arrow encode, transport, Arrow decode.
+rows go through everything a student sees: `OnlineTeacher` (the client a trainer uses),
+index-mode request, dynamic batcher, engine (a model returning a fixed tensor, so no
+compute), Arrow encode, transport, Arrow decode.
 Each figure is the median of `--repeats` runs; ratios are taken within this one run.
 
 Two more rows per transport split Lyceum's cost between the two sides: "client share" is the
 Lyceum client (request encode, reply decode to tensors, its threads) against a canned server
-that answers every request with one precomputed valid reply and does nothing else; "server
+that answers every request with one precomputed valid reply (gRPC: behind a header with the
+request's id) and does nothing else; "server
 share" is the Lyceum server against a bare client that sends one precomputed valid request
 per reply and never decodes. Each bounds what either side alone can reach.
 
@@ -194,16 +196,19 @@ def serve_canned_grpc(case: str) -> None:
     import grpc
 
     from lyceum.proto import wire
+    from lyceum.proto.codec import to_ipc
     from lyceum.teacher_server.transport.grpc import SERVICE
     from lyceum.v1 import knowledge_pb2 as pb
 
     engine, batch = _canned_knowledge(case)
-    reply = wire.encode_batch_reply(1, batch)
+    body = to_ipc(batch).to_pybytes()  # what follows a reply's header
+    size = len(body)
     describe = _describe_reply(engine)
 
     def distill(requests: Iterator[bytes], _context: object) -> Iterator[bytes]:
-        for _ in requests:
-            yield reply
+        # The reply echoes the request's id (the client matches replies by it): one join.
+        for raw in requests:
+            yield wire.knowledge_header(wire.decode_request(raw).request_id, size) + body
 
     server = _unlimited_grpc_server()
     handlers = {
@@ -224,6 +229,7 @@ def serve_canned_grpc(case: str) -> None:
 def serve_canned_zmq(case: str) -> None:
     import zmq
 
+    from lyceum.proto import zmq_frames
     from lyceum.proto.codec import to_ipc
 
     engine, batch = _canned_knowledge(case)
@@ -234,10 +240,14 @@ def serve_canned_zmq(case: str) -> None:
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     _announce(endpoint=f"zmq://127.0.0.1:{port}")
     while True:
+        # Frames passed back as received (no copies), the request not parsed: canned.
         peer, rid, kind, _payload = sock.recv_multipart(copy=False)
-        out = [b"describe", describe] if kind.bytes == b"describe" else [b"knowledge", knowledge]
+        if kind.bytes == zmq_frames.KIND_DESCRIBE:
+            out = zmq_frames.describe_reply(peer, rid, describe)
+        else:
+            out = zmq_frames.knowledge_reply(peer, rid, knowledge)
         with contextlib.suppress(zmq.ZMQError):
-            sock.send_multipart([peer, rid, *out], copy=False)
+            sock.send_multipart(out, copy=False)
 
 
 def _describe_reply(engine: TeacherEngine) -> object:
@@ -360,18 +370,21 @@ def run_bare_against_zmq(endpoint: str, case: str, seconds: float, window: int) 
     """The bare pyzmq client loop sending one valid index request, never decoding."""
     import zmq
 
-    ids = _index_request_ids(case).tobytes()
+    from lyceum.proto import zmq_frames
+
+    # Built once: each request differs only in its id frame.
+    _rid, *request = zmq_frames.index_request(0, _index_request_ids(case), None)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(endpoint.replace("zmq://", "tcp://"))
     for i in range(window):
-        sock.send_multipart([i.to_bytes(8, "little"), b"index", ids])
+        sock.send_multipart([zmq_frames.request_id_frame(i), *request])
     count, nbytes, start = 0, 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         frames = sock.recv_multipart(copy=False)
         nbytes += len(frames[-1].buffer)
         count += 1
-        sock.send_multipart([count.to_bytes(8, "little"), b"index", ids])
+        sock.send_multipart([zmq_frames.request_id_frame(count), *request])
     elapsed = time.perf_counter() - start
     # Let the requests in flight finish so the next run starts on an idle server.
     while sock.poll(200):
@@ -382,32 +395,33 @@ def run_bare_against_zmq(endpoint: str, case: str, seconds: float, window: int) 
 
 
 def run_lyceum(endpoint: str, case: str, seconds: float, window: int) -> float:
-    from lyceum.student_client.online import EndpointClient, TeacherError
+    """The student's client (`OnlineTeacher`, index mode) keeping `window` requests in flight."""
+    from lyceum.student_client.sources import OnlineTeacher
 
-    rows = CASES[case][0]
-    with EndpointClient(endpoint) as teacher:
+    # The same ids every time (the canned servers' one reply holds them); any ids cost the
+    # Lyceum server the same.
+    ids = torch.arange(CASES[case][0])
+    with OnlineTeacher(endpoint, mode="index") as teacher:
         teacher.describe()
         next_id = 0
 
         def submit() -> None:
             nonlocal next_id
-            teacher.submit(range(next_id, next_id + rows))
-            next_id += rows
+            teacher.submit(next_id, ids)
+            next_id += 1
 
         for _ in range(window):
             submit()
         nbytes, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             for _rid, batch in teacher.poll(10):
-                if isinstance(batch, TeacherError):
-                    raise batch
                 nbytes += sum(t.numel() * t.element_size() for t in batch.tensors.values())
                 submit()
         elapsed = time.perf_counter() - start
         # Let the last requests finish so the next run starts on an idle server.
         end = time.monotonic() + 30
-        while time.monotonic() < end and teacher.poll(0.2):
-            pass
+        while time.monotonic() < end and teacher.outstanding():
+            teacher.poll(0.2)
     return nbytes / elapsed
 
 

@@ -6,6 +6,9 @@ pooling and additions are counted as zero: they are memory-bound, a few percent 
 the surrounding convolutions, and leaving them out keeps the counts easy to check by hand
 (`Conv2d`: N * Cout * Hout * Wout * (Cin / groups) * kh * kw; `Linear`: rows * in * out). Biases
 are not counted either, as in thop/fvcore. Counts are for the batch size of `example_input`.
+`nn.MultiheadAttention` counts as its four projections (query, key, value, output), the linear
+layers it holds; products of two activations (attention scores, scores times values) are not
+counted, in it or in a hand-written attention, where they are plain matmuls.
 
 Model size is the byte length of the model's state dict serialised with safetensors, which is
 what `lyceum.compression.pruning.save_pruned` writes (no pickle).
@@ -15,25 +18,28 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from lyceum.proto.evaluation import eval_mode
 
 __all__ = [
     "LayerStats",
     "count_flops",
     "count_params",
     "format_table",
+    "latency_samples",
     "layer_stats",
     "measure_latency",
     "model_size_bytes",
-    "print_table",
 ]
 
-_COUNTED = (nn.modules.conv._ConvNd, nn.Linear)
+_COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,16 @@ class LayerStats:
     flops: int
     params: int
     output_shape: tuple[int, ...]
+
+
+def _attention_flops(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> int:
+    query, key, value = (
+        args[i] if len(args) > i else kwargs[name]
+        for i, name in enumerate(("query", "key", "value"))
+    )
+    e = module.embed_dim
+    rows = query.numel() // e
+    return 2 * rows * e * e + (key.numel() + value.numel()) * e
 
 
 def _layer_flops(module: nn.Module, output: torch.Tensor) -> int:
@@ -71,7 +87,11 @@ def layer_stats(model: nn.Module, example_input: torch.Tensor) -> list[LayerStat
     names = {module: name for name, module in model.named_modules()}
     stats: list[LayerStats] = []
 
-    def hook(module: nn.Module, _inputs: object, output: object) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        flops = None
+        if isinstance(module, nn.MultiheadAttention):
+            flops = _attention_flops(module, args, kwargs)
+            output = output[0] if isinstance(output, tuple) else output
         if not isinstance(output, torch.Tensor):
             raise ValueError(
                 f"layer_stats: layer {names[module]!r} returned {type(output).__name__}, "
@@ -81,22 +101,23 @@ def layer_stats(model: nn.Module, example_input: torch.Tensor) -> list[LayerStat
             LayerStats(
                 name=names[module],
                 kind=type(module).__name__,
-                flops=_layer_flops(module, output),
+                flops=flops if flops is not None else _layer_flops(module, output),
                 params=sum(p.numel() for p in module.parameters(recurse=False)),
                 output_shape=tuple(output.shape),
             )
         )
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
-    was_training = model.training
-    model.eval()
+    handles = [
+        m.register_forward_hook(hook, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, _COUNTED)
+    ]
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return stats
 
 
@@ -119,7 +140,7 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 def measure_latency(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], Any],
     example_input: torch.Tensor,
     *,
     runs: int = 50,
@@ -129,16 +150,34 @@ def measure_latency(
 ) -> float:
     """Median wall-clock seconds of one forward pass on the current device.
 
-    Eval mode, inference mode, `warmup` untimed passes first, then the median of `runs` timed
-    passes (the median, not the mean, so that a scheduler hiccup on a shared machine does not
-    move the figure). The intra-op thread count is fixed to `threads` for the measurement and
-    restored afterwards, since latency depends on it more than on anything else on CPU.
+    `model` is a module or any callable (a compiled program). Eval mode (`eval_mode`),
+    inference mode, `warmup` untimed passes first (a compiled program compiles there), then
+    the median of `runs` timed passes (the median, not the mean, so that a scheduler hiccup
+    on a shared machine does not move the figure). The intra-op thread count is fixed to
+    `threads` for the measurement and restored afterwards, since latency depends on it more
+    than on anything else on CPU.
 
     `clock="thread"` times with the calling thread's CPU clock instead of the wall clock. With
     `threads=1` every op runs on that thread, so this is the forward's compute time without
     the time spent descheduled: the figure to compare models by on a shared, loaded machine
     (it is not a latency a user would see). CPU tensors only.
     """
+    samples = latency_samples(
+        model, example_input, runs=runs, warmup=warmup, threads=threads, clock=clock
+    )
+    return statistics.median(samples)
+
+
+def latency_samples(
+    model: Callable[[torch.Tensor], Any],
+    example_input: torch.Tensor,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    threads: int = 1,
+    clock: Literal["wall", "thread"] = "wall",
+) -> list[float]:
+    """The `runs` timed passes of `measure_latency`, in seconds, in the order they ran."""
     if runs < 1:
         raise ValueError(f"measure_latency: runs must be >= 1, got {runs}")
     if warmup < 0:
@@ -154,13 +193,11 @@ def measure_latency(
         )
     now = time.perf_counter if clock == "wall" else time.thread_time
     previous_threads = torch.get_num_threads()
-    was_training = model.training
-    model.eval()
     cuda = example_input.is_cuda
     times: list[float] = []
     try:
         torch.set_num_threads(threads)
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for i in range(warmup + runs):
                 if cuda:
                     torch.cuda.synchronize()
@@ -172,8 +209,7 @@ def measure_latency(
                     times.append(now() - start)
     finally:
         torch.set_num_threads(previous_threads)
-        model.train(was_training)
-    return statistics.median(times)
+    return times
 
 
 def format_table(model: nn.Module, example_input: torch.Tensor) -> str:
@@ -202,8 +238,3 @@ def format_table(model: nn.Module, example_input: torch.Tensor) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"parameters: {count_params(model):,}  size: {model_size_bytes(model):,} bytes")
     return "\n".join(line.rstrip() for line in lines)
-
-
-def print_table(model: nn.Module, example_input: torch.Tensor) -> None:
-    """Print `format_table(model, example_input)`."""
-    print(format_table(model, example_input))

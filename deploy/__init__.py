@@ -1,1 +1,18 @@
-"""Lyceum deploy layer: the `lyceum` CLI, the local launcher, example models and data."""
+"""Lyceum deploy layer: the `lyceum` CLI, the local launcher, example models and data.
+
+Modules, none imported with the package (the CLI loads each command's libraries only when it
+runs).
+"""
+
+__all__ = [
+    # the `lyceum` command (`python -m lyceum.deploy.cli`) and `lyceum demo`
+    "cli",
+    "demo",
+    # example models and datasets, named by specs (`lyceum.deploy.examples:digits`)
+    "examples",
+    # tiny versions of the architectures people prune: CNNs, transformers (specs too)
+    "architectures",
+    "vision_transformers",
+    # starting teachers and students as local processes
+    "launcher",
+]

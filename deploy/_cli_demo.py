@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lyceum.deploy.demo import DemoConfig, run_demo
+
+
+def _default(name: str) -> Any:
+    """DemoConfig's default for a field: the options and their help show the library's value."""
+    return DemoConfig.model_fields[name].default
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,15 +24,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Arrow shards, and train a small student from scratch and distilled from that "
         "knowledge with the same steps and seeds; prints a table of the results.",
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
-    p.add_argument("--labeled", type=int, default=100, help="labels the student may use")
-    p.add_argument("--workdir", type=Path, help="keep the knowledge here (default: a temp dir)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(_default("seeds")),
+        metavar="SEED",
+        help="Seeds of the student runs; each student row shows one figure per seed "
+        f"(default: {' '.join(map(str, _default('seeds')))})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=_default("steps"),
+        metavar="N",
+        help="Optimizer steps of every student run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--labeled",
+        type=int,
+        default=_default("labeled"),
+        metavar="N",
+        help="Training labels a student may use, those of the first N samples; distilled "
+        "students also learn from the teacher's knowledge of every sample (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="Keep the checkpoints and knowledge here (default: a temporary directory, removed "
+        "at the end)",
+    )
     p.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads (default 1: these models are tiny, and more threads "
+        metavar="N",
+        help="Torch intra-op threads (default 1: these models are tiny, and more threads "
         "spin against each other and against the teacher processes on a small machine)",
     )
     p.set_defaults(func=_run)

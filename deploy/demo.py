@@ -14,29 +14,30 @@ import copy
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from lyceum.compression.analysis import count_flops
-from lyceum.deploy.examples import (
-    Digits,
-    accuracy,
-    digits,
-    student_mlp,
-    teacher_cnn,
-    train_classifier,
-)
+from lyceum.compression.training import train_steps
+from lyceum.deploy.examples import Digits, digits, student_mlp, teacher_cnn, train_classifier
+from lyceum.deploy.launcher import start_teacher
+from lyceum.proto.evaluation import top1_accuracy
 from lyceum.proto.manifest import model_identity
 from lyceum.student_client.losses import SoftLabelKD
 from lyceum.student_client.offline import OfflineKnowledge
 from lyceum.teacher_server.dump import DumpConfig, dump_knowledge
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
+
+if TYPE_CHECKING:
+    from lyceum.student_client.trainer_config import TrainConfig
+
+_DIGITS = "lyceum.deploy.examples:digits"
 
 
 class DemoConfig(BaseModel):
@@ -108,26 +109,30 @@ def _train_student(
 ) -> nn.Module:
     """Same steps, batches and seed for every student; `kd` adds the distillation term.
 
-    Trains a fresh MLP, or continues training `student` (fine-tuning after compression).
-    """
+    Trains a fresh MLP, or continues training `student` (fine-tuning after compression), in
+    the one training loop (`train_steps`): each step draws `batch_size` labelled samples
+    with replacement, and the generator of its distillation term's transfer batch."""
     torch.manual_seed(seed)
     student = student if student is not None else student_mlp(hidden=32)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    images = torch.stack([labeled[i][0] for i in range(len(labeled))])
-    labels = torch.tensor([labeled[i][1] for i in range(len(labeled))])
-    student.train()
-    for _ in range(steps or config.steps):
-        pick = torch.randint(0, len(labels), (config.batch_size,), generator=g)
-        loss = nn.functional.cross_entropy(student(images[pick]), labels[pick])
-        kd_g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
-        if kd is not None:
-            loss = loss + config.kd_weight * kd(student, kd_g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    # Not `return student.eval()`: a QAT-prepared graph module's eval() returns None.
-    student.eval()
+    images, labels = labeled.images, labeled.labels
+    total = steps or config.steps
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Generator]]:
+        for _ in range(total):
+            pick = torch.randint(0, len(labels), (config.batch_size,), generator=g)
+            # Drawn with or without a KD term, so that both students see the same batches.
+            kd_seed = int(torch.randint(0, 2**31, (1,), generator=g))
+            yield images[pick], labels[pick], torch.Generator().manual_seed(kd_seed)
+
+    def step_loss(
+        model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Generator]
+    ) -> torch.Tensor:
+        x, y, kd_g = batch
+        loss = nn.functional.cross_entropy(model(x), y)
+        return loss if kd is None else loss + config.kd_weight * kd(model, kd_g)
+
+    train_steps(student, batches(), step_loss, lr=lr, total=total, progress=False)
     return student
 
 
@@ -140,6 +145,91 @@ def _finetune(
     )
 
 
+def demo_student_config(
+    teachers: Mapping[str, Mapping[str, Any]],
+    *,
+    labeled: int = 100,
+    epochs: int = 30,
+    batch_size: int = 64,
+    temperature: float = 4.0,
+    kd_weight: float = 1.0,
+    lr: float = 1e-2,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
+) -> TrainConfig:
+    """The demo's distilled student as a `lyceum student train` config: `student_mlp` on
+    digits, every training input in the transfer set (the teachers' soft labels), only ids
+    < `labeled` contributing their labels, teachers' logits merged with `mean`.
+
+    `teachers` maps a name to a teacher entry of the config (`{"endpoints": [...], "mode":
+    "index"}` or `{"dir": ...}`).
+    """
+    from lyceum.student_client.trainer_config import validate_config
+
+    return validate_config(
+        {
+            "model": "lyceum.deploy.examples:student_mlp",
+            "model_kwargs": {"hidden": 32},
+            "dataset": {
+                "train": _DIGITS,
+                "train_kwargs": {"split": "train"},
+                "validation": _DIGITS,
+                "validation_kwargs": {"split": "val"},
+                "labeled": labeled,
+            },
+            "teachers": {name: dict(entry) for name, entry in teachers.items()},
+            "merge": {"logits": "mean"},
+            "losses": {
+                "terms": [
+                    {
+                        "name": "kd",
+                        "kind": "soft_label",
+                        "field": "logits",
+                        "weight": kd_weight,
+                        "temperature": temperature,
+                    }
+                ]
+            },
+            "optimizer": {"name": "adam", "lr": lr},
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
+            "progress": progress,
+        },
+        "demo_student_config",
+    )
+
+
+@contextlib.contextmanager
+def start_ensemble(
+    checkpoints: Sequence[str | Path],
+    knowledge_dir: str | Path,
+    teacher_model: str = "lyceum.deploy.examples:teacher_cnn",
+) -> Iterator[dict[str, dict[str, Any]]]:
+    """Serve two teacher checkpoints on loopback, the first over gRPC, the second over
+    ZeroMQ (index mode: the servers read the digits themselves); yields the three teacher
+    entries (`grpc`, `zmq`, `offline` = `knowledge_dir`) of a student config. The servers
+    are always stopped when the block ends."""
+    if len(checkpoints) != 2:
+        raise ValueError(
+            f"start_ensemble: expected 2 teacher checkpoints (one gRPC server, one ZeroMQ "
+            f"server), got {len(checkpoints)}"
+        )
+    with (
+        start_teacher(teacher_model, dataset=_DIGITS, checkpoint=checkpoints[0]) as over_grpc,
+        start_teacher(
+            teacher_model, dataset=_DIGITS, checkpoint=checkpoints[1], grpc=False, zmq=True
+        ) as over_zmq,
+    ):
+        yield {
+            "grpc": {"endpoints": [over_grpc.endpoint("grpc")], "mode": "index"},
+            "zmq": {"endpoints": [over_zmq.endpoint("zmq")], "mode": "index"},
+            "offline": {"dir": str(knowledge_dir)},
+        }
+
+
 def _ensemble_rows(
     config: DemoConfig, train: Digits, test: Digits, knowledge_dir: Path, workdir: Path
 ) -> tuple[list[float], list[float]]:
@@ -147,7 +237,6 @@ def _ensemble_rows(
     three teachers (two more trained with other seeds, served by real server processes)."""
     from safetensors.torch import save_file
 
-    from lyceum.deploy.launcher import demo_student_config, start_ensemble
     from lyceum.student_client.trainer import train as train_student
 
     checkpoints = []
@@ -166,7 +255,7 @@ def _ensemble_rows(
 
     def run(teachers: Mapping[str, Mapping[str, Any]]) -> list[float]:
         return [
-            accuracy(
+            top1_accuracy(
                 train_student(
                     demo_student_config(
                         teachers, labeled=config.labeled, epochs=config.trainer_epochs, seed=s
@@ -194,7 +283,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
     teacher = train_classifier(
         teacher_cnn(width=config.teacher_width), train, epochs=config.teacher_epochs, lr=3e-3
     )
-    teacher_acc = accuracy(teacher, test)
+    teacher_acc = top1_accuracy(teacher, test)
 
     with (
         tempfile.TemporaryDirectory(prefix="lyceum-demo-") as tmp,
@@ -228,9 +317,11 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             f"[3/6] training students ({config.steps} steps, {config.labeled} labels, seeds "
             f"{list(config.seeds)}): from scratch and distilled"
         )
-        scratch = [accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds]
+        scratch = [
+            top1_accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds
+        ]
         distilled_models = [_train_student(config, s, labeled, kd_term) for s in config.seeds]
-        distilled = [accuracy(m, test) for m in distilled_models]
+        distilled = [top1_accuracy(m, test) for m in distilled_models]
 
         log(
             "[4/6] training students with `lyceum student train`: from the offline teacher, "
@@ -248,12 +339,12 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         for seed, model in zip(config.seeds, distilled_models, strict=True):
             result = prune_to_flops(copy.deepcopy(model), example, 0.5)
             pruned.append(_finetune(config, seed, labeled, kd_term, result.model))
-        pruned_acc = [accuracy(m, test) for m in pruned]
+        pruned_acc = [top1_accuracy(m, test) for m in pruned]
         flops_after = count_flops(pruned[0], example)
 
         log("[6/6] quantization-aware training to int8 (distilled), then conversion")
         # Imported here: torchao prints load noise to stderr on import.
-        from lyceum.compression.quantization import QAT, convert, evaluate, quantize
+        from lyceum.compression.quantization import QAT, convert, quantize
 
         examples = torch.stack([train[i][0] for i in range(8)])
         scheme = QAT(weights="channel_wise_abs_max", activations="moving_average_abs_max")
@@ -264,10 +355,11 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             return convert(prepared)
 
         qat_acc = [
-            evaluate(qat(s, m), test) for s, m in zip(config.seeds, distilled_models, strict=True)
+            top1_accuracy(qat(s, m), test)
+            for s, m in zip(config.seeds, distilled_models, strict=True)
         ]
         pruned_qat_acc = [
-            evaluate(qat(s, m), test) for s, m in zip(config.seeds, pruned, strict=True)
+            top1_accuracy(qat(s, m), test) for s, m in zip(config.seeds, pruned, strict=True)
         ]
         knowledge_bytes = manifest.bytes
         rows = manifest.rows

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lyceum.compression.training import train_epochs
+
 Split = Literal["train", "val", "test", "all"]
 
 _N_TEST = 360
@@ -221,20 +223,6 @@ def mobilenet_cnn(width: int = 16, num_classes: int = 10) -> MobileNetCNN:
     return MobileNetCNN(width, num_classes)
 
 
-def accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of `model` on `dataset` (eval mode, no gradients), in [0, 1]."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in loader:
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    model.train(was_training)
-    return correct / max(total, 1)
-
-
 def train_classifier(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -243,19 +231,12 @@ def train_classifier(
     lr: float = 1e-2,
     seed: int = 0,
 ) -> nn.Module:
-    """Plain supervised training with Adam and cross-entropy; returns the model in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=generator
+    """Plain supervised training with Adam and cross-entropy, quietly (the one loop,
+    `lyceum.compression.training.train_epochs`); returns the model in eval mode."""
+    train_epochs(
+        model, dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=False
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    return model.eval()
+    return model
 
 
 class TinyCausalLM(nn.Module):
@@ -301,3 +282,95 @@ def token_sequences(
     n: int = 64, vocab: int = 50, min_len: int = 3, max_len: int = 12
 ) -> TokenSequences:
     return TokenSequences(n, vocab, min_len, max_len)
+
+
+def tiny_llama(
+    vocab: int = 1024,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    seed: int = 0,
+    output_hidden_states: bool = False,
+) -> nn.Module:
+    """A Hugging Face Llama from a config with random weights (seeded; no hub access).
+
+    Needs the `hf` extra (`transformers`), imported here only: the package itself never
+    imports it. `output_hidden_states=True` makes `@output.hidden_states.N` available."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise ValueError("tiny_llama needs transformers: pip install 'lyceum-kd[hf]'") from None
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=4096,
+        output_hidden_states=output_hidden_states,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+Padding = Literal["none", "left", "right", "packed"]
+
+
+class TokenDocuments(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Seeded random token documents as Hugging Face style dict items.
+
+    `padding`: "none" (`input_ids`, `attention_mask` of ones), "left" / "right" (each item
+    padded with token 0 to `max_len`, the mask 0 there, as `generate` and padding collates
+    leave them), "packed" (two documents per item, `position_ids` restarting at 0 for the
+    second). Every item has `labels` (the next tokens, -100 at the end), which a teacher
+    ignores. `documents(i)` gives item i's documents unpadded, for checks."""
+
+    def __init__(
+        self,
+        n: int = 32,
+        vocab: int = 1024,
+        min_len: int = 4,
+        max_len: int = 24,
+        padding: Padding = "none",
+        seed: int = 0,
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.padding, self.max_len = padding, max_len
+        per_item = 2 if padding == "packed" else 1
+        lengths = torch.randint(min_len, max_len + 1, (n, per_item), generator=g)
+        self.docs = [
+            [torch.randint(1, vocab, (int(k),), generator=g) for k in row] for row in lengths
+        ]
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def documents(self, i: int) -> list[torch.Tensor]:
+        return self.docs[i]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        docs = self.docs[i]
+        ids = torch.cat(docs)
+        mask = torch.ones_like(ids)
+        item: dict[str, torch.Tensor] = {}
+        if self.padding in ("left", "right"):
+            pad = torch.zeros(self.max_len - ids.numel(), dtype=ids.dtype)
+            first = self.padding == "left"
+            ids = torch.cat([pad, ids] if first else [ids, pad])
+            mask = torch.cat([pad, mask] if first else [mask, pad])
+        if self.padding == "packed":
+            item["position_ids"] = torch.cat([torch.arange(d.numel()) for d in docs])
+        labels = torch.cat([ids[1:], torch.tensor([-100])])
+        return {"input_ids": ids, "attention_mask": mask, **item, "labels": labels}
+
+
+def token_documents(
+    n: int = 32,
+    vocab: int = 1024,
+    min_len: int = 4,
+    max_len: int = 24,
+    padding: Padding = "none",
+    seed: int = 0,
+) -> TokenDocuments:
+    return TokenDocuments(n, vocab, min_len, max_len, padding, seed)

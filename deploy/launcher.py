@@ -19,22 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from lyceum.student_client.trainer import TrainResult
-    from lyceum.student_client.trainer_config import TrainConfig
-
-__all__ = [
-    "TeacherProcess",
-    "demo_student_config",
-    "start_ensemble",
-    "start_teacher",
-    "train_ensemble_student",
-]
+__all__ = ["TeacherProcess", "start_teacher"]
 
 
 class TeacherProcess:
@@ -152,105 +142,3 @@ def start_teacher(
             elif proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-
-
-def demo_student_config(
-    teachers: Mapping[str, Mapping[str, Any]],
-    *,
-    labeled: int = 100,
-    epochs: int = 30,
-    batch_size: int = 64,
-    temperature: float = 4.0,
-    kd_weight: float = 1.0,
-    lr: float = 1e-2,
-    seed: int = 0,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = False,
-) -> TrainConfig:
-    """The demo's distilled student as a `lyceum student train` config: `student_mlp` on
-    digits, every training input in the transfer set (the teachers' soft labels), only ids
-    < `labeled` contributing their labels, teachers' logits merged with `mean`.
-
-    `teachers` maps a name to a teacher entry of the config (`{"endpoints": [...], "mode":
-    "index"}` or `{"dir": ...}`).
-    """
-    from lyceum.student_client.trainer_config import validate_config
-
-    digits = "lyceum.deploy.examples:digits"
-    return validate_config(
-        {
-            "model": "lyceum.deploy.examples:student_mlp",
-            "model_kwargs": {"hidden": 32},
-            "dataset": {
-                "train": digits,
-                "train_kwargs": {"split": "train"},
-                "validation": digits,
-                "validation_kwargs": {"split": "val"},
-                "labeled": labeled,
-            },
-            "teachers": {name: dict(entry) for name, entry in teachers.items()},
-            "merge": {"logits": "mean"},
-            "losses": {
-                "terms": [
-                    {
-                        "name": "kd",
-                        "kind": "soft_label",
-                        "field": "logits",
-                        "weight": kd_weight,
-                        "temperature": temperature,
-                    }
-                ]
-            },
-            "optimizer": {"name": "adam", "lr": lr},
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "seed": seed,
-            "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
-            "progress": progress,
-        },
-        "demo_student_config",
-    )
-
-
-@contextmanager
-def start_ensemble(
-    checkpoints: Sequence[str | Path],
-    knowledge_dir: str | Path,
-    teacher_model: str = "lyceum.deploy.examples:teacher_cnn",
-) -> Iterator[dict[str, dict[str, Any]]]:
-    """Serve two teacher checkpoints on loopback, the first over gRPC, the second over
-    ZeroMQ (index mode: the servers read the digits themselves); yields the three teacher
-    entries (`grpc`, `zmq`, `offline` = `knowledge_dir`) of a student config. The servers
-    are always stopped when the block ends."""
-    if len(checkpoints) != 2:
-        raise ValueError(
-            f"start_ensemble: expected 2 teacher checkpoints (one gRPC server, one ZeroMQ "
-            f"server), got {len(checkpoints)}"
-        )
-    digits = "lyceum.deploy.examples:digits"
-    with (
-        start_teacher(teacher_model, dataset=digits, checkpoint=checkpoints[0]) as over_grpc,
-        start_teacher(
-            teacher_model, dataset=digits, checkpoint=checkpoints[1], grpc=False, zmq=True
-        ) as over_zmq,
-    ):
-        yield {
-            "grpc": {"endpoints": [over_grpc.endpoint("grpc")], "mode": "index"},
-            "zmq": {"endpoints": [over_zmq.endpoint("zmq")], "mode": "index"},
-            "offline": {"dir": str(knowledge_dir)},
-        }
-
-
-def train_ensemble_student(
-    checkpoints: Sequence[str | Path],
-    knowledge_dir: str | Path,
-    *,
-    teacher_model: str = "lyceum.deploy.examples:teacher_cnn",
-    **settings: Any,
-) -> TrainResult:
-    """Train the demo student (`demo_student_config(**settings)`) from an ensemble of three
-    teachers: two served by `start_ensemble`, one offline dump."""
-    from lyceum.student_client.trainer import train
-
-    with start_ensemble(checkpoints, knowledge_dir, teacher_model) as teachers:
-        return train(demo_student_config(teachers, **settings))

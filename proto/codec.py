@@ -14,53 +14,69 @@ read-only; `.clone()` before editing them in place. Variable-length fields decod
 `torch.nested` jagged tensor (values and offsets, both views of the Arrow buffers).
 
 Bad input raises `ValueError` naming the field and what was expected vs what came.
+
+Behind it: `_ipc` frames a record batch as Arrow IPC bytes and back, `_columns` holds the
+dtype carriers and the column views, and `_schema_cache` remembers what each schema costs to
+build, serialise, parse and validate, so a stream pays for it once.
 """
 
 from __future__ import annotations
 
-import math
-import struct
-import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from lyceum.proto._columns import (
+    DTYPE_NAMES,
+    NUMPY_CARRIERS,
+    TORCH_DTYPES,
+    check_values,
+    column_arrays,
+    column_dtype,
+    flat_numpy,
+    numpy_dtype,
+    primitive_numpy,
+    tensor_view,
+)
+from lyceum.proto._ipc import COMPRESSIONS, Compression, ipc_size, read_ipc, read_stream, to_ipc
+from lyceum.proto._schema_cache import SCHEMAS, SchemaEntry
+from lyceum.proto._topk_indices import ef_encode, pack_indices
+from lyceum.proto._topk_values import encode_values
 from lyceum.proto.schema import (
-    ARROW_VALUE_TYPES,
-    METADATA_SCHEMA_KEY,
-    METADATA_VERSION_KEY,
     SAMPLE_ID,
-    TOPK_INDEX_TYPE,
-    DType,
     FieldSpec,
     KnowledgeSchema,
 )
 
-TORCH_DTYPES: dict[DType, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, DType] = {v: k for k, v in TORCH_DTYPES.items()}
+__all__ = [
+    "COMPRESSIONS",
+    "DTYPE_NAMES",
+    "NUMPY_CARRIERS",
+    "TORCH_DTYPES",
+    "Compression",
+    "KnowledgeBatch",
+    "arrow_schema",
+    "check_unique_ids",
+    "check_values",
+    "column_arrays",
+    "concat_batches",
+    "decode",
+    "encode",
+    "from_record_batch",
+    "ipc_size",
+    "numpy_dtype",
+    "read_ipc",
+    "schema_difference",
+    "tensor_view",
+    "to_ipc",
+    "to_record_batch",
+    "validate_arrow_schema",
+]
 
-# Same-size integer types used to move bfloat16 and bool through numpy/Arrow unchanged.
-_CARRIER: dict[str, torch.dtype] = {"bfloat16": torch.int16, "bool": torch.uint8}
 _MAX_SAMPLE_ID = 2**63 - 1
-
-# Arrow buffers are read-only and sharing them is the point (see the module docstring);
-# torch warns about every such view. The filter is limited to this module's calls (a
-# catch_warnings block around each call cost 10-20 us per column).
-warnings.filterwarnings(
-    "ignore", message="The given NumPy array is not writable", module=r"lyceum\.proto\.codec"
-)
 
 
 @dataclass(frozen=True)
@@ -75,10 +91,9 @@ class KnowledgeBatch:
         return int(self.sample_ids.numel())
 
 
-@lru_cache(maxsize=64)
 def arrow_schema(schema: KnowledgeSchema) -> pa.Schema:
     """`schema.to_arrow()`, cached: schemas are immutable and encoded once per batch."""
-    return schema.to_arrow()
+    return SCHEMAS.arrow(schema)
 
 
 def _describe_tensor(t: torch.Tensor) -> str:
@@ -86,7 +101,7 @@ def _describe_tensor(t: torch.Tensor) -> str:
 
 
 def _describe_expected(spec: FieldSpec, column: str) -> str:
-    dtype = "int32" if column.endswith(".indices") else spec.dtype
+    dtype = column_dtype(spec, column)
     return f"{dtype} {list('*' if d is None else d for d in spec.stored_shape)}"
 
 
@@ -126,26 +141,14 @@ def check_unique_ids(ids: np.ndarray) -> None:
         )
 
 
-def _flat_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if dtype in _CARRIER:
-        t = t.view(_CARRIER[dtype])
-    arr = t.numpy().reshape(-1)
-    return arr.view(np.uint16) if dtype == "bfloat16" else arr
-
-
 def _column_array(
     spec: FieldSpec, column: str, value: torch.Tensor | Sequence[torch.Tensor], rows: int
 ) -> pa.Array:
-    is_index = column.endswith(".indices")
-    dtype = "int32" if is_index else spec.dtype
+    dtype = column_dtype(spec, column)
     want = TORCH_DTYPES[dtype]
     row_shape = list(spec.row_shape)
-    row_size = math.prod(row_shape)
-    arrow_type = TOPK_INDEX_TYPE if is_index else ARROW_VALUE_TYPES[spec.dtype]
+    arrow_type = spec.stored_arrow_type(column)
+    stored_size = spec.stored_row_size(column)
     if spec.variable:
         pieces = _variable_pieces(spec, column, value, rows)
         lengths = np.fromiter((p.shape[0] for p in pieces), dtype=np.int64, count=len(pieces))
@@ -156,12 +159,9 @@ def _column_array(
                     f", got {DTYPE_NAMES.get(p.dtype, str(p.dtype))} {['*', *p.shape[1:]]}"
                 )
         flat = torch.cat([p.reshape(-1, *row_shape) for p in pieces]) if pieces else None
-        values = (
-            _flat_numpy(flat, dtype)
-            if flat is not None
-            else np.empty(0, arrow_type.to_pandas_dtype())
-        )
-        rows_arr = pa.FixedSizeListArray.from_arrays(pa.array(values, type=arrow_type), row_size)
+        values = flat_numpy(flat, dtype) if flat is not None else np.empty(0, numpy_dtype(dtype))
+        values = _coded(spec, column, values)
+        rows_arr = pa.FixedSizeListArray.from_arrays(pa.array(values, type=arrow_type), stored_size)
         offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return pa.LargeListArray.from_arrays(pa.array(offsets), rows_arr)
@@ -174,8 +174,57 @@ def _column_array(
             f"field {spec.name!r} column {column!r}: expected {_describe_expected(spec, column)} "
             f"for {rows} samples, got {_describe_tensor(value)} for {value.shape[0] if value.dim() else 0}"
         )
-    values = _flat_numpy(value, dtype)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values, type=arrow_type), row_size)
+    values = _coded(spec, column, flat_numpy(value, dtype))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values, type=arrow_type), stored_size)
+
+
+def _coded(spec: FieldSpec, column: str, flat: np.ndarray) -> np.ndarray:
+    """A column's flat values (int32 indices, or values in the field's numpy type) as the
+    flat stored items: indices in their width or Elias-Fano code, 8-bit values coded."""
+    where = f"field {spec.name!r} column {column!r}"
+    if column.endswith(".indices"):
+        rows = flat.reshape(-1, spec.row_size)
+        if spec.index_code == "elias_fano":
+            assert spec.shape[-1] is not None  # a top-k field has a fixed last dimension
+            return ef_encode(rows, spec.shape[-1], where).reshape(-1)
+        return pack_indices(rows, spec.index_bits, where).reshape(-1)
+    if spec.value_bits is None:
+        return flat
+    rows = flat.reshape(-1, spec.row_size)
+    if spec.dtype == "bfloat16":
+        rows = tensor_view(rows, "bfloat16").float().numpy()
+    return encode_values(rows, where).reshape(-1)
+
+
+def _sorted_by_index(
+    spec: FieldSpec,
+    values: torch.Tensor | Sequence[torch.Tensor],
+    indices: torch.Tensor | Sequence[torch.Tensor],
+) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]:
+    """An Elias-Fano field's values and indices with each row in ascending index order
+    (the order the code stores them in)."""
+
+    def one(v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if v.shape != i.shape:
+            raise ValueError(
+                f"field {spec.name!r}: top-k values {list(v.shape)} and indices "
+                f"{list(i.shape)} differ in shape"
+            )
+        ordered, order = torch.sort(i, dim=-1)
+        return v.gather(-1, order), ordered
+
+    if isinstance(values, torch.Tensor) and not values.is_nested:
+        if not isinstance(indices, torch.Tensor) or indices.is_nested:
+            raise ValueError(f"field {spec.name!r}: values and indices must be alike")
+        return one(values, indices)
+    vs = list(values.unbind()) if isinstance(values, torch.Tensor) else list(values)
+    ix = list(indices.unbind()) if isinstance(indices, torch.Tensor) else list(indices)
+    if len(vs) != len(ix):
+        raise ValueError(
+            f"field {spec.name!r}: {len(vs)} samples of values but {len(ix)} of indices"
+        )
+    pairs = [one(v, i) for v, i in zip(vs, ix, strict=True)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _variable_pieces(
@@ -214,67 +263,15 @@ def to_record_batch(
         )
     arrays: list[pa.Array] = [pa.array(ids, type=pa.uint64())]
     for spec in schema.fields:
+        columns = {c: tensors[c] for c in spec.columns}
+        if spec.index_code == "elias_fano":
+            values, indices = spec.columns
+            columns[values], columns[indices] = _sorted_by_index(
+                spec, tensors[values], tensors[indices]
+            )
         for column in spec.columns:
-            arrays.append(_column_array(spec, column, tensors[column], len(ids)))
+            arrays.append(_column_array(spec, column, columns[column], len(ids)))
     return pa.RecordBatch.from_arrays(arrays, schema=arrow_schema(schema))
-
-
-# An Arrow IPC stream is [schema message][record batch message][end-of-stream marker]. A
-# teacher sends the same schema message in every reply, and serialising it (encode) or parsing
-# and validating it (decode) was most of a small message's cost (16x1000 fp32: encode 18 ->
-# 6 us, decode 95 -> ~45 us), so both sides remember the schema messages they have seen.
-_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
-_CONTINUATION = 0xFFFFFFFF
-# Explicit options: without them pyarrow reads two environment variables per writer.
-_IPC_WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
-# Below this, joining [schema][batch.serialize()][EOS] (two copies of the values) is cheaper
-# than a stream writer's fixed cost; above it, one copy into an exactly sized buffer wins.
-JOIN_BELOW = 1 << 18
-_CACHED_SCHEMAS = 32
-_cache_lock = threading.Lock()
-_schema_messages: list[tuple[pa.Schema, bytes]] = []
-
-
-def _schema_message(arrow: pa.Schema) -> bytes:
-    """The IPC schema message a stream of `arrow` batches starts with (cached)."""
-    for known, message in _schema_messages:
-        # equals() with metadata: 0.07 us, where hashing a pa.Schema costs ~5 us.
-        if known.equals(arrow, check_metadata=True):
-            return message
-    message = arrow.serialize().to_pybytes()
-    with _cache_lock:
-        _schema_messages.insert(0, (arrow, message))
-        del _schema_messages[_CACHED_SCHEMAS:]
-    return message
-
-
-def ipc_parts(batch: pa.RecordBatch) -> tuple[bytes, pa.Buffer, bytes]:
-    """The three pieces of `batch`'s IPC stream, for callers that join them with more bytes."""
-    return _schema_message(batch.schema), batch.serialize(), _EOS
-
-
-def ipc_size(batch: pa.RecordBatch) -> int:
-    """The size in bytes of `to_ipc(batch)`, computed without serialising the values."""
-    return len(_schema_message(batch.schema)) + pa.ipc.get_record_batch_size(batch) + len(_EOS)
-
-
-def write_ipc(sink: pa.NativeFile, batch: pa.RecordBatch) -> None:
-    """Write `batch` to `sink` as one IPC stream, the bytes `to_ipc` returns."""
-    with pa.ipc.RecordBatchStreamWriter(sink, batch.schema, options=_IPC_WRITE_OPTIONS) as writer:
-        writer.write_batch(batch)
-
-
-def to_ipc(batch: pa.RecordBatch) -> pa.Buffer:
-    """One self-describing Arrow IPC stream (schema message + the batch + end of stream) in an
-    exactly sized buffer."""
-    size = ipc_size(batch)
-    if size < JOIN_BELOW:
-        return pa.py_buffer(b"".join(ipc_parts(batch)))
-    buf = pa.allocate_buffer(size)
-    sink = pa.FixedSizeBufferWriter(buf)
-    write_ipc(sink, batch)
-    sink.close()
-    return buf
 
 
 def encode(
@@ -286,117 +283,33 @@ def encode(
     return to_ipc(to_record_batch(schema, sample_ids, tensors))
 
 
-@dataclass
-class _KnownSchema:
-    """A schema message seen before: its parsed schema and its validations so far."""
-
-    arrow: pa.Schema
-    validated: dict[tuple[KnowledgeSchema | None, str], KnowledgeSchema]
-
-
-_known_schemas: dict[bytes, _KnownSchema] = {}
-
-
-def _schema_message_end(view: memoryview) -> int:
-    """Where the leading schema message of an IPC stream ends, or 0 if it cannot be told."""
-    if len(view) < 8:
-        return 0
-    continuation, length = struct.unpack_from("<Ii", view)
-    end = 8 + length
-    return end if continuation == _CONTINUATION and length > 0 and end <= len(view) else 0
-
-
-def _read_known(buf: pa.Buffer) -> tuple[pa.RecordBatch, _KnownSchema] | None:
-    """Read a stream whose schema message was seen before: only its batch message is parsed.
-    None if the schema is new or anything is unusual; the full reader then decides."""
-    view = memoryview(buf)
-    end = _schema_message_end(view)
-    known = _known_schemas.get(bytes(view[:end])) if end else None
-    if known is None:
-        return None
-    reader = pa.BufferReader(buf.slice(end))
-    try:
-        message = pa.ipc.read_message(reader)
-        if message.type != "record batch":
-            return None
-        batch = pa.ipc.read_record_batch(message, known.arrow)
-    except (pa.ArrowException, OSError, ValueError):
-        return None  # the full reader raises the error users know
-    tail = view[end + reader.tell() :]
-    # bytes(): a pa.Buffer's memoryview has format "b", which never equals bytes ("B").
-    if tail.nbytes and (tail.nbytes != len(_EOS) or bytes(tail) != _EOS):
-        return None  # more batches or trailing bytes: the full reader says which
-    return batch, known
-
-
-def _read_full(buf: pa.Buffer) -> pa.RecordBatch:
-    try:
-        batches = list(pa.ipc.open_stream(buf))
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise ValueError(
-            f"knowledge message: not a valid Arrow IPC stream ({buf.size} bytes; "
-            f"truncated or garbage?): {exc}"
-        ) from exc
-    if len(batches) != 1:
-        raise ValueError(f"knowledge message: expected exactly 1 record batch, got {len(batches)}")
-    return batches[0]
-
-
-def _read(data: bytes | bytearray | memoryview | pa.Buffer) -> tuple[pa.RecordBatch, _KnownSchema]:
-    buf = data if isinstance(data, pa.Buffer) else pa.py_buffer(data)
-    found = _read_known(buf)
-    if found is not None:
-        return found
-    batch = _read_full(buf)
-    view = memoryview(buf)
-    end = _schema_message_end(view)
-    known = _KnownSchema(batch.schema, {})
-    if end:
-        with _cache_lock:
-            if len(_known_schemas) >= _CACHED_SCHEMAS:
-                _known_schemas.clear()
-            _known_schemas[bytes(view[:end])] = known
-    return batch, known
-
-
-def read_ipc(data: bytes | bytearray | memoryview | pa.Buffer) -> pa.RecordBatch:
-    """Parse one Arrow IPC stream holding exactly one record batch."""
-    return _read(data)[0]
-
-
 def decode(
     data: bytes | bytearray | memoryview | pa.Buffer, expected: KnowledgeSchema | None = None
 ) -> KnowledgeBatch:
     """Arrow IPC bytes -> validated `KnowledgeBatch` of zero-copy tensors."""
-    batch, known = _read(data)
-    where = "knowledge"
-    schema = known.validated.get((expected, where))
-    if schema is None:
-        schema = validate_arrow_schema(known.arrow, expected, where)
-        known.validated[(expected, where)] = schema
-    return _view(batch, schema, where)
+    batch, entry = read_stream(data)
+    schema = _validated(entry.arrow, expected, "knowledge", entry)
+    return _view(batch, schema, "knowledge")
 
 
 def validate_arrow_schema(
     arrow: pa.Schema, expected: KnowledgeSchema | None = None, where: str = "knowledge"
 ) -> KnowledgeSchema:
     """Check an Arrow schema against its own metadata and, if given, the expected schema."""
-    meta = arrow.metadata or {}
-    # Every message of a stream carries the same schema: validate it once. The metadata is
-    # part of the key because pa.Schema equality ignores metadata.
-    return _validated_schema(
-        arrow, meta.get(METADATA_SCHEMA_KEY), meta.get(METADATA_VERSION_KEY), expected, where
+    return _validated(arrow, expected, where, None)
+
+
+def _validated(
+    arrow: pa.Schema, expected: KnowledgeSchema | None, where: str, entry: SchemaEntry | None
+) -> KnowledgeSchema:
+    # Every message of a stream carries the same schema: it is validated once (per expected
+    # schema and place), then found in the schema cache.
+    return SCHEMAS.validated(
+        arrow, expected, where, lambda: _validate(arrow, expected, where), entry
     )
 
 
-@lru_cache(maxsize=256)
-def _validated_schema(
-    arrow: pa.Schema,
-    _schema_meta: bytes | None,
-    _version_meta: bytes | None,
-    expected: KnowledgeSchema | None,
-    where: str,
-) -> KnowledgeSchema:
+def _validate(arrow: pa.Schema, expected: KnowledgeSchema | None, where: str) -> KnowledgeSchema:
     schema = KnowledgeSchema.from_arrow(arrow)
     if expected is not None and schema != expected:
         raise ValueError(f"{where}: schema mismatch: {schema_difference(expected, schema)}")
@@ -432,77 +345,6 @@ def schema_difference(expected: KnowledgeSchema, got: KnowledgeSchema) -> str:
     return f"expected format {expected.format_version}, got {got.format_version}"
 
 
-def _primitive_numpy(arr: pa.Array, column: str) -> np.ndarray:
-    if arr.null_count:
-        raise ValueError(f"column {column!r}: {arr.null_count} null values; knowledge has no nulls")
-    return arr.to_numpy(zero_copy_only=True)
-
-
-def _fixed_values(col: pa.FixedSizeListArray) -> pa.Array:
-    """The child values of a FixedSizeList's rows (what `flatten()` returns for a column
-    without nulls, but without pyarrow.compute's ~15 us dispatch per call)."""
-    size = col.type.list_size
-    return col.values.slice(col.offset * size, len(col) * size)
-
-
-def column_arrays(
-    batch: pa.RecordBatch, spec: FieldSpec, column: str
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Zero-copy numpy views of one column: values `[rows, *row_shape]` and, for variable
-    fields, int64 offsets `[samples + 1]` into those rows (starting at 0)."""
-    col = batch.column(column)
-    if col.null_count:
-        raise ValueError(
-            f"column {column!r}: {col.null_count} null entries; knowledge has no nulls"
-        )
-    offsets: np.ndarray | None = None
-    if spec.variable:
-        raw = col.offsets.to_numpy(zero_copy_only=True)
-        offsets = raw - raw[0] if raw.size and raw[0] else raw
-        col = col.values.slice(int(raw[0]), int(raw[-1] - raw[0])) if raw.size else col.values
-        if col.null_count:
-            raise ValueError(f"column {column!r}: null rows inside sequences")
-    values = _primitive_numpy(_fixed_values(col), column).reshape(-1, *spec.row_shape)
-    # Offsets come from the sender: they must step forward and end at the rows that exist,
-    # or the jagged tensor built on them would read out of bounds later.
-    if (
-        offsets is not None
-        and offsets.size
-        and (offsets[-1] != len(values) or (offsets.size > 1 and np.any(np.diff(offsets) < 0)))
-    ):
-        raise ValueError(
-            f"column {column!r}: sequence offsets are not increasing or do not end at the "
-            f"{len(values)} rows the column holds (corrupt or forged message)"
-        )
-    return values, offsets
-
-
-def _to_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(values)
-    if dtype == "bfloat16":
-        return t.view(torch.bfloat16)
-    if dtype == "bool":
-        return t.view(torch.bool)
-    return t
-
-
-def _check_values(spec: FieldSpec, column: str, values: np.ndarray) -> None:
-    if values.size == 0:
-        return
-    if column.endswith(".indices"):
-        lo, hi = int(values.min()), int(values.max())
-        vocab = spec.shape[-1]
-        assert vocab is not None  # guaranteed by FieldSpec validation for top-k fields
-        if lo < 0 or hi >= vocab:
-            raise ValueError(
-                f"field {spec.name!r}: top-k indices must be in [0, {vocab}), got [{lo}, {hi}]"
-            )
-    elif spec.dtype == "bool" and int(values.max()) > 1:
-        raise ValueError(
-            f"field {spec.name!r}: bool values must be 0 or 1, got {int(values.max())}"
-        )
-
-
 def from_record_batch(
     batch: pa.RecordBatch, expected: KnowledgeSchema | None = None, where: str = "knowledge"
 ) -> KnowledgeBatch:
@@ -512,7 +354,7 @@ def from_record_batch(
 
 def _view(batch: pa.RecordBatch, schema: KnowledgeSchema, where: str) -> KnowledgeBatch:
     """Tensors of a batch whose Arrow schema was validated as `schema`."""
-    ids = _primitive_numpy(batch.column(0), SAMPLE_ID)
+    ids = primitive_numpy(batch.column(0), SAMPLE_ID)
     check_unique_ids(ids)
     if ids.size and int(ids.max()) > _MAX_SAMPLE_ID:
         raise ValueError(f"{where}: sample ids must be < 2**63, got {int(ids.max())}")
@@ -521,10 +363,9 @@ def _view(batch: pa.RecordBatch, schema: KnowledgeSchema, where: str) -> Knowled
         first_offsets: np.ndarray | None = None
         offsets_t: torch.Tensor | None = None
         for column in spec.columns:
-            dtype = "int32" if column.endswith(".indices") else spec.dtype
             values, offsets = column_arrays(batch, spec, column)
-            _check_values(spec, column, values)
-            t = _to_tensor(values, dtype)
+            check_values(spec, column, values)
+            t = tensor_view(values, column_dtype(spec, column))
             if offsets is None:
                 tensors[column] = t
                 continue
@@ -535,8 +376,29 @@ def _view(batch: pa.RecordBatch, schema: KnowledgeSchema, where: str) -> Knowled
             if offsets_t is None:
                 # One offsets tensor per field: values and indices then share the same
                 # ragged dimension and can be combined in one expression.
-                first_offsets, offsets_t = offsets, _to_tensor(offsets, "int64")
+                first_offsets, offsets_t = offsets, tensor_view(offsets, "int64")
             tensors[column] = torch.nested.nested_tensor_from_jagged(t, offsets=offsets_t)
     return KnowledgeBatch(
-        sample_ids=_to_tensor(ids.view(np.int64), "int64"), tensors=tensors, schema=schema
+        sample_ids=tensor_view(ids.view(np.int64), "int64"), tensors=tensors, schema=schema
     )
+
+
+def concat_batches(batches: Sequence[KnowledgeBatch]) -> KnowledgeBatch:
+    """One batch holding the rows of `batches` in order (same schema; jagged fields too)."""
+    if len(batches) == 1:
+        return batches[0]
+    schema = batches[0].schema
+    tensors: dict[str, torch.Tensor] = {}
+    for column in batches[0].tensors:
+        parts = [b.tensors[column] for b in batches]
+        if parts[0].is_nested:
+            values = torch.cat([p.values() for p in parts])
+            # The jagged NestedTensor has offsets(); torch's Tensor stubs do not list it.
+            lengths = torch.cat([p.offsets().diff() for p in parts])  # type: ignore[attr-defined]
+            offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+            torch.cumsum(lengths, 0, out=offsets[1:])
+            tensors[column] = torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
+        else:
+            tensors[column] = torch.cat(parts)
+    ids = torch.cat([b.sample_ids for b in batches])
+    return KnowledgeBatch(sample_ids=ids, tensors=tensors, schema=schema)

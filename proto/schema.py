@@ -2,8 +2,9 @@
 
 A schema is an ordered tuple of fields. Each field has a name, a dtype, a per-sample shape
 (fixed, or with one variable leading dimension for sequences, written `None`), an encoding
-(`dense`, or `topk(k)`: the k largest values and their int32 indices along the last dim)
-and what the values mean (logits, log-probabilities, probabilities or plain features, with
+(`dense`, or `topk(k)`: the k largest values and their indices along the last dim, the
+indices in the fewest bits the last dim allows or Elias-Fano coded, `_topk_indices`, the
+values in the field's dtype or in 8 bits, `_topk_values`) and what the values mean (logits, log-probabilities, probabilities or plain features, with
 the temperature they were produced at). It round-trips through JSON (the `Describe` reply,
 the offline manifest) and through Arrow schema metadata (every knowledge message and shard).
 """
@@ -13,13 +14,35 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-FORMAT_VERSION = "1.0"
-"""Major.minor of the knowledge format. Readers refuse other majors."""
+from lyceum.proto._topk_indices import (
+    INT32_BITS,
+    ef_stored_count,
+    narrowest_bits,
+    stored_arrow_type,
+    stored_count,
+)
+from lyceum.proto._topk_values import VALUE_BITS, stored_value_count
+from lyceum.proto.vocab import Vocabulary
+
+FORMAT_VERSION = "1.2"
+"""Major.minor of the knowledge format. Readers refuse other majors. 1.1: top-k indices are
+stored in `TopK.index_bits` bits (1.0 stored int32, and its schemas are read as such). 1.2:
+top-k values may be 8-bit codes (`TopK.value_bits`) and indices Elias-Fano coded
+(`TopK.index_code`); a schema using neither has the JSON of 1.1."""
+_INT32_INDICES_VERSION = "1.0"
 
 SAMPLE_ID = "sample_id"
 METADATA_SCHEMA_KEY = b"lyceum.schema"
@@ -41,7 +64,6 @@ ARROW_VALUE_TYPES: dict[str, pa.DataType] = {
     "int64": pa.int64(),
     "bool": pa.uint8(),
 }
-TOPK_INDEX_TYPE = pa.int32()
 
 
 class Dense(BaseModel):
@@ -52,11 +74,43 @@ class Dense(BaseModel):
 
 
 class TopK(BaseModel):
-    """Only the k largest values along the last dimension are stored, with int32 indices."""
+    """Only the k largest values along the last dimension are stored, with their indices."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["topk"] = "topk"
     k: int = Field(gt=0, description="How many values are kept per row of the last dimension.")
+    index_bits: int | None = Field(
+        default=None,
+        ge=1,
+        le=INT32_BITS,
+        description="Bits per stored index: 8 or 16 (uint8/uint16), 32 (int32), any other "
+        "width bit-packed. None: the narrowest the last dimension allows (`narrowest_bits`), "
+        "filled in when the field is made.",
+    )
+    index_code: Literal["fixed", "elias_fano"] = Field(
+        default="fixed",
+        description="How a row's indices are stored: 'fixed', each in index_bits bits, in "
+        "the order of their values (largest first); 'elias_fano', sorted ascending and "
+        "Elias-Fano coded (fewer bits, e.g. 80 bytes for 128 ids of 1,024 instead of 256), "
+        "the values stored in the same order.",
+    )
+    value_bits: Literal[8] | None = Field(
+        default=None,
+        description="None: values stored in the field's dtype; 8: one byte per value with a "
+        "float16 offset and scale per row, error at most about (row max - row min) / 508 "
+        "(`_topk_values`), decoded to the field's dtype.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The 1.2 options are written only when used, so a schema without them has 1.1's
+        # JSON (and 1.1 readers, which forbid unknown keys, still read it).
+        data: dict[str, Any] = handler(self)
+        if data.get("index_code") == "fixed":
+            del data["index_code"]
+        if data.get("value_bits") is None:
+            data.pop("value_bits", None)
+        return data
 
 
 Encoding = Annotated[Dense | TopK, Field(discriminator="kind")]
@@ -80,6 +134,28 @@ class FieldSpec(BaseModel):
     temperature: float = Field(
         default=1.0, gt=0, description="Temperature the values were produced at (softmax T)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_index_bits(cls, data: object) -> object:
+        # A top-k field made without an index width gets the narrowest its vocabulary allows,
+        # so every schema says how its indices are stored (and equal fields compare equal).
+        if not isinstance(data, dict):
+            return data
+        encoding, shape = data.get("encoding"), data.get("shape")
+        if not shape or not isinstance(shape[-1], int):
+            return data
+        if isinstance(encoding, TopK) and encoding.index_bits is None:
+            encoding = encoding.model_copy(update={"index_bits": narrowest_bits(shape[-1])})
+        elif (
+            isinstance(encoding, dict)
+            and encoding.get("kind") == "topk"
+            and encoding.get("index_bits") is None
+        ):
+            encoding = {**encoding, "index_bits": narrowest_bits(shape[-1])}
+        else:
+            return data
+        return {**data, "encoding": encoding}
 
     @field_validator("name")
     @classmethod
@@ -111,9 +187,23 @@ class FieldSpec(BaseModel):
                     f"field {self.name!r}: topk k={self.encoding.k} exceeds the last dimension "
                     f"{self.shape[-1]}"
                 )
+            bits = self.index_bits
+            if bits < INT32_BITS and self.shape[-1] > 1 << bits:
+                raise ValueError(
+                    f"field {self.name!r}: {bits}-bit top-k indices cannot hold the "
+                    f"{self.shape[-1]} ids of the last dimension; leave index_bits unset for "
+                    f"the narrowest width that does ({narrowest_bits(self.shape[-1])})"
+                )
             if self.dtype in ("bool",):
                 raise ValueError(
                     f"field {self.name!r}: topk of a {self.dtype} field makes no sense"
+                )
+            if self.encoding.value_bits is not None and not self.dtype.startswith(
+                ("float", "bfloat")
+            ):
+                raise ValueError(
+                    f"field {self.name!r}: 8-bit top-k values code floats, not {self.dtype}; "
+                    f"leave value_bits unset"
                 )
         return self
 
@@ -144,6 +234,47 @@ class FieldSpec(BaseModel):
         return math.prod(self.row_shape)
 
     @property
+    def index_bits(self) -> int:
+        """Bits per stored top-k index (32 for a dense field, which has none)."""
+        if isinstance(self.encoding, TopK) and self.encoding.index_bits is not None:
+            return self.encoding.index_bits
+        return INT32_BITS
+
+    @property
+    def index_code(self) -> str:
+        """How top-k indices are stored: 'fixed' (also for a dense field) or 'elias_fano'."""
+        return self.encoding.index_code if isinstance(self.encoding, TopK) else "fixed"
+
+    @property
+    def value_bits(self) -> int | None:
+        """8 for 8-bit coded top-k values, None for values stored in `dtype`."""
+        return self.encoding.value_bits if isinstance(self.encoding, TopK) else None
+
+    def stored_row_size(self, column: str) -> int:
+        """Stored items per row of `column`: `row_size`, or the bytes of coded indices or
+        values."""
+        if column.endswith(".indices"):
+            if self.index_code == "elias_fano":
+                assert self.shape[-1] is not None  # a top-k field has a fixed last dim
+                return ef_stored_count(self.row_size, self.shape[-1])
+            return stored_count(self.row_size, self.index_bits)
+        if self.value_bits == VALUE_BITS:
+            return stored_value_count(self.row_size)
+        return self.row_size
+
+    def stored_row_bytes(self, column: str) -> int:
+        """Bytes of one stored row of `column`."""
+        return self.stored_row_size(column) * self.stored_arrow_type(column).byte_width
+
+    def stored_arrow_type(self, column: str) -> pa.DataType:
+        """The Arrow type of `column`'s stored items (bytes for coded indices or values)."""
+        if column.endswith(".indices"):
+            if self.index_code == "elias_fano":
+                return pa.uint8()
+            return stored_arrow_type(self.index_bits)
+        return pa.uint8() if self.value_bits is not None else ARROW_VALUE_TYPES[self.dtype]
+
+    @property
     def columns(self) -> tuple[str, ...]:
         """Arrow column names (and keys of the decoded tensor dict) of this field."""
         if isinstance(self.encoding, TopK):
@@ -151,12 +282,19 @@ class FieldSpec(BaseModel):
         return (self.name,)
 
     def describe(self) -> str:
-        enc = f"topk({self.encoding.k})" if isinstance(self.encoding, TopK) else "dense"
+        enc = "dense"
+        if isinstance(self.encoding, TopK):
+            options = [f"{self.index_bits}-bit indices"]
+            if self.index_code == "elias_fano":
+                options = ["Elias-Fano indices"]
+            if self.value_bits is not None:
+                options.append(f"{self.value_bits}-bit values")
+            enc = f"topk({self.encoding.k}, {', '.join(options)})"
         return f"{self.name}: {self.dtype} {self.shape_str} {enc} {self.meaning}"
 
 
-def _list_type(value_type: pa.DataType, spec: FieldSpec) -> pa.DataType:
-    inner = pa.list_(value_type, spec.row_size)
+def _list_type(spec: FieldSpec, column: str) -> pa.DataType:
+    inner = pa.list_(spec.stored_arrow_type(column), spec.stored_row_size(column))
     return pa.large_list(inner) if spec.variable else inner
 
 
@@ -167,6 +305,25 @@ class KnowledgeSchema(BaseModel):
 
     fields: tuple[FieldSpec, ...] = Field(description="Knowledge fields in column order.")
     format_version: str = Field(default=FORMAT_VERSION, description="Knowledge format version.")
+    vocab: Vocabulary | None = Field(
+        default=None,
+        description="The vocabulary token-level fields are indexed by (language-model "
+        "teachers); None for other knowledge, and then left out of the JSON.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_indices(cls, data: object) -> object:
+        # Format 1.0 stored every top-k index as int32 and did not say so.
+        if not isinstance(data, dict) or data.get("format_version") != _INT32_INDICES_VERSION:
+            return data
+        fields = []
+        for f in data.get("fields") or ():
+            encoding = f.get("encoding") if isinstance(f, dict) else None
+            if isinstance(encoding, dict) and encoding.get("kind") == "topk":
+                f = {**f, "encoding": {"index_bits": INT32_BITS, **encoding}}
+            fields.append(f)
+        return {**data, "fields": fields}
 
     @model_validator(mode="after")
     def _check_fields(self) -> KnowledgeSchema:
@@ -193,8 +350,26 @@ class KnowledgeSchema(BaseModel):
     def columns(self) -> tuple[str, ...]:
         return tuple(c for f in self.fields for c in f.columns)
 
+    def uses_codes(self) -> bool:
+        """True if a field stores 8-bit values or Elias-Fano indices (format 1.2's codes)."""
+        return any(f.value_bits is not None or f.index_code != "fixed" for f in self.fields)
+
+    def as_version(self, version: str) -> KnowledgeSchema:
+        """This schema written as format `version` when that stores it the same way (1.1 and
+        up without codes), so a dump begun by an earlier Lyceum resumes; else itself."""
+        if (
+            version == self.format_version
+            or self.uses_codes()
+            or version in ("", _INT32_INDICES_VERSION)
+        ):
+            return self
+        check_format_version(version, "knowledge schema")
+        return self.model_copy(update={"format_version": version})
+
     def to_json(self) -> str:
-        return self.model_dump_json()
+        # Without a vocabulary the JSON is what it was before the field existed: readers of
+        # those schemas (and their cached Arrow schemas) see the same bytes.
+        return self.model_dump_json(exclude={"vocab"} if self.vocab is None else None)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> KnowledgeSchema:
@@ -210,17 +385,13 @@ class KnowledgeSchema(BaseModel):
         """The Arrow schema of a knowledge batch, with this schema as JSON metadata."""
         arrow_fields = [pa.field(SAMPLE_ID, pa.uint64(), nullable=False)]
         for f in self.fields:
-            value_type = ARROW_VALUE_TYPES[f.dtype]
             meta = {b"lyceum.dtype": f.dtype.encode()}
             if isinstance(f.encoding, TopK):
-                arrow_fields.append(
-                    pa.field(f.columns[0], _list_type(value_type, f), False, metadata=meta)
-                )
-                arrow_fields.append(pa.field(f.columns[1], _list_type(TOPK_INDEX_TYPE, f), False))
+                values, indices = f.columns
+                arrow_fields.append(pa.field(values, _list_type(f, values), False, metadata=meta))
+                arrow_fields.append(pa.field(indices, _list_type(f, indices), False))
             else:
-                arrow_fields.append(
-                    pa.field(f.name, _list_type(value_type, f), False, metadata=meta)
-                )
+                arrow_fields.append(pa.field(f.name, _list_type(f, f.name), False, metadata=meta))
         return pa.schema(
             arrow_fields,
             metadata={

@@ -21,12 +21,13 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from google.protobuf.message import DecodeError
 
-from lyceum.proto import codec
+from lyceum.proto import _ipc
 from lyceum.v1 import knowledge_pb2 as pb
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -116,6 +117,19 @@ class Request:
     inputs: memoryview | None = None
     ids: np.ndarray | None = None
 
+    @property
+    def mode(self) -> Literal["query", "index"]:
+        return "query" if self.inputs is not None else "index"
+
+    @property
+    def payload(self) -> memoryview | np.ndarray:
+        """The inputs (query mode) or the sample ids (index mode)."""
+        if self.inputs is not None:
+            return self.inputs
+        if self.ids is None:
+            raise WireError("carries neither inputs (query mode) nor ids (index mode)")
+        return self.ids
+
 
 def encode_request(request_id: int, inputs: object = None, ids: object = None) -> bytes:
     """`DistillRequest` bytes; `inputs` is Arrow IPC bytes (any buffer), `ids` integers."""
@@ -180,7 +194,9 @@ def knowledge_header(request_id: int, nbytes: int) -> bytes:
     return head + b"\x12" + _varint(nbytes, w_len)
 
 
-def encode_batch_reply(request_id: int, batch: pa.RecordBatch) -> bytes:
+def encode_batch_reply(
+    request_id: int, batch: pa.RecordBatch, compression: _ipc.Compression = "none"
+) -> bytes:
     """`DistillReply` bytes with `batch` as Arrow IPC (the bytes of `codec.to_ipc`).
 
     grpcio only sends `bytes`. Small replies join header, schema message, batch message and
@@ -188,12 +204,15 @@ def encode_batch_reply(request_id: int, batch: pa.RecordBatch) -> bytes:
     the IPC size is computed first, then header and stream are written straight into a new
     `bytes` object. Writing into a fresh bytes object before anything else holds a reference
     is the C API's own idiom (PyBytes_FromStringAndSize(NULL, n), then fill); ctypes gives
-    Arrow a view of its memory.
+    Arrow a view of its memory. A compressed body's size is known only once it is written.
     """
-    size = codec.ipc_size(batch)
+    if compression != "none":
+        stream = _ipc.to_ipc(batch, compression)
+        return b"".join((knowledge_header(request_id, stream.size), stream))
+    size = _ipc.ipc_size(batch)
     header = knowledge_header(request_id, size)
-    if size < codec.JOIN_BELOW:
-        return b"".join((header, *codec.ipc_parts(batch)))
+    if size < _ipc.JOIN_BELOW:
+        return b"".join((header, *_ipc.ipc_parts(batch)))
     out = bytes(len(header) + size)
     address = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
     if address is None:  # only for an empty object, which a reply never is
@@ -201,7 +220,7 @@ def encode_batch_reply(request_id: int, batch: pa.RecordBatch) -> bytes:
     view = memoryview((ctypes.c_char * len(out)).from_address(address)).cast("B")
     view[: len(header)] = header
     sink = pa.FixedSizeBufferWriter(pa.py_buffer(view[len(header) :]))
-    codec.write_ipc(sink, batch)
+    _ipc.write_ipc(sink, batch)
     sink.close()
     return out
 

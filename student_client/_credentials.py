@@ -1,11 +1,11 @@
 """A student's credentials for online teachers: which options fit which endpoints, CURVE keys.
 
-`OnlineTeacher` and `EndpointClient` (keyword arguments) and `TeacherConfig` (YAML keys of
-the same names) all gather them in one `CredentialOptions` and call its `check`, so a
-mistake gets the same message either way, naming the option and what it needs.
-`TeacherConfig` only checks the shape of the options; the clients' `build` also reads the
-files, on the machine that trains (keys through `lyceum.proto.curve_keys`, the reader the
-teacher uses too).
+`OnlineTeacher(endpoints, credentials=CredentialOptions(...))` and `TeacherConfig` (YAML
+keys of the same names, `TeacherConfig.credential_options()`) gather them in one
+`CredentialOptions` and call its `check`, so a mistake gets the same message either way,
+naming the option and what it needs. `TeacherConfig` only checks the shape of the options;
+`OnlineTeacher` also reads the files (`build`), on the machine that trains (keys through
+`lyceum.proto.curve_keys`, the reader the teacher uses too).
 
 CURVE (ZeroMQ) needs the teacher's public key to connect at all; a teacher with an
 allow-list (`--zmq-curve-clients`) also needs the student's own key pair. The student's
@@ -16,13 +16,15 @@ a public key given as well must be that key's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+from pydantic import BaseModel, ConfigDict, Field
 
 from lyceum.proto.curve_keys import read_curve_key, z85_key
+from lyceum.proto.secret_files import read_token_file, warn_if_exposed
 from lyceum.student_client._connections import Credentials
+from lyceum.student_client._endpoints import GRPC_SCHEMES, ZMQ_SCHEMES
 
 __all__ = [
     "CredentialOptions",
@@ -30,27 +32,67 @@ __all__ = [
     "server_curve_key",
 ]
 
-ZMQ_SCHEMES = ("zmq://", "ipc://")
-GRPC_SCHEMES = ("grpc://", "grpcs://", "unix://", "dns:///")
 
-
-@dataclass(frozen=True)
-class CredentialOptions:
+class CredentialOptions(BaseModel):
     """A student's security options for one online teacher, by the names every entry point
-    uses (`OnlineTeacher`, `EndpointClient`, `TeacherConfig`)."""
+    uses (`OnlineTeacher`, `TeacherConfig`). Nothing is read until `build`."""
 
-    token: str | bytes | None = None
-    token_file: str | Path | None = None
-    tls: bool = False
-    tls_ca: str | Path | None = None
-    tls_cert: str | Path | None = None
-    tls_key: str | Path | None = None
-    tls_server_name: str | None = None
-    curve_server_key: str | bytes | None = None
-    curve_server_key_file: str | Path | None = None
-    curve_public_key: str | bytes | None = None
-    curve_secret_key: str | bytes | None = None
-    curve_secret_key_file: str | Path | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Secrets stay out of repr() (logs, tracebacks).
+    token: str | bytes | None = Field(
+        default=None,
+        repr=False,
+        description="Bearer token, on both transports; or give token_file.",
+    )
+    token_file: str | Path | None = Field(
+        default=None,
+        description="File holding the bearer token (what the teacher's --token-file names).",
+    )
+    tls: bool = Field(
+        default=False, description="gRPC: TLS for grpc:// and dns:/// endpoints (grpcs://)."
+    )
+    tls_ca: str | Path | None = Field(
+        default=None,
+        description="gRPC: CA certificate (PEM) the teacher's certificate is checked against.",
+    )
+    tls_cert: str | Path | None = Field(
+        default=None, description="gRPC: the student's certificate (PEM), for mutual TLS."
+    )
+    tls_key: str | Path | None = Field(
+        default=None, description="gRPC: the private key of tls_cert (PEM)."
+    )
+    tls_server_name: str | None = Field(
+        default=None,
+        description="gRPC: the name the teacher's certificate was issued for, when it differs "
+        "from the endpoint's host (e.g. an IP address).",
+    )
+    curve_server_key: str | bytes | None = Field(
+        default=None,
+        description="ZeroMQ: the teacher's CURVE public key (40-character z85); or give "
+        "curve_server_key_file.",
+    )
+    curve_server_key_file: str | Path | None = Field(
+        default=None,
+        description="ZeroMQ: file with the teacher's CURVE public key (bare z85 or a zmq "
+        "certificate).",
+    )
+    curve_public_key: str | bytes | None = Field(
+        default=None,
+        description="ZeroMQ: the student's CURVE public key; it follows from the secret key, "
+        "so it is only checked against it.",
+    )
+    curve_secret_key: str | bytes | None = Field(
+        default=None,
+        repr=False,
+        description="ZeroMQ: the student's CURVE secret key (z85), for a teacher with an "
+        "allow-list; without one a fresh key pair is used per connection.",
+    )
+    curve_secret_key_file: str | Path | None = Field(
+        default=None,
+        description="ZeroMQ: file with the student's CURVE secret key (bare z85 or a zmq "
+        ".key_secret certificate).",
+    )
 
     def check(self, endpoints: Sequence[str]) -> None:
         """Raise `ValueError` naming the option if the options cannot work together or with
@@ -123,15 +165,21 @@ class CredentialOptions:
         self.check(endpoints)
         token = self.token
         if self.token_file is not None:
-            token = Path(self.token_file).read_bytes().strip()
+            token = read_token_file(self.token_file, "token_file")
         public_key, secret_key = client_curve_keys(
             self.curve_public_key, self.curve_secret_key, self.curve_secret_key_file
         )
+        if self.curve_secret_key_file is not None:
+            warn_if_exposed(self.curve_secret_key_file, "curve_secret_key_file")
+        tls_key = None
+        if self.tls_key is not None:
+            tls_key = Path(self.tls_key).read_bytes()
+            warn_if_exposed(self.tls_key, "tls_key")
         return Credentials(
             token=token.encode() if isinstance(token, str) else token,
             tls_ca=Path(self.tls_ca).read_bytes() if self.tls_ca is not None else None,
             tls_cert=Path(self.tls_cert).read_bytes() if self.tls_cert is not None else None,
-            tls_key=Path(self.tls_key).read_bytes() if self.tls_key is not None else None,
+            tls_key=tls_key,
             tls_server_name=self.tls_server_name,
             curve_server_key=server_curve_key(self.curve_server_key, self.curve_server_key_file),
             curve_public_key=public_key,

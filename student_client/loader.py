@@ -21,6 +21,9 @@ takes those requests over if it starts with the same batches (after `set_epoch` 
 (`index` mode, offline dumps): a `query` teacher needs inputs, which are loaded in order.
 `prefetch_next_epoch=False` turns it off (e.g. so the last epoch does not ask for more).
 
+Without teachers (`teachers={}`) it is the same loader for supervised training: batches in
+the same order, the same resumable position, and `knowledge` holding only `sample_id`.
+
 Resuming: `state_dict()` is `{epoch, seed, position}` (position = batches already yielded in
 this epoch); after `load_state_dict`, the next pass yields the remaining batches of that
 epoch, with the same order, not the epoch from its start. The order must be reproducible: the
@@ -37,7 +40,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,8 +141,6 @@ class DistillLoader:
             raise ValueError(
                 "give shuffle=True or a sampler, not both (a sampler decides the order itself)"
             )
-        if not teachers:
-            raise ValueError("DistillLoader needs at least one teacher; use a DataLoader without")
         self.dataset = dataset
         self.teachers = dict(teachers)
         self.batch_size = batch_size
@@ -163,15 +164,19 @@ class DistillLoader:
         self.device = torch.device(device) if device is not None else None
         self.merger = merger or Merger({})
         # Validate the teachers' schemas against the strategies now, before any training.
-        self.merged: MergedSchema = self.merger.check(
-            {name: source.schema for name, source in self.teachers.items()}
+        self.merged: MergedSchema = (
+            self.merger.check({name: source.schema for name, source in self.teachers.items()})
+            if self.teachers
+            else MergedSchema(teachers=(), fields=())
         )
         self.epoch = 0
         self.position = 0
         self.stats = LoaderStats()
         self._request_ids = itertools.count()
-        self.prefetch_next_epoch = prefetch_next_epoch and not any(
-            source.needs_inputs for source in self.teachers.values()
+        self.prefetch_next_epoch = (
+            prefetch_next_epoch
+            and bool(self.teachers)
+            and not any(source.needs_inputs for source in self.teachers.values())
         )
         # Requests for the next pass's first batches (request id, sample ids), in order, and
         # knowledge that arrived for requests still wanted; both outlive one pass.
@@ -230,7 +235,7 @@ class DistillLoader:
 
     # -- iteration -----------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, dict[str, torch.Tensor]]]:
+    def __iter__(self) -> Generator[tuple[Any, Any, dict[str, torch.Tensor]], None, None]:
         """One epoch (the rest of it after `load_state_dict`). A producer thread loads the
         data, keeps the window of requests in flight, merges and moves each batch while the
         student trains on the previous one (torch releases the GIL in its kernels), so the
@@ -384,7 +389,7 @@ class DistillLoader:
                         results[name][rid] = batch
         self.stats.knowledge_wait_s += time.perf_counter() - started
         batches = {name: results[name].pop(head.request_id) for name in self.teachers}
-        knowledge = self.merger.merge(head.ids, batches)
+        knowledge = self.merger.merge(head.ids, batches) if batches else {}
         knowledge[SAMPLE_ID] = head.ids
         return knowledge
 
@@ -405,8 +410,10 @@ class DistillLoader:
 
 
 def _named(name: str, exc: TeacherError) -> TeacherError:
-    """The same error, saying which of the loader's teachers it came from."""
-    message = f"distillation teacher {name!r}: {exc.message}"
+    """The same error, saying which of the loader's teachers it came from (unless it does:
+    the trainer names each `OnlineTeacher` after its key)."""
+    named = f"teacher {name!r}" in exc.message
+    message = exc.message if named else f"distillation teacher {name!r}: {exc.message}"
     if isinstance(exc, TeacherUnavailableError):
         return TeacherUnavailableError(message)
     return TeacherError(exc.code, message)

@@ -1,4 +1,5 @@
-"""Distillation losses: soft-label KL, top-k KL, feature L2, FitNets hints, FSP, and the
+"""Distillation losses: soft-label and top-k divergences (forward and reverse KL, JSD, skew
+KL, total variation: `_divergences`), feature L2, FitNets hints, FSP, and the
 weighted objective that adds them to the task loss.
 
 Conventions shared by every loss here:
@@ -27,14 +28,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lyceum.proto.schema import FieldSpec, TopK
+from lyceum.student_client._divergences import (
+    DIVERGENCES,
+    Divergence,
+    check_divergence,
+    divergence_rows,
+)
 from lyceum.student_client._feature_losses import FeatureMSE, FSPLoss, HintLoss, fsp_matrix
 from lyceum.student_client._objective import DistillObjective, DistillOutput, DistillTerm
 from lyceum.student_client._positions import flatten_positions
 
 __all__ = [
+    "DIVERGENCES",
     "DistillObjective",
     "DistillOutput",
     "DistillTerm",
+    "Divergence",
     "FSPLoss",
     "FeatureMSE",
     "HintLoss",
@@ -47,7 +56,7 @@ __all__ = [
 ]
 
 TeacherMeaning = Literal["logits", "log_probs", "probs"]
-Missing = Literal["zero", "uniform"]
+Missing = Literal["zero", "uniform", "tail"]
 
 
 def _check_meaning(meaning: str) -> None:
@@ -63,14 +72,20 @@ def _check_temperature(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def _check_missing(missing: str, meaning: str) -> None:
-    if missing not in ("zero", "uniform"):
-        raise ValueError(f"missing={missing!r}: use 'zero' or 'uniform'")
-    if missing == "uniform" and meaning == "logits":
+def _check_missing(missing: str, meaning: str, divergence: str = "forward_kl") -> None:
+    if missing not in ("zero", "uniform", "tail"):
+        raise ValueError(f"missing={missing!r}: use 'zero', 'uniform' or 'tail'")
+    if missing != "zero" and meaning == "logits":
         raise ValueError(
-            "missing='uniform' needs the teacher's top-k 'log_probs' or 'probs': top-k logits "
-            "do not say how much probability lies outside the top k. Have the teacher send "
-            "log_probs, or use missing='zero'"
+            f"missing={missing!r} needs the teacher's top-k 'log_probs' or 'probs': top-k "
+            f"logits do not say how much probability lies outside the top k. Have the teacher "
+            f"send log_probs (--values log_probs), or use missing='zero'"
+        )
+    if missing == "zero" and divergence == "reverse_kl":
+        raise ValueError(
+            "divergence 'reverse_kl' with missing='zero' is infinite: the student has mass on "
+            "ids the teacher would then give none. Use missing='tail' or 'uniform' (with the "
+            "teacher's log_probs), or a bounded divergence (jsd, skew_reverse_kl, tv)"
         )
 
 
@@ -109,14 +124,6 @@ def teacher_log_probs(
     return F.log_softmax(_scores(teacher, meaning) * (teacher_temperature / temperature), dim=-1)
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """sum_c p_c (log p_c - log q_c) per row, with 0 * log 0 = 0."""
-    p = log_p.exp()
-    present = p > 0
-    safe_log_p = torch.where(present, log_p, torch.zeros_like(log_p))
-    return torch.where(present, p * (safe_log_p - log_q), torch.zeros_like(p)).sum(-1)
-
-
 def _mean_over_rows(per_row: Tensor) -> Tensor:
     # An empty selection (everything masked) contributes 0, not NaN.
     return per_row.sum() / max(per_row.numel(), 1)
@@ -130,16 +137,21 @@ def soft_label_kd(
     temperature: float = 1.0,
     teacher_temperature: float = 1.0,
     mask: Tensor | None = None,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
 ) -> Tensor:
-    """Hinton soft-label KD: T^2 * mean_positions sum_c p_T,c (log p_T,c - log q_T,c).
+    """Hinton soft-label KD: T^2 * mean_positions D(p_T, q_T), D = KL(p_T || q_T) by default.
 
     q_T = softmax(student_logits / T); p_T = `teacher_log_probs(teacher, meaning, T, T_f)`.
-    The T^2 factor keeps the gradient scale independent of T (Hinton et al. 2015).
-    Shapes: `[B, C]`, `[B, T, C]` or jagged `[B, j, C]` (student may be padded or jagged);
-    `mask` is bool with the position shape, True = counts (see the module docstring).
+    The T^2 factor keeps the gradient scale independent of T (Hinton et al. 2015); every
+    `divergence` of `_divergences` is scaled the same way (`beta`: jsd's, `alpha`: the skew
+    KLs'). Shapes: `[B, C]`, `[B, T, C]` or jagged `[B, j, C]` (student may be padded or
+    jagged); `mask` is bool with the position shape, True = counts (see the module docstring).
     """
     _check_meaning(meaning)
     _check_temperature("temperature", temperature)
+    check_divergence(divergence, beta, alpha)
     s, (t,) = flatten_positions(student_logits, [teacher], mask)
     if s.shape[-1] != t.shape[-1]:
         raise ValueError(
@@ -149,7 +161,8 @@ def soft_label_kd(
     s = _float(s, s)  # bf16/fp16 student logits: take the softmax in float32
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = teacher_log_probs(_float(t, s), meaning, temperature, teacher_temperature)
-    return _mean_over_rows(_kl_rows(log_p, log_q)) * temperature**2
+    rows = divergence_rows(log_p, log_q, divergence, beta=beta, alpha=alpha)
+    return _mean_over_rows(rows) * temperature**2
 
 
 def topk_kd(
@@ -162,29 +175,43 @@ def topk_kd(
     temperature: float = 1.0,
     teacher_temperature: float = 1.0,
     mask: Tensor | None = None,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
 ) -> Tensor:
-    """KL(teacher || student) when the teacher kept only its k largest entries per row.
+    """A divergence (KL(teacher || student) by default) when the teacher kept only its k
+    largest entries per row.
 
-    The student gives full logits `[.., V]`; the teacher `values [.., k]` and int32
-    `indices [.., k]` into V. The full teacher distribution is rebuilt at the teacher's
-    temperature T_f, then re-tempered to T by the power a = T_f / T:
+    The student gives full logits `[.., V]`; the teacher `values [.., k]` and integer
+    `indices [.., k]` into V. The teacher distribution is rebuilt at its storage temperature
+    T_f (the schema field's), then re-tempered to T by the power a = T_f / T; the student's
+    is q = softmax(student / T) over all V. The V-k entries the teacher dropped get:
 
-    - `missing="zero"`: the V-k dropped entries get probability 0, so p over the kept entries
-      is softmax(a * s_k) (s = the values as scores); KL = sum_k p_k (log p_k - log q_k), with
-      q = softmax(student / T) over all V. Works for any meaning.
-    - `missing="uniform"`: the mass the teacher did not keep, m = 1 - sum_k exp(lp_k), is
-      spread evenly, u = m / (V-k) per dropped entry. This needs real probabilities, so the
-      teacher must send `log_probs` or `probs` (top-k logits do not say how much mass lies
-      outside the top k). Re-tempered: p_k ∝ exp(lp_k)^a, each dropped entry ∝ u^a, and
-      KL = sum_k p_k (log p_k - log q_k) + p_u * ((V-k) log p_u - sum_{j dropped} log q_j).
+    - `missing="zero"`: probability 0, so the kept entries are renormalised:
+      p_k = softmax(a * s_k) (s = the values as scores). Works for any meaning. The
+      student's mass on the dropped ids is one bucket (exact for every divergence here:
+      where p is 0 each is linear in q); `reverse_kl` is refused (infinite).
+    - `missing="tail"`: the mass the teacher did not keep, m = 1 - sum_k exp(lp_k), stays
+      as one bucket against the student's mass on the dropped ids, so nothing is
+      renormalised away. Needs real probabilities: the teacher must send `log_probs` or
+      `probs` (top-k logits do not say how much mass lies outside the top k).
+    - `missing="uniform"`: m spread evenly, u = m / (V-k) per dropped id, compared id by id
+      with the student over all V (same needs as `tail`).
 
-    The result is T^2 * the mean over positions, as in `soft_label_kd`. With k == V both
-    variants equal the full soft-label KL.
+    The storage temperature: at T = T_f all three use the teacher's exact kept mass. At
+    T != T_f the dropped ids' re-tempered mass depends on how m was spread among them,
+    which the top-k does not say; `tail` and `uniform` assume evenly at T_f (the bucket at
+    T is then ∝ (V-k) u^a), so for exact results store the knowledge at the temperature
+    you distil at (`--temperature`). `zero` needs no assumption.
+
+    The result is T^2 * the mean over positions, as in `soft_label_kd`. With k == V every
+    variant equals the full-distribution `soft_label_kd` of the same divergence.
     """
     _check_meaning(meaning)
     _check_temperature("temperature", temperature)
     _check_temperature("teacher_temperature", teacher_temperature)
-    _check_missing(missing, meaning)
+    check_divergence(divergence, beta, alpha)
+    _check_missing(missing, meaning, divergence)
     s, (v, idx) = flatten_positions(student_logits, [values, indices], mask)
     vocab, k = s.shape[-1], v.shape[-1]
     if idx.shape[-1] != k:
@@ -192,60 +219,89 @@ def topk_kd(
     if k > vocab:
         raise ValueError(f"top-k k={k} exceeds the student's vocabulary {vocab}")
     s = _float(s, s)  # bf16/fp16 student logits: take the softmax in float32
+    idx = idx.long()
     log_q = F.log_softmax(s / temperature, dim=-1)
-    log_q_kept = log_q.gather(-1, idx.long())
+    log_q_kept = log_q.gather(-1, idx)
     a = teacher_temperature / temperature
     scores = _scores(_float(v, s), meaning)
-    if missing == "zero":
-        return (
-            _mean_over_rows(_kl_rows(F.log_softmax(scores * a, dim=-1), log_q_kept))
-            * temperature**2
-        )
-
     n_missing = vocab - k
-    lp = scores  # real log-probabilities at T_f here ('logits' was refused above)
+
+    def reduce(log_p: Tensor, log_q_support: Tensor) -> Tensor:
+        rows = divergence_rows(log_p, log_q_support, divergence, beta=beta, alpha=alpha)
+        return _mean_over_rows(rows) * temperature**2
+
     if n_missing == 0:
-        return _mean_over_rows(_kl_rows(F.log_softmax(lp * a, dim=-1), log_q_kept)) * temperature**2
+        return reduce(F.log_softmax(scores * a, dim=-1), log_q_kept)
+    # The student's mass on the dropped ids, as one log-probability per row.
+    log_q_rest = log_q.scatter(-1, idx, -math.inf).logsumexp(-1, keepdim=True)
+    if missing == "zero":
+        log_p_kept = F.log_softmax(scores * a, dim=-1)
+        nothing = torch.full_like(log_q_rest, -math.inf)
+        return reduce(
+            torch.cat([log_p_kept, nothing], dim=-1), torch.cat([log_q_kept, log_q_rest], dim=-1)
+        )
+    lp = scores  # real log-probabilities at T_f here ('logits' was refused above)
     # fp16 rounding can make the kept mass exceed 1 by a hair: nothing is left then.
     mass_left = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
     log_u = torch.log(mass_left / n_missing)  # -inf where nothing is missing
-    # Unnormalised re-tempered log-weights: the k kept entries, then all dropped ones together.
-    tempered = torch.cat([lp * a, log_u * a + math.log(n_missing)], dim=-1)
-    log_z = torch.logsumexp(tempered, dim=-1, keepdim=True)
-    kept = _kl_rows(lp * a - log_z, log_q_kept)
-    log_pu = (log_u * a - log_z).squeeze(-1)
-    p_u = log_pu.exp()
-    # Zero the kept entries and sum, rather than subtract two large sums over V.
-    log_q_dropped = log_q.scatter(-1, idx.long(), 0.0).sum(-1)
-    safe = torch.where(p_u > 0, log_pu, torch.zeros_like(log_pu))
-    dropped = torch.where(p_u > 0, p_u * (n_missing * safe - log_q_dropped), torch.zeros_like(p_u))
-    return _mean_over_rows(kept + dropped) * temperature**2
+    # Re-tempered log-weights: the k kept entries, then all dropped ones together.
+    tail = log_u * a + math.log(n_missing)
+    log_z = torch.logsumexp(torch.cat([lp * a, tail], dim=-1), dim=-1, keepdim=True)
+    if missing == "tail":
+        return reduce(
+            torch.cat([lp * a - log_z, tail - log_z], dim=-1),
+            torch.cat([log_q_kept, log_q_rest], dim=-1),
+        )
+    log_p = (log_u * a - log_z).expand_as(log_q).scatter(-1, idx, lp * a - log_z)
+    return reduce(log_p, log_q)
 
 
 class SoftLabelKD(nn.Module):
-    """Module form of `soft_label_kd`: T^2 * KL(p_T || q_T), batchmean over positions."""
+    """Module form of `soft_label_kd`: T^2 * D(p_T, q_T), batchmean over positions."""
 
     def __init__(
         self,
         temperature: float = 1.0,
         meaning: TeacherMeaning = "logits",
         teacher_temperature: float = 1.0,
+        *,
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        alpha: float = 0.1,
     ) -> None:
         super().__init__()
         _check_meaning(meaning)
         _check_temperature("temperature", temperature)
         _check_temperature("teacher_temperature", teacher_temperature)
+        check_divergence(divergence, beta, alpha)
         self.temperature = temperature
         self.meaning: TeacherMeaning = meaning
         self.teacher_temperature = teacher_temperature
+        self.divergence: Divergence = divergence
+        self.beta, self.alpha = beta, alpha
 
     @classmethod
-    def for_field(cls, spec: FieldSpec, temperature: float = 1.0) -> SoftLabelKD:
+    def for_field(
+        cls,
+        spec: FieldSpec,
+        temperature: float = 1.0,
+        *,
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        alpha: float = 0.1,
+    ) -> SoftLabelKD:
         """Take the teacher's meaning and temperature from its knowledge schema field."""
         if isinstance(spec.encoding, TopK):
             raise ValueError(f"field {spec.name!r} is top-k: use TopKKD.for_field")
         _check_meaning(spec.meaning)
-        return cls(temperature, spec.meaning, spec.temperature)  # type: ignore[arg-type]
+        return cls(
+            temperature,
+            spec.meaning,  # type: ignore[arg-type]
+            spec.temperature,
+            divergence=divergence,
+            beta=beta,
+            alpha=alpha,
+        )
 
     def forward(
         self, student_logits: Tensor, teacher: Tensor, mask: Tensor | None = None
@@ -257,10 +313,16 @@ class SoftLabelKD(nn.Module):
             temperature=self.temperature,
             teacher_temperature=self.teacher_temperature,
             mask=mask,
+            divergence=self.divergence,
+            beta=self.beta,
+            alpha=self.alpha,
         )
 
     def extra_repr(self) -> str:
-        return f"T={self.temperature}, meaning={self.meaning}, T_teacher={self.teacher_temperature}"
+        return (
+            f"T={self.temperature}, meaning={self.meaning}, T_teacher={self.teacher_temperature}, "
+            f"divergence={self.divergence}"
+        )
 
 
 class TopKKD(nn.Module):
@@ -272,26 +334,48 @@ class TopKKD(nn.Module):
         meaning: TeacherMeaning = "logits",
         missing: Missing = "zero",
         teacher_temperature: float = 1.0,
+        *,
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        alpha: float = 0.1,
     ) -> None:
         super().__init__()
         _check_meaning(meaning)
         _check_temperature("temperature", temperature)
         _check_temperature("teacher_temperature", teacher_temperature)
-        _check_missing(missing, meaning)
+        check_divergence(divergence, beta, alpha)
+        _check_missing(missing, meaning, divergence)
         self.temperature = temperature
         self.meaning: TeacherMeaning = meaning
         self.missing: Missing = missing
         self.teacher_temperature = teacher_temperature
+        self.divergence: Divergence = divergence
+        self.beta, self.alpha = beta, alpha
 
     @classmethod
     def for_field(
-        cls, spec: FieldSpec, temperature: float = 1.0, missing: Missing = "zero"
+        cls,
+        spec: FieldSpec,
+        temperature: float = 1.0,
+        missing: Missing = "zero",
+        *,
+        divergence: Divergence = "forward_kl",
+        beta: float = 0.5,
+        alpha: float = 0.1,
     ) -> TopKKD:
         """Take the teacher's meaning and temperature from its top-k knowledge field."""
         if not isinstance(spec.encoding, TopK):
             raise ValueError(f"field {spec.name!r} is dense: use SoftLabelKD.for_field")
         _check_meaning(spec.meaning)
-        return cls(temperature, spec.meaning, missing, spec.temperature)  # type: ignore[arg-type]
+        return cls(
+            temperature,
+            spec.meaning,  # type: ignore[arg-type]
+            missing,
+            spec.temperature,
+            divergence=divergence,
+            beta=beta,
+            alpha=alpha,
+        )
 
     def forward(
         self, student_logits: Tensor, teacher: tuple[Tensor, Tensor], mask: Tensor | None = None
@@ -306,10 +390,13 @@ class TopKKD(nn.Module):
             temperature=self.temperature,
             teacher_temperature=self.teacher_temperature,
             mask=mask,
+            divergence=self.divergence,
+            beta=self.beta,
+            alpha=self.alpha,
         )
 
     def extra_repr(self) -> str:
         return (
             f"T={self.temperature}, meaning={self.meaning}, missing={self.missing}, "
-            f"T_teacher={self.teacher_temperature}"
+            f"T_teacher={self.teacher_temperature}, divergence={self.divergence}"
         )

@@ -2,24 +2,30 @@
 
 `OfflineKnowledge(DIR).get(ids)` returns the knowledge of any ids, in the order asked, as one
 `KnowledgeBatch`, so a student may shuffle freely. On open it checks the manifest's format
-version, each listed shard's size, schema and sample ids, and (given the student's dataset)
-the dataset fingerprint, so knowledge from another dataset is refused instead of silently
-misaligned. `verify()` re-hashes every shard.
+version, that the dump is complete, each listed shard's size, schema and sample ids, and
+(given the student's dataset) the dataset fingerprint, so knowledge from another dataset is
+refused instead of silently misaligned.
 
-Why the gather is hand-made: `Table.take` over memory-mapped, many-chunk tables runs at about
-0.01 GB/s, and even one numpy take per record batch pays a fixed cost per batch touched,
-which for shuffled ids is nearly every batch. Instead, every column's values of every
-record batch are addressed by their byte offset inside the shard's mapping: a row of
-`row_bytes` at offset p is element p of a numpy view of the whole file whose items are
-`row_bytes` wide with a stride of one byte. One fancy-index per column per shard touched then
-copies every requested row (a memcpy each), whichever record batch holds it. (Fancy
-indexing, not `ndarray.take`: take would first copy the non-contiguous view whole.)
+Shard checksums: no read returns bytes of a shard whose sha256 has not been checked against
+the manifest, in this run or (same path, size and mtime) an earlier one. By default a
+background thread hashes the shards from the moment the dump opens and a read of a shard not
+yet verified hashes it first; `verify="first_touch"` hashes each shard when first read,
+`verify="off"` not at all (see `lyceum.student_client._shard_check`). A bad shard fails the
+read with its file name and the fix. Verified shards are recorded in
+`$LYCEUM_CACHE_DIR/verified-shards.json` (default `~/.cache/lyceum/`), so the next run does
+not hash them again. `verify()` re-hashes every shard whatever that record says.
+
+Reads gather rows by their byte offsets in the shard files (`lyceum.proto.shard_rows` says
+where each row lies, and why): one fancy-index per column per shard touched copies every
+requested row, whichever record batch holds it. A dump written with `--compression zstd`
+(the manifest says so) has each shard decompressed into memory when the dump opens, then
+read the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +33,25 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lyceum.proto.codec import (
-    TORCH_DTYPES,
-    KnowledgeBatch,
-    column_arrays,
-    validate_arrow_schema,
-)
+from lyceum.proto.codec import KnowledgeBatch, column_arrays, tensor_view, validate_arrow_schema
 from lyceum.proto.manifest import Manifest, ShardInfo, check_dataset
-from lyceum.proto.schema import DType, FieldSpec, KnowledgeSchema, TopK
+from lyceum.proto.schema import FieldSpec, KnowledgeSchema
+from lyceum.proto.shard_rows import (
+    OFFSET_BYTES,
+    ColumnRows,
+    MappedShard,
+    Rows,
+    byte_rows,
+    list_offset_rows,
+    value_rows,
+)
+from lyceum.student_client._shard_check import ShardVerifier, VerifyMode, verify_knowledge
 
-_NUMPY_CARRIERS = {"bfloat16": np.uint16, "bool": np.uint8}
+__all__ = ["DumpInputs", "FieldStats", "OfflineKnowledge", "VerifyMode", "verify_knowledge"]
+
+# The field a plain tensor sample is stored under (teacher_server._inputs.INPUT_FIELD; the
+# student side does not import the teacher's).
+INPUT_FIELD = "input"
 
 
 @dataclass(frozen=True)
@@ -52,32 +67,33 @@ class FieldStats:
 @dataclass
 class _Shard:
     info: ShardInfo
+    stat: os.stat_result
     mmap: pa.MemoryMappedFile
-    whole: pa.Buffer
+    whole: pa.Buffer  # the file's mapping, whose bytes are checksummed
     batches: list[pa.RecordBatch]
     views: dict[int, np.ndarray]
+    rows: pa.Buffer  # what the batches view: `whole`, or a compressed shard decompressed
 
     def view(self, row_bytes: int) -> np.ndarray:
-        """The whole file as items of `row_bytes` bytes at every byte offset (no copy)."""
+        """The rows' buffer as items of `row_bytes` bytes at every byte offset (no copy)."""
         if row_bytes not in self.views:
-            self.views[row_bytes] = np.ndarray(
-                shape=(max(self.whole.size - row_bytes + 1, 0),),
-                dtype=np.dtype((np.void, row_bytes)),
-                buffer=self.whole,
-                strides=(1,),
-            )
+            self.views[row_bytes] = byte_rows(self.rows, row_bytes)
         return self.views[row_bytes]
 
 
-@dataclass(frozen=True)
-class _Column:
-    spec: FieldSpec
-    name: str
-    dtype: DType
-    row_bytes: int
-    # Per record batch (global index over all shards): file offset of value row 0 of the
-    # batch's column. For variable fields, the row index is the Arrow list offset.
-    base: np.ndarray
+def _decompressed(
+    schema: pa.Schema, batches: list[pa.RecordBatch]
+) -> tuple[pa.Buffer, list[pa.RecordBatch]]:
+    """A compressed shard's batches written again, uncompressed, into one buffer in memory:
+    rows are then addressed by byte offset in it as in a memory-mapped uncompressed shard
+    (one shard's knowledge in memory per open shard)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    whole = sink.getvalue()
+    reader = pa.ipc.open_file(whole)
+    return whole, [reader.get_batch(i) for i in range(reader.num_record_batches)]
 
 
 @dataclass(frozen=True)
@@ -102,58 +118,54 @@ def _group(shard_of: np.ndarray) -> _Groups:
     return _Groups(None, order, [(int(by_shard[a]), a, b) for a, b in bounds])
 
 
-def verify_knowledge(directory: str | Path) -> list[str]:
-    """Re-hash every listed shard; returns one message per bad shard (empty if all are good)."""
-    directory = Path(directory)
-    manifest = Manifest.read(directory)
-    problems = []
-    for s in manifest.shards:
-        path = directory / s.file
-        if not path.is_file():
-            problems.append(f"{s.file}: missing")
-            continue
-        size = path.stat().st_size
-        if size != s.bytes:
-            problems.append(f"{s.file}: {size} bytes, the manifest says {s.bytes}")
-            continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(4 << 20):
-                digest.update(block)
-        if digest.hexdigest() != s.sha256:
-            problems.append(
-                f"{s.file}: sha256 {digest.hexdigest()[:16]}... does not match the manifest's "
-                f"{s.sha256[:16]}... (corrupt)"
-            )
-    return problems
-
-
 class OfflineKnowledge:
-    """Random access by sample id to a complete knowledge dump (see the module docstring)."""
+    """Random access by sample id to a complete knowledge dump (see the module docstring).
+
+    `verify` chooses when shard checksums are checked: `"background"` (default),
+    `"first_touch"` or `"off"`."""
 
     def __init__(
-        self, directory: str | Path, dataset: torch.utils.data.Dataset | None = None
+        self,
+        directory: str | Path,
+        dataset: torch.utils.data.Dataset | None = None,
+        *,
+        verify: VerifyMode = "background",
     ) -> None:
         self.directory = Path(directory)
         self.manifest = Manifest.read(self.directory)
-        if not self.manifest.complete:
-            raise ValueError(
-                f"{str(self.directory)!r}: the dump is incomplete ({self.manifest.rows} of "
-                f"{self.manifest.dataset.length} samples); rerun the same `lyceum teacher dump` "
-                f"command to finish it"
-            )
+        incomplete = self.manifest.incomplete_reason()
+        if incomplete:
+            raise ValueError(f"{str(self.directory)!r}: {incomplete}")
         if dataset is not None:
             check_dataset(self.manifest, dataset, where=str(self.directory))
-        self.schema: KnowledgeSchema = self.manifest.knowledge_schema
+        stored = set(self.manifest.stored_inputs or ())
+        whole = self.manifest.knowledge_schema
+        self.schema: KnowledgeSchema = whole.model_copy(
+            update={"fields": tuple(f for f in whole.fields if f.name not in stored)}
+        )
+        """The knowledge fields (the dump's schema less its stored inputs)."""
+        self.input_fields = tuple(f for f in whole.fields if f.name in stored)
+        """The fields of the inputs stored with `--store-inputs` (empty if none)."""
         self._shards: list[_Shard] = []
         try:
             for info in self.manifest.shards:
                 self._shards.append(self._open_shard(info))
+            self._index_batches()
+            # Last: its thread starts hashing at once, and nothing after it can fail.
+            self._verifier = ShardVerifier(
+                self.directory,
+                self.manifest.shards,
+                [shard.stat for shard in self._shards],
+                [shard.whole for shard in self._shards],
+                verify,
+            )
         except BaseException:
             # A bad shard later in the list must not leave the earlier ones mapped.
             for shard in self._shards:
                 shard.mmap.close()
             raise
+
+    def _index_batches(self) -> None:
         starts: list[int] = []
         shard_of: list[int] = []
         for k, shard in enumerate(self._shards):
@@ -165,11 +177,13 @@ class OfflineKnowledge:
         # Global record batch table: the first id of each batch, and its shard.
         self._batch_start = np.asarray(starts, dtype=np.int64)
         self._batch_shard = np.asarray(shard_of, dtype=np.int64)
-        self._columns = {
-            spec.name: [self._column(spec, c) for c in spec.columns] for spec in self.schema.fields
+        mapped = [MappedShard(s.info.file, s.rows, s.batches) for s in self._shards]
+        fields = self.manifest.knowledge_schema.fields
+        self._columns: dict[str, list[ColumnRows]] = {
+            spec.name: [value_rows(spec, c, mapped) for c in spec.columns] for spec in fields
         }
-        self._offsets_base = {
-            spec.name: self._offsets_base_of(spec) for spec in self.schema.fields if spec.variable
+        self._list_offsets: dict[str, Rows] = {
+            spec.name: list_offset_rows(spec, mapped) for spec in fields if spec.variable
         }
 
     def __len__(self) -> int:
@@ -180,7 +194,8 @@ class OfflineKnowledge:
         where = f"shard {str(path)!r}"
         if not path.is_file():
             raise ValueError(f"{where} is listed in the manifest but missing; re-run the dump")
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
         if size != info.bytes:
             raise ValueError(
                 f"{where}: {size} bytes, the manifest says {info.bytes} (truncated or replaced); "
@@ -188,9 +203,11 @@ class OfflineKnowledge:
             )
         try:
             mmap = pa.memory_map(str(path))
-            whole = mmap.read_buffer(size)
+            whole = rows = mmap.read_buffer(size)
             reader = pa.ipc.open_file(mmap)
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            if self.manifest.compression is not None:
+                rows, batches = _decompressed(reader.schema, batches)
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"{where} is not a readable Arrow file (corrupt?): {exc}") from exc
         validate_arrow_schema(reader.schema, self.manifest.knowledge_schema, where)
@@ -204,45 +221,7 @@ class OfflineKnowledge:
             raise ValueError(
                 f"{where}: holds ids up to {row - 1}, the manifest says {info.stop - 1}"
             )
-        return _Shard(info, mmap, whole, batches, {})
-
-    def _file_offset(self, shard: _Shard, array: np.ndarray, where: str) -> int:
-        """Offset of a zero-copy numpy view inside its shard's mapping."""
-        offset = int(array.ctypes.data) - shard.whole.address
-        if not array.flags.c_contiguous or offset < 0 or offset + array.nbytes > shard.whole.size:
-            raise ValueError(f"shard {shard.info.file!r}: {where} is not inside the mapped file")
-        return offset
-
-    def _column(self, spec: FieldSpec, column: str) -> _Column:
-        dtype: DType = "int32" if column.endswith(".indices") else spec.dtype
-        row_bytes = spec.row_size * np.dtype(_numpy_dtype(dtype)).itemsize
-        base = []
-        for shard in self._shards:
-            for batch in shard.batches:
-                values, _ = column_arrays(batch, spec, column)
-                offset = self._file_offset(shard, values, f"column {column!r}")
-                if spec.variable:
-                    # `values` starts at list offset raw[0]; address rows by raw offsets.
-                    raw = batch.column(column).offsets.to_numpy(zero_copy_only=True)
-                    offset -= int(raw[0]) * row_bytes
-                base.append(offset)
-        return _Column(spec, column, dtype, row_bytes, np.asarray(base, dtype=np.int64))
-
-    def _offsets_base_of(self, spec: FieldSpec) -> np.ndarray:
-        """File offset of each record batch's int64 list offsets of a variable field."""
-        base = []
-        for shard in self._shards:
-            for batch in shard.batches:
-                raw = batch.column(spec.columns[0]).offsets.to_numpy(zero_copy_only=True)
-                for other in spec.columns[1:]:
-                    theirs = batch.column(other).offsets.to_numpy(zero_copy_only=True)
-                    if not np.array_equal(raw - raw[0], theirs - theirs[0]):
-                        raise ValueError(
-                            f"shard {shard.info.file!r}: field {spec.name!r}: values and "
-                            f"indices have different sequence lengths"
-                        )
-                base.append(self._file_offset(shard, raw, f"offsets of {spec.name!r}"))
-        return np.asarray(base, dtype=np.int64)
+        return _Shard(info, stat, mmap, whole, batches, {}, rows)
 
     def _gather(self, row_bytes: int, groups: _Groups, pos: np.ndarray) -> np.ndarray:
         """Rows of `row_bytes` at file offsets `pos` (grouped by shard), in the order of `pos`."""
@@ -259,23 +238,55 @@ class OfflineKnowledge:
         """The knowledge of `sample_ids`, in that order, as one batch (fresh tensors).
 
         Repeated ids are allowed (e.g. ids drawn with replacement); each gets its row."""
+        ids, tensors = self._read(sample_ids, self.schema.fields)
+        return KnowledgeBatch(sample_ids=torch.from_numpy(ids), tensors=tensors, schema=self.schema)
+
+    def inputs(
+        self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor
+    ) -> list[torch.Tensor | dict[str, torch.Tensor]]:
+        """The inputs stored with the knowledge (`teacher dump --store-inputs`) of each id, in
+        order: a tensor (a sample that was one: its tokens), or a dict of the named inputs
+        the sample gave but its attention mask, each per-token one at the real positions."""
+        if not self.input_fields:
+            raise ValueError(
+                f"{str(self.directory)!r} holds no inputs: it was dumped without "
+                f"--store-inputs; read the inputs from the dataset, or dump again with it"
+            )
+        _, tensors = self._read(sample_ids, self.input_fields)
+        per_field = {
+            f.name: tensors[f.name].unbind() if f.variable else tensors[f.name].unbind(0)
+            for f in self.input_fields
+        }
+        count = len(next(iter(per_field.values())))
+        if [f.name for f in self.input_fields] == [INPUT_FIELD]:
+            return list(per_field[INPUT_FIELD])
+        return [{name: rows[i] for name, rows in per_field.items()} for i in range(count)]
+
+    def _read(
+        self,
+        sample_ids: Sequence[int] | np.ndarray | torch.Tensor,
+        fields: Sequence[FieldSpec],
+    ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """The ids, and the columns of `fields` at them (fresh tensors)."""
         ids = _as_ids(sample_ids, len(self))
         batch = np.searchsorted(self._batch_start, ids, side="right") - 1
         row = ids - self._batch_start[batch]
         shard_of = self._batch_shard[batch]
+        self._verifier.require(shard_of)
         groups = _group(shard_of)
+        where = str(self.directory)
         tensors: dict[str, torch.Tensor] = {}
-        for spec in self.schema.fields:
+        for spec in fields:
             cols = self._columns[spec.name]
             if not spec.variable:
                 for col in cols:
-                    raw = self._gather(col.row_bytes, groups, col.base[batch] + row * col.row_bytes)
-                    tensors[col.name] = _tensor(raw, col, len(ids))
+                    raw = self._gather(col.row_bytes, groups, col.at(batch, row))
+                    tensors[col.name] = col.tensor(raw, len(ids), where)
                 continue
             # Sequence fields: read each sample's [lo, hi) list offsets, then every row.
-            off = self._offsets_base[spec.name][batch] + 8 * row
-            lo = self._gather(8, groups, off).view(np.int64)
-            hi = self._gather(8, groups, off + 8).view(np.int64)
+            offsets_at = self._list_offsets[spec.name]
+            lo = self._gather(OFFSET_BYTES, groups, offsets_at.at(batch, row)).view(np.int64)
+            hi = self._gather(OFFSET_BYTES, groups, offsets_at.at(batch, row + 1)).view(np.int64)
             lengths = hi - lo
             offsets = np.zeros(len(ids) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
@@ -283,25 +294,39 @@ class OfflineKnowledge:
             elem_groups = _group(np.repeat(shard_of, lengths))
             offsets_t = torch.from_numpy(offsets)
             for col in cols:
-                start = col.base[batch] + lo * col.row_bytes
-                pos = np.repeat(start, lengths) + within * col.row_bytes
+                pos = np.repeat(col.at(batch, lo), lengths) + within * col.row_bytes
                 raw = self._gather(col.row_bytes, elem_groups, pos)
-                values = _tensor(raw, col, int(offsets[-1]))
+                values = col.tensor(raw, int(offsets[-1]), where)
                 tensors[col.name] = torch.nested.nested_tensor_from_jagged(
                     values, offsets=offsets_t
                 )
-        for spec in self.schema.fields:
-            if isinstance(spec.encoding, TopK):
-                _check_indices(spec, tensors[spec.columns[1]])
-        return KnowledgeBatch(sample_ids=torch.from_numpy(ids), tensors=tensors, schema=self.schema)
+        return ids, tensors
 
     def verify(self) -> list[str]:
         """Re-hash every shard; one message per bad shard (empty if all are good)."""
         return verify_knowledge(self.directory)
 
+    def record_batches(self) -> Iterator[pa.RecordBatch]:
+        """Every record batch of the dump in id order (views of the mapped files), each
+        shard's checksum checked before its first batch: a streaming read of the whole dump."""
+        for k, shard in enumerate(self._shards):
+            self._verifier.require(np.array([k]))
+            yield from shard.batches
+
+    def wait_verified(self) -> None:
+        """Block until every shard's checksum is checked; raise naming a bad one."""
+        self._verifier.wait()
+
+    @property
+    def hashed_shards(self) -> list[str]:
+        """Shard files this open hashed so far; the others were trusted from the record of
+        earlier runs (or `verify="off"`)."""
+        return list(self._verifier.hashed)
+
     def stats(self) -> dict[str, FieldStats]:
         """Per stored column: min, mean and max over every value in the dump."""
         result: dict[str, FieldStats] = {}
+        self._verifier.wait()
         for col in (c for cols in self._columns.values() for c in cols):
             lo, hi, total, count = float("inf"), float("-inf"), 0.0, 0
             for shard in self._shards:
@@ -310,7 +335,7 @@ class OfflineKnowledge:
                     if values.size == 0:
                         continue
                     # A copy: mapped buffers are read-only and torch wants writable arrays.
-                    t = _tensor(np.array(values), col, len(values)).double()
+                    t = tensor_view(np.array(values), col.dtype).double()
                     lo, hi = min(lo, float(t.min())), max(hi, float(t.max()))
                     total += float(t.sum())
                     count += t.numel()
@@ -318,6 +343,8 @@ class OfflineKnowledge:
         return result
 
     def close(self) -> None:
+        # The checking thread reads the mappings: it stops before they are unmapped.
+        self._verifier.close()
         for shard in self._shards:
             shard.views.clear()
             shard.mmap.close()
@@ -328,10 +355,6 @@ class OfflineKnowledge:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _numpy_dtype(dtype: str) -> np.dtype:
-    return np.dtype(_NUMPY_CARRIERS.get(dtype, dtype))
 
 
 def _as_ids(sample_ids: Sequence[int] | np.ndarray | torch.Tensor, length: int) -> np.ndarray:
@@ -349,18 +372,18 @@ def _as_ids(sample_ids: Sequence[int] | np.ndarray | torch.Tensor, length: int) 
     return ids
 
 
-def _tensor(raw: np.ndarray, col: _Column, rows: int) -> torch.Tensor:
-    """Gathered bytes -> a tensor `[rows, *row_shape]` of the column's dtype."""
-    values = raw.view(_numpy_dtype(col.dtype)).reshape(rows, *col.spec.row_shape)
-    t = torch.from_numpy(values)
-    return t.view(TORCH_DTYPES[col.dtype]) if col.dtype in _NUMPY_CARRIERS else t
+class DumpInputs(torch.utils.data.Dataset[torch.Tensor | dict[str, torch.Tensor]]):
+    """The inputs a dump stored (`teacher dump --store-inputs`) as a map-style dataset:
+    item i is `OfflineKnowledge.inputs([i])[0]`, so a student trains from the dump alone
+    (its labels, e.g. next tokens, come from the inputs)."""
 
+    def __init__(self, knowledge: OfflineKnowledge) -> None:
+        if not knowledge.input_fields:
+            knowledge.inputs([])  # raises, naming the fix
+        self.knowledge = knowledge
 
-def _check_indices(spec: FieldSpec, indices: torch.Tensor) -> None:
-    flat = indices.values() if indices.is_nested else indices
-    vocab = spec.shape[-1]
-    if flat.numel() and vocab is not None and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
-        raise ValueError(
-            f"field {spec.name!r}: stored top-k indices outside [0, {vocab}); the dump is "
-            f"corrupt, run `lyceum knowledge verify`"
-        )
+    def __len__(self) -> int:
+        return len(self.knowledge)
+
+    def __getitem__(self, i: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        return self.knowledge.inputs([i])[0]

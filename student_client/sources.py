@@ -9,7 +9,8 @@ Every source speaks `KnowledgeSource`: the loader `submit`s a request (its own r
 sample ids, and the inputs in query mode) without waiting, `poll`s for whichever requests are
 complete, and can ask what is still `outstanding`. A request is answered exactly once, with
 the knowledge of exactly the ids asked. `OnlineTeacher` (replicas, failover) lives in
-`_replicas`; `OfflineTeacher` reads a dump.
+`online`; `OfflineTeacher` reads a dump; `InProcessTeacher` (in `inprocess`) runs the teacher
+model in the student's own process.
 """
 
 from __future__ import annotations
@@ -21,19 +22,15 @@ import torch
 
 from lyceum.proto.codec import KnowledgeBatch
 from lyceum.proto.schema import KnowledgeSchema
-from lyceum.student_client._replicas import (
-    OnlineTeacher,
-    TeacherUnavailableError,
-    concat_batches,
-)
-from lyceum.student_client.offline import OfflineKnowledge
+from lyceum.proto.vocab import Vocabulary, check_student_vocabulary
+from lyceum.student_client.offline import OfflineKnowledge, VerifyMode
+from lyceum.student_client.online import OnlineTeacher, TeacherUnavailableError
 
 __all__ = [
     "KnowledgeSource",
     "OfflineTeacher",
     "OnlineTeacher",
     "TeacherUnavailableError",
-    "concat_batches",
 ]
 
 
@@ -78,13 +75,23 @@ class OfflineTeacher:
     """Knowledge read by id from a dump (`lyceum teacher dump`); never waits, never fails over.
 
     The gather happens at `submit`, while the window is being filled, so `poll` only hands
-    over batches that are already in memory.
+    over batches that are already in memory. `verify` is `OfflineKnowledge`'s: shard
+    checksums are checked in the background by default, and a bad shard fails `submit`
+    with its name. `vocab`, the student's vocabulary (its size, and its tokenizer's hash if
+    known: `proto.vocab.tokenizer_sha256`), is checked against the dump's: a student of
+    another tokenizer or of fewer ids is refused naming both.
     """
 
     def __init__(
-        self, directory: str | Path, dataset: torch.utils.data.Dataset | None = None
+        self,
+        directory: str | Path,
+        dataset: torch.utils.data.Dataset | None = None,
+        *,
+        verify: VerifyMode = "background",
+        vocab: Vocabulary | None = None,
     ) -> None:
-        self.knowledge = OfflineKnowledge(directory, dataset)
+        self.knowledge = OfflineKnowledge(directory, dataset, verify=verify)
+        check_student_vocabulary(self.knowledge.schema, vocab, f"dump {str(directory)!r}")
         self._ready: dict[int, KnowledgeBatch] = {}
 
     @property
@@ -99,6 +106,11 @@ class OfflineTeacher:
         self, request_id: int, ids: torch.Tensor, inputs: torch.Tensor | None = None
     ) -> None:
         self._ready[request_id] = self.knowledge.get(ids)
+
+    def inputs(self, ids: torch.Tensor) -> list[torch.Tensor | dict[str, torch.Tensor]]:
+        """The inputs stored with the dump (`--store-inputs`) of `ids`: see
+        `OfflineKnowledge.inputs`."""
+        return self.knowledge.inputs(ids)
 
     def poll(self, timeout_s: float) -> list[tuple[int, KnowledgeBatch]]:
         done, self._ready = list(self._ready.items()), {}

@@ -4,45 +4,58 @@ One loop for one process or many: under `torchrun` (WORLD_SIZE > 1) the model is
 DDP (gloo on CPU, nccl on CUDA) and each rank draws its own shard of ids from a
 `DistributedSampler`; every rank asks the teachers for its own shard's knowledge.
 
-Checkpoints are plain state dicts (`torch.save` of tensors, numbers and strings; read back
-with `weights_only=True`): the model, the optimizer, the LR schedule, the losses' learned
-adapters and the loader's `{epoch, seed, position}`. One is written after every epoch
-(`epoch-NNN.pt` and `last.pt`) and, on SIGTERM, after the batch in progress (`last.pt`, with
-the position inside the epoch), so `--resume` continues with the remaining ids of that epoch.
+Checkpoints (`_checkpoints`: plain state dicts, read back with `weights_only=True`) are
+written after every epoch (`epoch-NNN.pt` and `last.pt`) and when a run stops early
+(`last.pt`, with the position inside the epoch), so `--resume` continues with the remaining
+ids of that epoch. A run stops early, and says so in `TrainResult.ended`:
+
+- on SIGINT or SIGTERM, after the batch in progress (a second signal aborts at once);
+- when a teacher stays unavailable mid-epoch, after the last batch it answered: the
+  loader's position counts the batches consumed, so the resumed run asks for the rest.
+  Before the run's first step there is nothing to save: `TeacherUnavailableError` is raised.
+
+A new run refuses a `checkpoint_dir` that holds another run's checkpoints, unless `resume`
+(continue it) or `overwrite` (remove them first). Beside the checkpoints, every one of those
+writes rewrites `model.safetensors` (rank 0): the student's weights alone, the file every
+command's `--checkpoint` takes.
+
+A config without teachers is plain supervised training (how a user makes a teacher): the
+same loop, checkpoints, resume, DDP and signals, with the task loss alone.
+
+Under DDP every rank fetches its next batch, then the ranks agree whether to stop before the
+step (`Distributed.halt`), so all stop at the same batch: a DDP step cannot be skipped on one
+rank. A teacher that stays unavailable on one rank therefore stops every rank there; rank 0
+writes the checkpoint of the batches all ranks stepped, the failing rank's result carries
+the error's text and the others' results name that rank.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import signal
-import threading
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-from tqdm import tqdm
+from torch import nn
 
-from lyceum.proto.schema import SAMPLE_ID
-from lyceum.proto.specs import load_dataset, load_model
+from lyceum.proto.items import item_inputs
+from lyceum.proto.specs import Spec, carry_weights_format, load_dataset, load_model
+from lyceum.proto.vocab import Vocabulary
+from lyceum.student_client import _checkpoints as checkpoints
+from lyceum.student_client._inprocess_config import InProcessTeacherConfig
+from lyceum.student_client._lm_task import CausalLMTask, masked_objective, model_vocabulary
+from lyceum.student_client._module_paths import StudentFeatures, student_features
+from lyceum.student_client._train_env import Distributed, StopSignals, rank_from_env
+from lyceum.student_client._train_log import log_teachers
+from lyceum.student_client._train_loop import Run
+from lyceum.student_client._train_optim import build_optimizer, build_scheduler
+from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
+from lyceum.student_client.inprocess import InProcessTeacher
 from lyceum.student_client.loader import DistillLoader
-from lyceum.student_client.losses import (
-    DistillObjective,
-    DistillTerm,
-    FeatureMSE,
-    SoftLabelKD,
-    TopKKD,
-)
-from lyceum.student_client.merger import MergedSchema, Merger, Weighted
+from lyceum.student_client.merger import Merger, Weighted
+from lyceum.student_client.online import TeacherTimeouts
 from lyceum.student_client.sources import KnowledgeSource, OfflineTeacher, OnlineTeacher
 from lyceum.student_client.trainer_config import (
-    LossTermConfig,
     TeacherConfig,
     TrainConfig,
     load_config,
@@ -51,54 +64,26 @@ from lyceum.student_client.trainer_config import (
 
 __all__ = ["EpochResult", "StepInfo", "TrainResult", "build_sources", "train"]
 
-CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What `on_step` callbacks see after each optimizer step."""
-
-    epoch: int
-    step: int  # batches done in this epoch, this one included
-    sample_ids: Tensor
-    loss: float
-
-
-@dataclass(frozen=True)
-class EpochResult:
-    """One epoch: `wait_s` is how long the student waited for its next batch (knowledge and
-    data), the time the loader's window did not hide."""
-
-    epoch: int
-    loss: float
-    val_accuracy: float | None
-    samples_per_s: float
-    wait_s: float
-    seconds: float
-
-
-@dataclass
-class TrainResult:
-    """The trained model (unwrapped from DDP), per-epoch figures, and how the run ended."""
-
-    model: nn.Module
-    epochs: list[EpochResult] = field(default_factory=list)
-    checkpoint: Path | None = None
-    interrupted: bool = False
-
-    @property
-    def val_accuracy(self) -> float | None:
-        return self.epochs[-1].val_accuracy if self.epochs else None
-
 
 def build_sources(
-    config: TrainConfig, dataset: torch.utils.data.Dataset | None = None
+    config: TrainConfig,
+    dataset: torch.utils.data.Dataset | None = None,
+    vocab: Vocabulary | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, KnowledgeSource]:
-    """The teachers of a config as knowledge sources (offline dumps checked against `dataset`)."""
+    """The teachers of a config as knowledge sources; offline dumps and online teachers in
+    index mode are checked against `dataset` (the student's training set), and against the
+    student's vocabulary: a teacher's `vocab:`, else `vocab`. In-process teachers learn their
+    inputs from `dataset[0]` and run on their own `device`, else on `device` (the student's;
+    default: the config's)."""
     sources: dict[str, KnowledgeSource] = {}
     try:
         for name, teacher in config.teachers.items():
-            sources[name] = _source(name, teacher, dataset)
+            if isinstance(teacher, InProcessTeacherConfig):
+                sources[name] = _in_process(name, teacher, dataset, device or config.device)
+                continue
+            declared = teacher.vocab.vocabulary() if teacher.vocab is not None else vocab
+            sources[name] = _source(name, teacher, dataset, declared)
     except BaseException:
         for source in sources.values():
             source.close()
@@ -107,19 +92,50 @@ def build_sources(
 
 
 def _source(
-    name: str, teacher: TeacherConfig, dataset: torch.utils.data.Dataset | None
+    name: str,
+    teacher: TeacherConfig,
+    dataset: torch.utils.data.Dataset | None,
+    vocab: Vocabulary | None,
 ) -> KnowledgeSource:
     if teacher.dir is not None:
-        return OfflineTeacher(teacher.dir, dataset)
+        return OfflineTeacher(teacher.dir, dataset, verify=teacher.verify, vocab=vocab)
     assert teacher.endpoints is not None  # TeacherConfig allows exactly one of the two
     return OnlineTeacher(
         teacher.endpoints,
         mode=teacher.mode,
-        **vars(teacher.credential_options()),
+        credentials=teacher.credential_options(),
+        timeouts=TeacherTimeouts(
+            timeout_s=teacher.timeout_s, request_timeout_s=teacher.request_timeout_s
+        ),
         name=name,
-        timeout_s=teacher.timeout_s,
-        request_timeout_s=teacher.request_timeout_s,
+        dataset=dataset,
+        vocab=vocab,
     )
+
+
+def _in_process(
+    name: str,
+    teacher: InProcessTeacherConfig,
+    dataset: torch.utils.data.Dataset | None,
+    device: str | torch.device,
+) -> InProcessTeacher:
+    if dataset is None:
+        raise ValueError(
+            f"teacher {name!r} runs in this process: build_sources needs the training dataset, "
+            f"whose first sample shows the teacher its inputs"
+        )
+    try:
+        return InProcessTeacher.from_spec(
+            teacher.model_spec(),
+            teacher.checkpoint,
+            dataset,
+            outputs=teacher.outputs,
+            device=teacher.device or device,
+            precision=teacher.precision,
+            name=name,
+        )
+    except ValueError as exc:
+        raise ValueError(f"config key 'teachers.{name}': {exc}") from None
 
 
 def _merger(config: TrainConfig) -> Merger:
@@ -133,165 +149,90 @@ def _merger(config: TrainConfig) -> Merger:
         raise ValueError(f"config key 'merge': {exc}") from None
 
 
-def _term(term: LossTermConfig, merged: MergedSchema) -> DistillTerm:
-    specs = {f.spec.name: f.spec for f in merged.fields}
-    if term.field not in specs:
+def _dataset(spec: Spec, key: str) -> torch.utils.data.Dataset:
+    """The dataset a spec builds, refused when it is empty (an epoch of it would be 0 steps)."""
+    dataset = load_dataset(spec)
+    if len(dataset) == 0:  # type: ignore[arg-type]  # map-style datasets define __len__
         raise ValueError(
-            f"losses.terms '{term.name}': field {term.field!r} is not in the merged knowledge; "
-            f"the teachers send {sorted(specs)}"
+            f"config key '{key}': the dataset {spec} is empty (0 samples); check the spec and "
+            f"its arguments ({key}_kwargs: split, path, limit)"
         )
-    spec = specs[term.field]
-    loss: nn.Module
-    if term.kind == "soft_label":
-        loss = SoftLabelKD.for_field(spec, term.temperature)
-    elif term.kind == "topk":
-        loss = TopKKD.for_field(spec, term.temperature)
-    else:
-        loss = FeatureMSE()
-    return DistillTerm(
-        name=term.name, weight=term.weight, loss=loss, student=term.student, teacher=term.field
-    )
+    return dataset
 
 
-class _Distributed:
-    """Rank, world size and device of this process; DDP set up when WORLD_SIZE > 1."""
-
-    def __init__(self, device: str) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.startswith("cuda") and self.world > 1 and ":" not in device:
-            device = f"cuda:{local}"
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # nccl binds each rank to its current device
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self.owns_group = True
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def any(self, flag: bool) -> bool:
-        """True if `flag` is set on any rank (so every rank stops at the same batch)."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([1 if flag else 0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
-
-
-class _StopFlag:
-    """Set by SIGTERM; the loop checkpoints after the batch in progress and returns."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
-        self.set = True
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, device: torch.device) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=512)
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in loader:
-            out = model(x.to(device))
-            logits = out["logits"] if isinstance(out, Mapping) else out
-            correct += int((logits.argmax(dim=1).cpu() == y).sum())
-            total += len(y)
-    model.train(was_training)
-    return correct / max(total, 1)
-
-
-def _task_loss(logits: Tensor, labels: Tensor, ids: Tensor, labeled: int | None) -> Tensor:
-    """Cross-entropy over the batch's labelled samples (all of them unless `labeled`)."""
-    if labeled is None:
-        return nn.functional.cross_entropy(logits, labels)
-    keep = ids.to(logits.device) < labeled
-    if not bool(keep.any()):
-        return logits.sum() * 0.0  # no label in this batch: a zero that keeps the graph
-    return nn.functional.cross_entropy(logits[keep], labels[keep])
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves half a checkpoint
-
-
-def _load(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is not a Lyceum student checkpoint of version "
-            f"{CHECKPOINT_VERSION}; start without --resume or point checkpoint_dir elsewhere"
-        )
-    return state
+def _features(
+    config: TrainConfig, model: nn.Module, train_set: torch.utils.data.Dataset, device: torch.device
+) -> StudentFeatures | None:
+    """The student wrapped to return the maps the loss terms name by module path, if any."""
+    keys: dict[str, str] = {}
+    for term in config.losses.terms:
+        for key in (term.student,) if isinstance(term.student, str) else term.student:
+            keys.setdefault(key, f"losses.terms {term.name!r}: student")
+    example = torch.utils.data.default_collate([item_inputs(train_set[0])])
+    if isinstance(example, Mapping):
+        example = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()
+        }
+    elif isinstance(example, torch.Tensor):
+        example = example.to(device)
+    return student_features(model, keys, example)
 
 
 def train(
     config: TrainConfig | Mapping[str, Any] | str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> TrainResult:
     """Train the student a config describes; the Python form of `lyceum student train`.
 
     `config`: a `TrainConfig`, a mapping (validated) or a YAML path. `resume`: continue from
-    `checkpoint_dir/last.pt` (mid-epoch if it was written on SIGTERM). `on_step` is called
-    after every optimizer step (logging, tests).
+    `checkpoint_dir/last.pt` (mid-epoch if the run stopped early). `overwrite`: start a new
+    run in a `checkpoint_dir` that holds another run's checkpoints, removing them (`last.pt`,
+    `epoch-*.pt`; nothing else); without `resume` or `overwrite` such a directory is refused.
+    `on_step` is called after every optimizer step (logging, tests).
+
+    Returns how the run ended (`TrainResult.ended`: finished, stopped by a signal, teachers
+    unavailable). Raises `TeacherUnavailableError` if the teachers are unavailable before the
+    run's first step (nothing to save), `ValueError` for what the user must fix, `OSError`
+    (with its path) when a checkpoint cannot be written.
     """
     if isinstance(config, str | Path):
         config = load_config(config)
     elif not isinstance(config, TrainConfig):
         config = validate_config(config)
-    if resume and config.checkpoint_dir is None:
-        raise ValueError("--resume needs checkpoint_dir in the config (where last.pt is)")
-    env = _Distributed(config.device)
+    # Before DDP starts, so a refusal stops every rank before any waits for the others;
+    # under --overwrite only rank 0 removes the old files.
+    checkpoints.prepare(
+        config.checkpoint_dir, resume=resume, overwrite=overwrite, clear=rank_from_env() == 0
+    )
+    env = Distributed(config.device)
     try:
-        return _run(config, env, resume, on_step)
-    finally:
-        env.close()
+        result = _run(config, env, resume, on_step)
+    except BaseException:
+        env.close(together=False)
+        raise
+    env.close(together=True)
+    return result
 
 
 def _run(
     config: TrainConfig,
-    env: _Distributed,
+    env: Distributed,
     resume: bool,
     on_step: Callable[[StepInfo], None] | None,
 ) -> TrainResult:
     torch.manual_seed(config.seed)
-    train_set = load_dataset(config.dataset.train_spec())
+    train_set = _dataset(config.dataset.train_spec(), "dataset.train")
     val_spec = config.dataset.validation_spec()
-    val_set = load_dataset(val_spec) if val_spec is not None else None
-    model = load_model(config.model_spec()).to(env.device)
+    val_set = _dataset(val_spec, "dataset.validation") if val_spec is not None else None
+    model = load_model(config.model_spec(), config.checkpoint).to(env.device)
+    weights_metadata = (
+        carry_weights_format(config.checkpoint, config.checkpoint_dir)
+        if config.checkpoint_dir is not None and env.rank == 0
+        else {}
+    )
     sampler: torch.utils.data.Sampler[int] | None = (
         torch.utils.data.DistributedSampler(
             train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=config.seed
@@ -300,8 +241,14 @@ def _run(
         else None
     )
     merger = _merger(config)  # before the sources: a bad strategy spec fails at once
-    sources = build_sources(config, train_set)
+    causal_lm = config.task == "causal_lm"
+    features = _features(config, model, train_set, env.device)  # so does a bad module path
+    vocab = model_vocabulary(model) if causal_lm else None
+    sources = build_sources(config, train_set, vocab=vocab, device=env.device)
+    lm: CausalLMTask | None = None
     try:
+        if causal_lm:
+            lm = CausalLMTask.for_run(config, model, sources, val_set)
         loader = DistillLoader(
             train_set,
             sources,
@@ -314,141 +261,55 @@ def _run(
             num_workers=config.num_workers,
             pin_memory=env.device.type == "cuda",
             device=env.device,
+            collate_fn=lm.collate if lm is not None else None,
         )
-        objective = DistillObjective(
-            [_term(t, loader.merged) for t in config.losses.terms],
-            task_weight=config.losses.task_weight,
-        ).to(env.device)
-        net: nn.Module = model
+        if env.rank == 0:
+            log_teachers(sources, config.dataset.labeled)
+        objective = (
+            None
+            if config.supervised
+            else config.losses.objective(loader.merged.knowledge_schema).to(env.device)
+        )
+        if objective is not None and lm is not None:
+            objective = masked_objective(objective)
+        net: nn.Module = model if features is None else features
         if env.enabled:
             cuda = env.device.type == "cuda"
             net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[env.device.index] if cuda else None
+                net, device_ids=[env.device.index] if cuda else None
             )
-        params = [*model.parameters(), *objective.parameters()]
-        opt = config.optimizer
-        optimizer: torch.optim.Optimizer
-        if opt.name == "sgd":
-            optimizer = torch.optim.SGD(
-                params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
-            )
-        elif opt.name == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
-        steps = config.epochs * len(loader)
-        schedule = config.schedule
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-        if schedule.name == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        elif schedule.name == "step":
-            scheduler = torch.optim.lr_scheduler.StepLR(
-                optimizer, step_size=schedule.step_epochs * len(loader), gamma=schedule.gamma
-            )
-        result = TrainResult(model=model)
-        ckpt_dir = config.checkpoint_dir
+        adapters = [] if objective is None else list(objective.parameters())
+        optimizer = build_optimizer(config.optimizer, [*model.parameters(), *adapters])
+        run = Run(
+            config=config,
+            env=env,
+            model=model,
+            net=net,
+            objective=objective,
+            optimizer=optimizer,
+            scheduler=build_scheduler(
+                config.schedule, optimizer, epochs=config.epochs, batches_per_epoch=len(loader)
+            ),
+            loader=loader,
+            val_set=val_set,
+            lm=lm,
+            identity=checkpoints.run_identity(config, env.world),
+            weights_metadata=weights_metadata,
+            result=TrainResult(
+                model=model,
+                total_epochs=config.epochs,
+                batches_per_epoch=len(loader),
+                supervised=config.supervised,
+            ),
+        )
         if resume:
-            assert ckpt_dir is not None  # checked in train()
-            state = _load(ckpt_dir / "last.pt")
-            model.load_state_dict(state["model"])
-            objective.load_state_dict(state["objective"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            loader.load_state_dict(state["loader"])
-            result.epochs = [EpochResult(**e) for e in state["epochs"]]
-
-        def checkpoint(name: str) -> None:
-            if ckpt_dir is None or env.rank != 0:
-                return
-            state = {
-                "version": CHECKPOINT_VERSION,
-                "model": model.state_dict(),
-                "objective": objective.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "loader": loader.state_dict(),
-                "epochs": [asdict(e) for e in result.epochs],
-            }
-            _save(ckpt_dir / name, state)
-            if name != "last.pt":
-                _save(ckpt_dir / "last.pt", state)
-            result.checkpoint = ckpt_dir / "last.pt"
-
-        with _StopFlag() as stop:
-            while loader.epoch < config.epochs:
-                epoch = loader.epoch
-                started = time.perf_counter()
-                wait0, samples0 = loader.stats.wait_s, loader.stats.samples
-                total_loss, batches = 0.0, 0
-                bar = tqdm(
-                    total=len(loader),
-                    initial=loader.position,
-                    desc=f"epoch {epoch + 1}/{config.epochs}",
-                    unit="batch",
-                    disable=not config.progress or env.rank != 0,
-                    leave=False,
-                )
-                for inputs, labels, knowledge in loader:
-                    ids = knowledge[SAMPLE_ID]
-                    out = net(inputs)
-                    student = dict(out) if isinstance(out, Mapping) else {"logits": out}
-                    task = _task_loss(student["logits"], labels, ids, config.dataset.labeled)
-                    losses = objective(student, knowledge, task_loss=task)
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.total.backward()
-                    optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
-                    loss = float(losses.total.detach())
-                    total_loss, batches = total_loss + loss, batches + 1
-                    elapsed = time.perf_counter() - started
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{loss:.4f}",
-                        samples_s=f"{(loader.stats.samples - samples0) / max(elapsed, 1e-9):.0f}",
-                        wait_s=f"{loader.stats.wait_s - wait0:.2f}",
-                    )
-                    if on_step is not None:
-                        on_step(StepInfo(epoch, loader.position, ids.cpu(), loss))
-                    # A stop on the epoch's last batch is handled after the epoch's own
-                    # bookkeeping below; resuming then starts the next epoch.
-                    if env.any(stop.set) and loader.position < len(loader):
-                        bar.close()
-                        checkpoint("last.pt")
-                        result.interrupted = True
-                        return result
-                bar.close()
-                seconds = time.perf_counter() - started
-                accuracy = _accuracy(model, val_set, env.device) if val_set is not None else None
-                result.epochs.append(
-                    EpochResult(
-                        epoch=epoch,
-                        loss=env.mean(total_loss / max(batches, 1)),
-                        val_accuracy=accuracy,
-                        samples_per_s=(loader.stats.samples - samples0) / max(seconds, 1e-9),
-                        wait_s=loader.stats.wait_s - wait0,
-                        seconds=seconds,
-                    )
-                )
-                if not math.isfinite(result.epochs[-1].loss):
-                    raise ValueError(
-                        f"epoch {epoch + 1}: the training loss is {result.epochs[-1].loss}: lower "
-                        f"optimizer.lr or check the teachers' knowledge (meaning, temperature)"
-                    )
-                checkpoint(f"epoch-{epoch + 1:03d}.pt")
-                if env.any(stop.set) and epoch + 1 < config.epochs:
-                    result.interrupted = True
-                    return result
-                if env.rank == 0 and config.progress:
-                    e = result.epochs[-1]
-                    acc = "n/a" if e.val_accuracy is None else f"{100 * e.val_accuracy:.1f}%"
-                    tqdm.write(
-                        f"epoch {epoch + 1}/{config.epochs}: loss {e.loss:.4f}, val acc {acc}, "
-                        f"{e.samples_per_s:.0f} samples/s, waited for batches "
-                        f"{e.wait_s:.2f}s of {e.seconds:.2f}s"
-                    )
-        return result
+            run.resume()
+        with StopSignals() as stop:
+            return run.epochs(stop, on_step)
     finally:
         for source in sources.values():
             source.close()
+        if lm is not None:
+            lm.close()
+        if features is not None:  # the student the result hands back runs without hooks
+            features.close()

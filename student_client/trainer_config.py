@@ -1,16 +1,27 @@
 """The student trainer's configuration: one YAML file, validated by pydantic.
 
+Without `teachers:` (absent or empty) a run is plain supervised training on the labels, how
+the teacher the other examples need is made (`losses:` may then be left out, or hold only
+`task_weight`, > 0):
+
+    model: lyceum.deploy.examples:teacher_cnn
+    dataset: {train: lyceum.deploy.examples:digits, validation: lyceum.deploy.examples:digits,
+              validation_kwargs: {split: val}}
+    epochs: 10
+    checkpoint_dir: runs/teacher      # model.safetensors: what --checkpoint takes
+
+With teachers, the student is distilled:
+
     model: lyceum.deploy.examples:student_mlp
     model_kwargs: {hidden: 32}
-    dataset:
-      train: lyceum.deploy.examples:digits
-      train_kwargs: {split: train}
-      validation: lyceum.deploy.examples:digits
-      validation_kwargs: {split: val}
-      labeled: 100            # only ids < 100 keep their labels; the rest is a transfer set
+    dataset: {train: lyceum.deploy.examples:digits, train_kwargs: {split: train},
+              validation: lyceum.deploy.examples:digits, validation_kwargs: {split: val},
+              labeled: 100}   # only ids < 100 keep their labels; the rest is a transfer set
     teachers:
       cnn: {endpoints: ["grpc://10.0.0.5:50051", "grpc://10.0.0.6:50051"], mode: index}
       dump: {dir: /data/knowledge/cnn}
+      here: {model: lyceum.deploy.examples:teacher_cnn, checkpoint: runs/teacher/model.safetensors,
+             outputs: [logits=@output, layer3]}   # run in this process (InProcessTeacher)
       secure: {endpoints: ["zmq://10.0.0.7:5555"], curve_server_key_file: keys/teacher.key,
                curve_secret_key_file: keys/student.key_secret}
     merge: {logits: mean}     # or "my_package.merging:geometric_mean", code of your own
@@ -22,6 +33,28 @@
     epochs: 10
     checkpoint_dir: runs/student
 
+Distillation terms (`losses.terms`): each has a `name`, a `kind` (the loss, one of `LOSSES`),
+a `weight` (1.0), the knowledge `field` it reads and the `student` output it compares (a
+student returning a mapping names its outputs; a plain tensor is `logits`), then its loss's
+own keys. The teacher's meaning, temperature and channel counts come from its schema. A
+`student` key that the student's forward does not return is a module path of the student
+(`features.1`), captured by a forward hook.
+
+    - {name: kd, kind: soft_label, field: logits, temperature: 4.0}     # SoftLabelKD, dense
+    - {name: tok, kind: topk, field: logits, temperature: 2.0,          # TopKKD, a --topk field
+       missing: uniform}      # zero (default) | uniform: needs the teacher's log_probs or probs
+    - {name: feat, kind: mse, field: feat, student: feat,               # FeatureMSE
+       student_channels: 16, spatial: true}   # optional adapter to the teacher's channels
+    - {name: hint, kind: hint, field: layer2, student: block1,          # HintLoss (FitNets),
+       student_channels: 16, kernel_size: 3}  # [C, H, W] maps, a learned k x k regressor
+    - {name: fsp, kind: fsp, field: [layer2, layer3], student: [block1, block2],   # FSPLoss
+       pairs: [[0, 1]]}       # positions in those lists; default: each map with the next
+
+`task: causal_lm` trains a language model on token items from token-level knowledge; its
+`lm:` section and a teacher's `vocab:` are described in `_lm_config`. Logit terms take
+`divergence` (forward_kl, reverse_kl, jsd with beta, skew_kl / skew_reverse_kl with alpha,
+tv) and top-k terms `missing: zero | uniform | tail`.
+
 YAML is read with `yaml.safe_load` (data only). A bad value raises `ValueError` naming the
 key, the value and what was expected (`load_config`).
 """
@@ -32,35 +65,58 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from lyceum.proto.specs import Spec, parse_spec
-from lyceum.student_client._credentials import CredentialOptions
+from lyceum.proto.configs import read_yaml_mapping, validate_mapping
+from lyceum.proto.schema import KnowledgeSchema
+from lyceum.proto.specs import Spec, check_spec, parse_spec
+from lyceum.student_client._inprocess_config import InProcessTeacherConfig
+from lyceum.student_client._lm_config import LMConfig, VocabConfig
+from lyceum.student_client._loss_terms import (
+    LOSSES,
+    FeatureMSETerm,
+    FSPTerm,
+    HintTerm,
+    LossTerm,
+    LossTermConfig,
+    SoftLabelTerm,
+    TopKTerm,
+)
 from lyceum.student_client._strategies import STRATEGIES, is_strategy_spec
+from lyceum.student_client._teacher_config import TeacherConfig, TeacherEntry
+from lyceum.student_client.losses import DistillObjective
 
 __all__ = [
+    "LOSSES",
     "DatasetConfig",
+    "FSPTerm",
+    "FeatureMSETerm",
+    "HintTerm",
+    "InProcessTeacherConfig",
+    "LMConfig",
+    "LossTerm",
     "LossTermConfig",
     "LossesConfig",
     "OptimizerConfig",
     "ScheduleConfig",
+    "SoftLabelTerm",
     "TeacherConfig",
+    "TeacherEntry",
+    "TopKTerm",
     "TrainConfig",
+    "VocabConfig",
     "load_config",
     "validate_config",
 ]
 
 _STRATEGY_NAMES = tuple(sorted(STRATEGIES))
-
-
-def _check_spec(value: str) -> str:
-    module, sep, attr = value.partition("{")[0].partition(":")
-    if not sep or not module.strip() or not attr.strip():
-        raise ValueError(
-            "expected a spec 'package.module:callable', e.g. 'lyceum.deploy.examples:student_mlp'"
-        )
-    return value
 
 
 class DatasetConfig(BaseModel):
@@ -78,13 +134,14 @@ class DatasetConfig(BaseModel):
         default=None,
         gt=0,
         description="Only samples with id < labeled use their labels (task loss); the others "
-        "learn from the teachers alone. None: every label is used.",
+        "learn from the teachers alone (without teachers: not at all). None: every label is "
+        "used.",
     )
 
     @field_validator("train", "validation")
     @classmethod
     def _check_specs(cls, value: str | None) -> str | None:
-        return None if value is None else _check_spec(value)
+        return None if value is None else check_spec(value)
 
     def train_spec(self) -> Spec:
         return parse_spec(self.train, self.train_kwargs)
@@ -93,110 +150,37 @@ class DatasetConfig(BaseModel):
         return parse_spec(self.validation, self.validation_kwargs) if self.validation else None
 
 
-class TeacherConfig(BaseModel):
-    """One teacher: online `endpoints` (replicas of one model) or an offline dump `dir`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    endpoints: tuple[str, ...] | None = Field(
-        default=None,
-        description="grpc://host:port, grpcs://, zmq://host:port or dns:///name:port; several "
-        "endpoints are replicas of the same teacher.",
-    )
-    dir: Path | None = Field(default=None, description="Directory of a `lyceum teacher dump`.")
-    mode: Literal["query", "index"] = Field(
-        default="query", description="Online only: send inputs (query) or only ids (index)."
-    )
-    tls: bool = Field(default=False, description="Online only: TLS for grpc:// endpoints.")
-    tls_ca: Path | None = Field(default=None, description="CA certificate (PEM) of the teacher.")
-    tls_cert: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
-    tls_key: Path | None = Field(default=None, description="Client key (mutual TLS).")
-    tls_server_name: str | None = Field(
-        default=None,
-        description="gRPC: the name the teacher's certificate was issued for, when it differs "
-        "from the endpoint's host (e.g. an IP address).",
-    )
-    token_file: Path | None = Field(default=None, description="File holding the bearer token.")
-    curve_server_key: str | None = Field(
-        default=None,
-        description="ZeroMQ: the teacher's CURVE public key, 40 z85 characters (quote it in "
-        "YAML); or give curve_server_key_file.",
-    )
-    curve_server_key_file: Path | None = Field(
-        default=None,
-        description="ZeroMQ: file with the teacher's CURVE public key (bare z85 or a zmq "
-        "certificate).",
-    )
-    curve_secret_key_file: Path | None = Field(
-        default=None,
-        description="ZeroMQ: the student's CURVE secret key (bare z85 or a zmq .key_secret "
-        "certificate), for a teacher with an allow-list; its public key follows from it. A "
-        "file only: secrets stay out of the YAML.",
-    )
-    timeout_s: float = Field(
-        default=60.0, gt=0, description="Fail if no replica answers for this long."
-    )
-    request_timeout_s: float = Field(
-        default=30.0, gt=0, description="Re-ask a request another replica after this long."
-    )
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> TeacherConfig:
-        if (self.endpoints is None) == (self.dir is None):
-            raise ValueError(
-                "give exactly one of 'endpoints' (an online teacher) or 'dir' (an offline dump)"
-            )
-        if self.dir is not None:
-            online = sorted(self.model_fields_set - {"dir"})
-            if online:
-                raise ValueError(
-                    f"{online} are for online teachers (endpoints); a teacher read from 'dir' "
-                    f"takes no other key"
-                )
-            return self
-        if not self.endpoints:
-            raise ValueError("'endpoints' is empty: list at least one, e.g. grpc://host:50051")
-        self.credential_options().check(self.endpoints)
-        return self
-
-    def credential_options(self) -> CredentialOptions:
-        """This teacher's security options, as `OnlineTeacher` takes them."""
-        return CredentialOptions(
-            token_file=self.token_file,
-            tls=self.tls,
-            tls_ca=self.tls_ca,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-            tls_server_name=self.tls_server_name,
-            curve_server_key=self.curve_server_key,
-            curve_server_key_file=self.curve_server_key_file,
-            curve_secret_key_file=self.curve_secret_key_file,
-        )
-
-
-class LossTermConfig(BaseModel):
-    """One distillation term: `weight * loss(student[student], knowledge[field])`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(description="Name of the term in logs; unique.")
-    kind: Literal["soft_label", "topk", "mse"] = Field(
-        description="soft_label: Hinton KL on dense logits; topk: KL on a top-k field; "
-        "mse: L2 between features."
-    )
-    field: str = Field(description="Field of the merged knowledge, e.g. logits.")
-    student: str = Field(default="logits", description="Key of the student's outputs.")
-    weight: float = Field(default=1.0, ge=0, description="Weight in the total loss.")
-    temperature: float = Field(default=1.0, gt=0, description="Softmax temperature (KL terms).")
-
-
 class LossesConfig(BaseModel):
     """The task loss (cross-entropy on labels) plus the distillation terms."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task_weight: float = Field(default=1.0, ge=0, description="Weight of the cross-entropy.")
-    terms: tuple[LossTermConfig, ...] = Field(min_length=1, description="Distillation terms.")
+    task_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="Weight of the cross-entropy on the labels; > 0 without teachers (it is "
+        "then the whole loss).",
+    )
+    terms: tuple[LossTermConfig, ...] = Field(
+        default=(),
+        description=f"Distillation terms, at least one with teachers and none without; each "
+        f"picks its loss by 'kind' ({', '.join(LOSSES)}).",
+    )
+
+    @field_validator("terms")
+    @classmethod
+    def _unique_names(cls, terms: tuple[LossTerm, ...]) -> tuple[LossTerm, ...]:
+        names = [t.name for t in terms]
+        taken = sorted({n for n in names if names.count(n) > 1})
+        if taken:
+            raise ValueError(f"terms share the names {taken}; give each term its own name")
+        return terms
+
+    def objective(self, schema: KnowledgeSchema) -> DistillObjective:
+        """The objective these terms make with knowledge of `schema` (the merged teachers')."""
+        return DistillObjective(
+            [t.distill_term(schema) for t in self.terms], task_weight=self.task_weight
+        )
 
 
 class OptimizerConfig(BaseModel):
@@ -227,11 +211,33 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: Literal["classification", "causal_lm"] = Field(
+        default="classification",
+        description="classification: (input, label) items, cross-entropy on the labels, "
+        "validation accuracy. causal_lm: token items (input_ids, labels, attention_mask, "
+        "loss_mask), shifted cross-entropy, token-level knowledge, validation perplexity "
+        "(see `lm`).",
+    )
+    lm: LMConfig | None = Field(
+        default=None,
+        description="task causal_lm only: labels, packing, the logits output, the validation "
+        "teacher. None: the defaults.",
+    )
     model: str = Field(description="Student model spec `module:callable`.")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="kwargs of `model`.")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Weights the student starts from (a model.safetensors): e.g. a `lyceum "
+        "prune` out_dir's, whose prune_plan.json beside it rebuilds the pruned layers, to "
+        "fine-tune or distil into the pruned student (the plan is copied to checkpoint_dir, "
+        "so the run's model.safetensors loads the same way). None: the factory's own init.",
+    )
     dataset: DatasetConfig = Field(description="Training and validation data.")
-    teachers: dict[str, TeacherConfig] = Field(
-        min_length=1, description="Teacher name -> online endpoints or offline dump."
+    teachers: dict[str, TeacherEntry] = Field(
+        default_factory=dict,
+        description="Teacher name -> online endpoints, offline dump dir, or a model run in "
+        "this process (model:). None (absent or empty): plain supervised training on the "
+        "labels (no losses.terms).",
     )
     merge: dict[str, str | dict[str, float]] = Field(
         default_factory=dict,
@@ -243,7 +249,12 @@ class TrainConfig(BaseModel):
     renames: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Teacher -> {their field: our field}, before merging."
     )
-    losses: LossesConfig = Field(description="Task loss weight and distillation terms.")
+    losses: LossesConfig = Field(
+        default_factory=LossesConfig,
+        validate_default=True,
+        description="Task loss weight and distillation terms (needed with teachers; without, "
+        "the task loss alone).",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="LR schedule.")
     epochs: int = Field(gt=0, description="Passes over the training set.")
@@ -251,16 +262,29 @@ class TrainConfig(BaseModel):
     window: int = Field(default=4, ge=0, description="Batches of knowledge requested ahead.")
     seed: int = Field(default=0, ge=0, description="Seeds the model init and the shuffle.")
     checkpoint_dir: Path | None = Field(
-        default=None, description="Where checkpoints go (every epoch and on SIGTERM)."
+        default=None,
+        description="Where checkpoints go: every epoch, and when a run stops early (SIGINT, "
+        "SIGTERM, teachers unavailable). A new run refuses a directory holding another run's "
+        "checkpoints unless resumed (--resume) or overwritten (--overwrite).",
     )
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N (DDP: the local rank's).")
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers for the inputs.")
-    progress: bool = Field(default=True, description="Show a tqdm progress bar (rank 0).")
+    progress: bool = Field(
+        default=True,
+        description="Show epoch progress (rank 0): a bar on a terminal, log lines otherwise, "
+        "and a line per epoch.",
+    )
+    log_every_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="When stderr is not a terminal: seconds between progress lines within an "
+        "epoch (0: one per batch).",
+    )
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
-        return _check_spec(value)
+        return check_spec(value)
 
     @field_validator("merge")
     @classmethod
@@ -275,10 +299,37 @@ class TrainConfig(BaseModel):
                     f"'module:attribute' spec of your own strategy"
                 )
             try:
-                _check_spec(strategy)
+                check_spec(strategy)
             except ValueError as exc:
                 raise ValueError(f"field {name!r}: strategy {strategy!r}: {exc}") from None
         return merge
+
+    @field_validator("losses")
+    @classmethod
+    def _check_losses(cls, losses: LossesConfig, info: ValidationInfo) -> LossesConfig:
+        if "teachers" not in info.data:  # refused itself: that error says what to fix
+            return losses
+        teachers = list(info.data["teachers"])
+        if teachers and not losses.terms:
+            raise ValueError(
+                f"the config has teachers {teachers} but no losses.terms to learn from them: "
+                f"add one, e.g. terms: [{{name: kd, kind: soft_label, field: logits, "
+                f"temperature: 4.0}}], or remove 'teachers:' for plain supervised training"
+            )
+        if not teachers and losses.terms:
+            raise ValueError(
+                f"losses.terms {[t.name for t in losses.terms]} are distillation terms, but "
+                f"the config has no teachers whose knowledge they could read: add a "
+                f"'teachers:' section (online endpoints or an offline dump dir) to distil, or "
+                f"remove losses.terms for plain supervised training on the labels"
+            )
+        if not teachers and losses.task_weight == 0:
+            raise ValueError(
+                "losses.task_weight is 0 and the config has no teachers: nothing would train "
+                "the student; give task_weight > 0 (supervised training on the labels, 1.0 by "
+                "default) or add 'teachers:' and losses.terms to distil"
+            )
+        return losses
 
     @field_validator("device")
     @classmethod
@@ -289,6 +340,13 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_references(self) -> TrainConfig:
+        if not self.teachers and (self.merge or self.renames):
+            given = [k for k in ("merge", "renames") if getattr(self, k)]
+            raise ValueError(
+                f"{' and '.join(given)} combine the teachers' fields, but the config has no "
+                f"teachers: remove {' and '.join(given)} for plain supervised training, or add "
+                f"'teachers:'"
+            )
         for name, strategy in self.merge.items():
             if isinstance(strategy, dict):
                 unknown = [t for t in strategy if t not in self.teachers]
@@ -302,41 +360,43 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"renames name teachers {unknown}; the teachers are {list(self.teachers)}"
             )
+        if self.lm is not None and self.task != "causal_lm":
+            raise ValueError("'lm' is for task: causal_lm; add it, or remove 'lm'")
+        packing = self.lm is not None and self.lm.pack_tokens is not None
+        # In-process teachers take the batch's rows as inputs, as query-mode ones do.
+        queried = [
+            n
+            for n, t in self.teachers.items()
+            if isinstance(t, InProcessTeacherConfig) or (t.dir is None and t.mode == "query")
+        ]
+        if packing and queried:
+            raise ValueError(
+                f"lm.pack_tokens packs several items into a row, but teachers {queried} are "
+                f"asked with the batch's rows as inputs (query mode, or in this process): use "
+                f"mode: index or an offline dump for them, or leave out pack_tokens"
+            )
         return self
+
+    @property
+    def lm_config(self) -> LMConfig:
+        """The `lm` section, its defaults when left out."""
+        return self.lm if self.lm is not None else LMConfig()
+
+    @property
+    def supervised(self) -> bool:
+        """True without teachers: the run learns from the labels alone."""
+        return not self.teachers
 
     def model_spec(self) -> Spec:
         return parse_spec(self.model, self.model_kwargs)
 
 
-def _where(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
 def validate_config(raw: Mapping[str, Any], source: str = "config") -> TrainConfig:
     """Validate a config mapping; errors name every bad key, its value and what was expected."""
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            value = err.get("input")
-            shown = "(missing)" if err["type"] == "missing" else repr(value)
-            if len(shown) > 120:
-                shown = shown[:117] + "..."
-            message = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"  key '{_where(err['loc'])}': got {shown}: {message}")
-        raise ValueError(f"{source}: invalid trainer config:\n" + "\n".join(lines)) from None
+    return validate_mapping(TrainConfig, raw, source, "trainer")
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a YAML config (data only: `yaml.safe_load`)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the trainer config: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(
-            f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}"
-        )
-    return validate_config(raw, str(path))
+    """Read and validate a YAML config (data only: `yaml.safe_load`); a syntax error names the
+    file and line, an unreadable file raises its `OSError`."""
+    return validate_config(read_yaml_mapping(path, "trainer"), str(path))

@@ -41,9 +41,11 @@ import pyarrow as pa
 import torch
 
 from lyceum.proto.codec import to_record_batch
+from lyceum.proto.errors import INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE
 from lyceum.proto.schema import KnowledgeSchema
+from lyceum.teacher_server._inputs import sample_length
 from lyceum.teacher_server.engine import TeacherEngine
-from lyceum.teacher_server.errors import INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, ServeError
+from lyceum.teacher_server.errors import ServeError
 from lyceum.teacher_server.metrics import ServerMetrics, log_event
 
 
@@ -72,6 +74,8 @@ class Knowledge:
 
 
 Done = Callable[[Knowledge | ServeError], None]
+Inputs = torch.Tensor | list[torch.Tensor] | list[dict[str, torch.Tensor]]
+"""A request's inputs: a stacked tensor, per-sample sequences, or per-sample named tensors."""
 
 
 @dataclass
@@ -82,9 +86,15 @@ class Job:
     from the thread that ran the batch (or from `submit`'s caller when it raises)."""
 
     ids: np.ndarray
-    inputs: torch.Tensor | list[torch.Tensor]
+    inputs: Inputs
     done: Done
     enqueued: float = field(default_factory=time.monotonic)
+    # Longest sequence of the request (0 for fixed-shape inputs): its padded cost in a batch.
+    longest: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, torch.Tensor) and self.inputs:
+            self.longest = max(sample_length(s) for s in self.inputs)
 
     @property
     def size(self) -> int:
@@ -101,6 +111,7 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue_samples: int,
         metrics: ServerMetrics,
+        max_batch_tokens: int | None = None,
     ) -> None:
         if not engines:
             raise ValueError("the batcher needs at least one engine (one per --device)")
@@ -110,6 +121,8 @@ class DynamicBatcher:
         self.engines = tuple(engines)
         self.schema = engines[0].schema
         self.max_batch = max_batch
+        # Padded tokens (samples x longest) of one device batch; None: samples only.
+        self.max_batch_tokens = max_batch_tokens
         self.max_delay_s = max_delay_s
         self.max_queue_samples = max_queue_samples
         self._metrics = metrics
@@ -255,14 +268,34 @@ class DynamicBatcher:
         Call with the lock held and the queue non-empty."""
         first = self._queue.popleft()
         batch, n = [first], first.size
-        while self._queue and n + self._queue[0].size <= self.max_batch:
-            job = self._queue.popleft()
-            batch.append(job)
-            n += job.size
+        if self.max_batch_tokens is None:
+            while self._queue and n + self._queue[0].size <= self.max_batch:
+                job = self._queue.popleft()
+                batch.append(job)
+                n += job.size
+        else:
+            n = self._take_by_tokens(batch, self.max_batch_tokens)
         self._queued -= n
         self._running += n
         self._metrics.queue_samples.set(self._queued)
         return batch
+
+    def _take_by_tokens(self, batch: list[Job], budget: int) -> int:
+        """Add to `batch` (the oldest request) the queued requests that keep it within
+        `max_batch` samples and `budget` padded tokens, oldest first; requests that would
+        overflow it wait for the next batch (so similar lengths gather). Returns samples."""
+        n, longest = batch[0].size, batch[0].longest
+        kept: deque[Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            widest = max(longest, job.longest)
+            if n + job.size <= self.max_batch and (n + job.size) * widest <= budget:
+                batch.append(job)
+                n, longest = n + job.size, widest
+            else:
+                kept.append(job)
+        self._queue = kept
+        return n
 
     def _next_batch(self, engine: TeacherEngine) -> list[Job] | None:
         with self._lock:
@@ -309,13 +342,16 @@ class DynamicBatcher:
     def _run(self, engine: TeacherEngine, batch: list[Job]) -> None:
         n = sum(j.size for j in batch)
         self._metrics.batch_size.observe(n)
+        longest = max(j.longest for j in batch)
+        if longest:
+            real = sum(sample_length(s) for j in batch for s in j.inputs)
+            self._metrics.padding_waste.observe(1 - real / (n * longest))
         try:
             if isinstance(batch[0].inputs, torch.Tensor):
                 inputs = torch.cat([j.inputs for j in batch])  # type: ignore[misc]
                 columns = engine.infer(inputs)
             else:
-                padded, lengths = engine.collate([s for j in batch for s in j.inputs])
-                columns = engine.infer(padded, lengths)
+                columns = engine.infer(engine.collate_batch([s for j in batch for s in j.inputs]))
         except Exception as exc:  # the model's own failure: answer every request, keep serving
             log_event("inference_error", device=str(engine.device), samples=n, error=repr(exc))
             for job in batch:

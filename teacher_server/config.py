@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lyceum.proto.codec import Compression
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -65,6 +67,12 @@ class ServerConfig(BaseModel):
         default=LOOPBACK,
         description="Address TCP endpoints bind; loopback unless a wider host is chosen explicitly.",
     )
+    insecure: bool = Field(
+        default=False,
+        description="Serve TCP endpoints on a non-loopback host without credentials (no token, "
+        "TLS or CURVE): refused unless this is set, since anyone who reaches the port runs "
+        "the model on what they send and reads its knowledge.",
+    )
     grpc_port: int | None = Field(
         default=None, ge=0, le=65535, description="gRPC TCP port; 0 = any free."
     )
@@ -78,6 +86,13 @@ class ServerConfig(BaseModel):
         default=None, description="ZeroMQ ipc socket path (same-host students)."
     )
     max_batch: int = Field(default=64, gt=0, description="Most samples in one device batch.")
+    max_batch_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most padded tokens (samples x longest sequence) in one device batch of "
+        "sequence inputs; requests that would overflow it wait for a later batch, so "
+        "similar lengths gather. None: batches are bounded by samples only.",
+    )
     max_delay_ms: float = Field(
         default=2.0, ge=0, description="Longest a request waits for others to fill a device batch."
     )
@@ -93,11 +108,29 @@ class ServerConfig(BaseModel):
         description="Largest message accepted or sent; default: sized for a full batch of "
         "inputs or knowledge (at least 64 MiB).",
     )
+    compression: Compression = Field(
+        default="none",
+        description="Arrow IPC body compression of knowledge replies: none, or zstd (less "
+        "network for more CPU on both sides; worth it on slow links, not on one host).",
+    )
     grpc_max_calls: int = Field(
         default=1024,
         gt=0,
         description="gRPC calls open at once (each student's Distill stream is one); calls "
         "beyond it get RESOURCE_EXHAUSTED. Open calls cost no threads, only memory.",
+    )
+    max_connection_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Close every gRPC connection after about this long (gRPC's "
+        "max_connection_age, jittered by +-10%), so that students of a dns:/// name "
+        "resolve it again and find replicas added since. None: connections live on.",
+    )
+    max_connection_age_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a connection past its age keeps its calls before it is closed "
+        "(gRPC's max_connection_age_grace); students re-ask what was cut off.",
     )
     zmq_send_timeout_ms: int = Field(
         default=5000,
@@ -136,6 +169,7 @@ class ServerConfig(BaseModel):
                     f"host {self.host!r}: expected an IP address (127.0.0.1, ::1, or 0.0.0.0 to "
                     f"listen on every interface)"
                 ) from None
+        self._check_exposure()
         if self.security.tls_cert is not None and self.grpc_port is None and self.grpc_unix is None:
             raise ValueError("--tls-cert is for gRPC: also give --grpc-port or --grpc-unix")
         if (
@@ -147,6 +181,42 @@ class ServerConfig(BaseModel):
                 "--zmq-curve-secret-key is for ZeroMQ: also give --zmq-port or --zmq-ipc"
             )
         return self
+
+    @property
+    def loopback(self) -> bool:
+        """True if TCP endpoints bind a loopback address (reachable from this machine only)."""
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    def _check_exposure(self) -> None:
+        """Refuse TCP endpoints on a wider host that no credential protects (see `insecure`).
+
+        Per transport: TLS protects only gRPC and CURVE only ZeroMQ; a bearer token protects
+        both (though without TLS/CURVE it travels in clear). Unix and ipc sockets are local.
+        """
+        if self.loopback or self.insecure:
+            return
+        sec = self.security
+        token = sec.token_file is not None
+        open_ports = [
+            name
+            for name, port, protected in (
+                ("gRPC", self.grpc_port, token or sec.tls_cert is not None),
+                ("ZeroMQ", self.zmq_port, token or sec.zmq_curve_secret_key is not None),
+            )
+            if port is not None and not protected
+        ]
+        if open_ports:
+            many = len(open_ports) > 1
+            raise ValueError(
+                f"--host {self.host} is not a loopback address, and nothing protects the "
+                f"{' and '.join(open_ports)} port{'s' if many else ''}: anyone who reaches "
+                f"{'them' if many else 'it'} could run the model on what they send and read "
+                f"its knowledge. "
+                f"Give --token-file (a bearer token for both transports; without TLS or CURVE "
+                f"it travels in clear), --tls-cert/--tls-key (gRPC over TLS) or "
+                f"--zmq-curve-secret-key (ZeroMQ over CURVE); or pass --insecure to serve "
+                f"without credentials on a network you trust"
+            )
 
     def queue_samples(self, devices: int) -> int:
         return self.max_queue_samples or 8 * self.max_batch * devices

@@ -1,73 +1,85 @@
 """Offline dump: run a teacher over a whole dataset once and write its knowledge to Arrow shards.
 
-Layout and guarantees (the manifest is described in `lyceum.proto.manifest`):
+- Layout, resuming and refusals are the writer's (`KnowledgeWriter`, in `_writer`): shard k
+  holds ids `[k * shard_rows, ...)`; a kill leaves complete, listed shards, and rerunning the
+  same dump continues at the first missing one. `DumpConfig.shard_tokens` sizes shards in
+  tokens instead (boundaries from every sample's length, in the manifest);
+  `DumpConfig.store_inputs` keeps the inputs beside the knowledge (`_stored_inputs`).
+- The manifest records when and by which Lyceum the dump was started, and the dataset
+  fingerprint's coverage (`DumpConfig.fingerprint`: 64 sampled items or every item, see
+  `lyceum.proto.manifest`); a resume keeps the first run's creation time.
+- Progress goes through `lyceum.proto.display.Progress`: a bar on a terminal, a log line
+  every 30 s and one at the end elsewhere (a batch job's log).
+- Many devices and machines: one engine per device in one process (`engines`), and ranks
+  (`DumpConfig.rank` of `world_size`, e.g. torchrun's RANK and WORLD_SIZE), each dumping its
+  own shards into the same directory (`_dump_dir`); the last rank to finish completes the
+  manifest. Devices split their process's shards the same way, so every shard is batched as
+  in a one-process dump and the finished directory holds the same bytes.
 
-- Shard k is the Arrow IPC file `shard-{k:05d}.arrow` holding ids `[k * shard_rows, ...)`.
-  It is written as `*.tmp`, fsynced, renamed, and the directory fsynced; only then is it
-  listed in `manifest.json` (rewritten atomically). A kill at any point leaves complete,
-  listed shards plus debris that the next run removes.
-- Rerunning the same dump resumes at the first missing shard and leaves complete shards
-  untouched. A run with another teacher, schema, dataset or shard size is refused before
-  anything in the directory changes.
-- Record batches are accumulated to `record_batch_bytes` (default 4 MiB) before being
-  written: each record batch costs 20-70 us of fixed work to write and to read, which
-  dominates at the size of one inference batch.
-
-Pipeline: DataLoader workers read and collate samples, the calling thread runs the engine,
-and a writer thread encodes, writes and hashes, so only inference sits on the critical path.
+Pipeline: DataLoader workers read and collate samples, a thread per engine runs inference
+(the calling thread for the first one), and a writer thread encodes, writes and hashes, so
+only inference sits on the critical path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
+import functools
 import logging
-import os
 import queue
-import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lyceum.proto.codec import arrow_schema, to_record_batch
+from lyceum.proto.display import Progress
+from lyceum.proto.items import item_inputs
 from lyceum.proto.manifest import (
     MANIFEST_NAME,
+    Coverage,
     Manifest,
     ModelIdentity,
-    ShardInfo,
+    coverage_samples,
     dataset_fingerprint,
-    fsync_directory,
-    shard_file_name,
+    lyceum_version,
+    now_utc,
 )
+from lyceum.proto.schema import FieldSpec
+from lyceum.teacher_server._dump_dir import merge_knowledge, owed_by_ranks
+from lyceum.teacher_server._inputs import (
+    InputBatch,
+    InputLayout,
+    as_numpy_free,
+    collate,
+    real_length,
+    sample_length,
+)
+from lyceum.teacher_server._stored_inputs import (
+    input_columns,
+    stored_input_fields,
+    with_stored_inputs,
+)
+from lyceum.teacher_server._token_batches import (
+    Plan,
+    in_id_order,
+    plan_window,
+    token_shard_starts,
+)
+from lyceum.teacher_server._writer import Columns, KnowledgeWriter
 from lyceum.teacher_server.engine import TeacherEngine
 
+__all__ = [
+    "DumpConfig",
+    "KnowledgeWriter",
+    "check_not_empty",
+    "dump_knowledge",
+    "merge_knowledge",
+    "owed_by_ranks",
+]
+
 log = logging.getLogger(__name__)
-
-_TMP_SUFFIX = ".tmp"
-Columns = Mapping[str, torch.Tensor | Sequence[torch.Tensor]]
-
-# Directory locks held by this process. A forked child (a DataLoader worker) would share
-# each flock; if the dump were killed, an orphaned worker would keep its directory locked
-# and the rerun would be refused. The lock belongs to the dump process alone.
-_HELD_LOCKS: set[int] = set()
-
-
-def _close_locks_in_child() -> None:
-    for fd in _HELD_LOCKS:
-        os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
 class DumpConfig(BaseModel):
@@ -76,6 +88,13 @@ class DumpConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     shard_rows: int = Field(default=65536, gt=0, description="Samples per shard file.")
+    shard_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Shards sized in tokens (sequence inputs): each at most this many real "
+        "positions (a longer sample alone) and at most `shard_rows` samples; every "
+        "sample's length is read before the dump starts. None: `shard_rows` samples each.",
+    )
     batch_size: int = Field(default=256, gt=0, description="Samples per inference batch.")
     workers: int = Field(
         default=1, ge=0, description="DataLoader worker processes (0: load in this process)."
@@ -86,232 +105,105 @@ class DumpConfig(BaseModel):
     queue_depth: int = Field(
         default=8, gt=0, description="Inference batches buffered between engine and writer."
     )
-    progress: bool = Field(default=True, description="Show a progress bar on a terminal.")
+    progress: bool = Field(
+        default=True,
+        description="Show progress: a bar on a terminal, else a log line every 30 s and at the end.",
+    )
+    rank: int = Field(
+        default=0,
+        ge=0,
+        description="This process's rank among `world_size` processes dumping into one "
+        "directory (torchrun's RANK); it dumps every world_size-th shard from its rank.",
+    )
+    world_size: int = Field(
+        default=1,
+        gt=0,
+        description="Processes dumping into the directory together (torchrun's WORLD_SIZE).",
+    )
+    max_batch_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Token-budget batching of sequence inputs: each batch at most this many "
+        "padded tokens (samples x longest), of sequences of similar length (sorted within "
+        "windows of `bucket_window` ids), and at most `batch_size` samples. None: batches "
+        "of `batch_size` consecutive ids.",
+    )
+    bucket_window: int = Field(
+        default=4096,
+        gt=0,
+        description="Consecutive ids sorted by length together for token-budget batching; "
+        "their knowledge is held until the window is done (it is written in id order).",
+    )
+    compression: Literal["none", "zstd"] = Field(
+        default="none",
+        description="Arrow IPC body compression of the shards: none (read zero-copy from the "
+        "memory-mapped files), or zstd (smaller; each shard is decompressed into memory when "
+        "a student opens it).",
+    )
+    store_inputs: bool = Field(
+        default=False,
+        description="Keep the inputs in the dump (`_stored_inputs`): each sample's tokens "
+        "(its real positions) and its other named inputs but the mask, read back with "
+        "`OfflineKnowledge.inputs` or `DumpInputs`, so a student needs no dataset of its own.",
+    )
+    fingerprint: Coverage = Field(
+        default="sampled",
+        description="Dataset fingerprint coverage: 'sampled' hashes 64 evenly spaced items "
+        "(cheap; a dataset differing only elsewhere is accepted), 'full' hashes every item "
+        "(one extra pass over the data here and on each student open; any difference is "
+        "refused). See lyceum.proto.manifest.",
+    )
 
-
-def sha256_and_sync(path: Path, chunk: int = 4 << 20) -> str:
-    """sha256 of a file, then fsync it: the bytes are hashed from the page cache just written."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-        # fsync flushes the file's dirty pages whatever the descriptor's mode.
-        os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-@dataclass
-class _OpenShard:
-    index: int
-    next_id: int
-    stop: int
-    tmp: Path
-    sink: pa.NativeFile
-    writer: pa.ipc.RecordBatchFileWriter
-    pending: list[pa.RecordBatch] = field(default_factory=list)
-    pending_bytes: int = 0
-
-
-class KnowledgeWriter:
-    """Writes knowledge into a dump directory shard by shard, resuming what a killed run left.
-
-    `write` takes batches of consecutive sample ids; a batch may span shards. Usable without
-    an engine (e.g. to write synthetic knowledge in benches). Holds an exclusive lock on the
-    directory while open so that two dumps never interleave in one directory.
-    """
-
-    def __init__(
-        self, directory: str | Path, manifest: Manifest, record_batch_bytes: int = 4 << 20
-    ) -> None:
-        self.directory = Path(directory)
-        self.record_batch_bytes = record_batch_bytes
-        self._schema = manifest.knowledge_schema
-        self._arrow_schema = arrow_schema(self._schema)
-        self._shard: _OpenShard | None = None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock_directory(self.directory)
-        try:
-            self.manifest = _prepare_directory(self.directory, manifest)
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(
-        self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor, columns: Columns
-    ) -> None:
-        """Append knowledge for consecutive ids that continue a missing shard."""
-        batch = to_record_batch(self._schema, sample_ids, columns)
-        ids = batch.column(0).to_numpy()
-        offset = 0
-        while offset < batch.num_rows:
-            shard = self._shard or self._open_shard(int(ids[offset]))
-            take = min(batch.num_rows - offset, shard.stop - shard.next_id)
-            expected = np.arange(shard.next_id, shard.next_id + take, dtype=np.uint64)
-            if not np.array_equal(ids[offset : offset + take], expected):
-                raise ValueError(
-                    f"knowledge writer: shard {shard.index} expects ids {shard.next_id}.."
-                    f"{shard.next_id + take - 1} next, got {ids[offset : offset + take][:8]}...; "
-                    f"write consecutive ids in order"
-                )
-            piece = batch.slice(offset, take)
-            shard.pending.append(piece)
-            shard.pending_bytes += piece.nbytes
-            shard.next_id += take
-            offset += take
-            if shard.pending_bytes >= self.record_batch_bytes:
-                self._flush(shard)
-            if shard.next_id == shard.stop:
-                self._finish(shard)
-
-    def _open_shard(self, first_id: int) -> _OpenShard:
-        index, rem = divmod(first_id, self.manifest.shard_rows)
-        if rem or index not in self.manifest.missing_shards():
+    @model_validator(mode="after")
+    def _check_rank(self) -> DumpConfig:
+        if self.rank >= self.world_size:
             raise ValueError(
-                f"knowledge writer: id {first_id} does not start a missing shard; the missing "
-                f"shards start at {[self.manifest.shard_range(k)[0] for k in self.manifest.missing_shards()][:8]}"
+                f"rank {self.rank} is not below world size {self.world_size}: ranks are "
+                f"0..{self.world_size - 1}"
             )
-        _, stop = self.manifest.shard_range(index)
-        tmp = self.directory / (shard_file_name(index) + _TMP_SUFFIX)
-        sink = pa.OSFile(str(tmp), "wb")
-        writer = pa.ipc.new_file(sink, self._arrow_schema)
-        self._shard = _OpenShard(index, first_id, stop, tmp, sink, writer)
-        return self._shard
-
-    def _flush(self, shard: _OpenShard) -> None:
-        if shard.pending:
-            batch = (
-                shard.pending[0] if len(shard.pending) == 1 else pa.concat_batches(shard.pending)
-            )
-            shard.writer.write_batch(batch)
-            shard.pending, shard.pending_bytes = [], 0
-
-    def _finish(self, shard: _OpenShard) -> None:
-        self._flush(shard)
-        shard.writer.close()
-        shard.sink.close()
-        digest = sha256_and_sync(shard.tmp)
-        final = self.directory / shard_file_name(shard.index)
-        os.replace(shard.tmp, final)
-        fsync_directory(self.directory)
-        start, stop = self.manifest.shard_range(shard.index)
-        info = ShardInfo(
-            index=shard.index,
-            file=final.name,
-            start=start,
-            stop=stop,
-            rows=stop - start,
-            bytes=final.stat().st_size,
-            sha256=digest,
-        )
-        shards = tuple(sorted((*self.manifest.shards, info), key=lambda s: s.index))
-        self.manifest = self.manifest.model_copy(update={"shards": shards})
-        self.manifest.write(self.directory)
-        self._shard = None
-
-    def close(self) -> Manifest:
-        """Release the directory; raises if a shard was left half-written (it is discarded)."""
-        try:
-            if self._shard is not None:
-                shard = self._shard
-                raise ValueError(
-                    f"knowledge writer: shard {shard.index} is incomplete (next id "
-                    f"{shard.next_id}, ends at {shard.stop}); it was discarded"
-                )
-            return self.manifest
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        """Drop a half-written shard and release the directory lock."""
-        if self._shard is not None:
-            shard, self._shard = self._shard, None
-            for closing in (shard.writer.close, shard.sink.close):
-                # The file is deleted next: a failed close changes nothing.
-                with contextlib.suppress(OSError, pa.ArrowException):
-                    closing()
-            shard.tmp.unlink(missing_ok=True)
-        if self._lock_fd >= 0:
-            _HELD_LOCKS.discard(self._lock_fd)
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-    def __enter__(self) -> KnowledgeWriter:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
-
-def _lock_directory(directory: Path) -> int:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(
-            f"{str(directory)!r} is locked by another dump; wait for it or dump elsewhere"
-        ) from None
-    _HELD_LOCKS.add(fd)
-    return fd
-
-
-def _prepare_directory(directory: Path, fresh: Manifest) -> Manifest:
-    """Start or resume a dump in `directory`; refuse (changing nothing) if it holds another."""
-    if not (directory / MANIFEST_NAME).exists():
-        if any(directory.iterdir()):
-            raise ValueError(
-                f"{str(directory)!r} is not empty and has no {MANIFEST_NAME}: it is not a "
-                f"knowledge dump; choose an empty or new --out directory"
-            )
-        fresh.write(directory)
-        return fresh
-    existing = Manifest.read(directory)
-    why = existing.incompatibility(fresh)
-    if why:
-        raise ValueError(
-            f"{str(directory)!r} holds a dump that this run cannot continue ({why}). Dump into "
-            f"another --out directory, or delete {str(directory)!r} to start over."
-        )
-    # Debris of a killed run: temp files, and shards renamed but not yet listed.
-    listed = {s.file for s in existing.shards}
-    for path in directory.iterdir():
-        if path.name.endswith(_TMP_SUFFIX) or (
-            path.name.startswith("shard-") and path.name not in listed
-        ):
-            log.info("removing %s left by an interrupted dump", path)
-            path.unlink()
-    damaged = [
-        s
-        for s in existing.shards
-        if not (directory / s.file).is_file() or (directory / s.file).stat().st_size != s.bytes
-    ]
-    if damaged:
-        log.warning(
-            "re-dumping shards missing or resized since listed: %s", [s.file for s in damaged]
-        )
-        for s in damaged:
-            (directory / s.file).unlink(missing_ok=True)
-        kept = tuple(s for s in existing.shards if s not in damaged)
-        existing = existing.model_copy(update={"shards": kept})
-        existing.write(directory)
-    return existing
 
 
 class _ShardBatches(torch.utils.data.Sampler[list[int]]):
     """Batches of ids that never cross a shard boundary, so the batches (and so the bits of
-    batched inference) of a resumed dump equal those of an uninterrupted one."""
+    batched inference) of a resumed dump equal those of an uninterrupted one. `windows`:
+    how many consecutive batches form each window written together (token budgets)."""
 
-    def __init__(self, ranges: Sequence[tuple[int, int]], batch_size: int) -> None:
-        self.ranges = ranges
-        self.batch_size = batch_size
+    def __init__(self, batches: list[list[int]], windows: list[int]) -> None:
+        self.batches = batches
+        self.windows = windows
+
+    @classmethod
+    def plan(
+        cls,
+        dataset: torch.utils.data.Dataset,
+        ranges: Sequence[tuple[int, int]],
+        config: DumpConfig,
+    ) -> tuple[_ShardBatches, Plan | None]:
+        batches: list[list[int]] = []
+        windows: list[int] = []
+        if config.max_batch_tokens is None:
+            for start, stop in ranges:
+                for lo in range(start, stop, config.batch_size):
+                    batches.append(list(range(lo, min(lo + config.batch_size, stop))))
+                    windows.append(1)
+            return cls(batches, windows), None
+        real = padded = 0
+        for start, stop in ranges:
+            for lo in range(start, stop, config.bucket_window):
+                ids = list(range(lo, min(lo + config.bucket_window, stop)))
+                lengths = [sample_length(item_inputs(dataset[i])) for i in ids]
+                plan = plan_window(ids, lengths, config.max_batch_tokens, config.batch_size)
+                batches.extend(plan.batches)
+                windows.append(len(plan.batches))
+                real, padded = real + plan.real_tokens, padded + plan.padded_tokens
+        return cls(batches, windows), Plan(batches=[], real_tokens=real, padded_tokens=padded)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for start, stop in self.ranges:
-            for lo in range(start, stop, self.batch_size):
-                yield list(range(lo, min(lo + self.batch_size, stop)))
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.ranges)
+        return len(self.batches)
 
 
 class _Indexed(torch.utils.data.Dataset[tuple[int, Any]]):
@@ -321,14 +213,19 @@ class _Indexed(torch.utils.data.Dataset[tuple[int, Any]]):
         self.dataset = dataset
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.dataset[i][0]
+        return i, as_numpy_free(item_inputs(self.dataset[i]))
 
 
 class _WriterThread:
-    """Runs `KnowledgeWriter.write` off the inference thread; re-raises its error on `put`."""
+    """Runs `KnowledgeWriter.write` off the inference threads; re-raises its error on `put`.
 
-    def __init__(self, writer: KnowledgeWriter, depth: int) -> None:
+    One thread for every engine: the writer's state (open shards, the manifest) has one
+    owner, and writing and hashing release the GIL, so it keeps up with several devices.
+    """
+
+    def __init__(self, writer: KnowledgeWriter, depth: int, bar: Progress) -> None:
         self.writer = writer
+        self.bar = bar
         self.queue: queue.Queue[tuple[torch.Tensor, Columns] | None] = queue.Queue(depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="lyceum-dump-writer", daemon=True)
@@ -339,8 +236,9 @@ class _WriterThread:
             if self.error is None:
                 try:
                     self.writer.write(*item)
+                    self.bar.update(len(item[0]))
                 except BaseException as exc:
-                    # Keep draining so that the producer never blocks on a full queue.
+                    # Keep draining so that the producers never block on a full queue.
                     self.error = exc
 
     def put(self, ids: torch.Tensor, columns: Columns) -> None:
@@ -356,7 +254,7 @@ class _WriterThread:
 
 
 def dump_knowledge(
-    engine: TeacherEngine,
+    engine: TeacherEngine | Sequence[TeacherEngine],
     dataset: torch.utils.data.Dataset,
     out_dir: str | Path,
     config: DumpConfig,
@@ -364,64 +262,192 @@ def dump_knowledge(
 ) -> Manifest:
     """Dump the engine's knowledge for every sample of `dataset` into `out_dir`; resumable.
 
-    Sample id i is `dataset[i]`, whose input is `dataset[i][0]`. `model_identity` names the
-    teacher (`lyceum.proto.manifest.model_identity(spec, model, checkpoint_sha256)`); a
-    resumed dump must have the same one. Returns the final manifest.
+    Sample id i is `dataset[i]`, whose input is `dataset[i][0]`. `engine`: one engine, or one
+    per device (copies of one teacher), which split this process's shards between them.
+    `model_identity` names the teacher (`lyceum.proto.manifest.model_identity(spec, model,
+    checkpoint_sha256)`); a resumed dump must have the same one. With `config.world_size` > 1
+    this process dumps only the shards of `config.rank` (see the module docstring).
+
+    Returns the manifest as this process left it: complete once every shard is (for a rank,
+    once the other ranks finished theirs too). An empty dataset is refused (`check_not_empty`).
     """
+    engines = [engine] if isinstance(engine, TeacherEngine) else list(engine)
+    if not engines:
+        raise ValueError("dump_knowledge: no engine; give one engine, or one per device")
+    length = check_not_empty(dataset, "the dataset")
+    stored: tuple[FieldSpec, ...] = ()
+    if config.store_inputs:
+        stored = stored_input_fields(engines[0].input_schema, engines[0].schema)
+    schema = with_stored_inputs(engines[0].schema, stored)
+    begun = Path(out_dir) / MANIFEST_NAME
+    if begun.is_file():
+        # A dump begun by an earlier Lyceum (format 1.1) resumes when this run stores its
+        # knowledge the same way; its shards must then carry the same schema metadata.
+        schema = schema.as_version(Manifest.read(out_dir).knowledge_schema.format_version)
     fresh = Manifest(
-        knowledge_schema=engine.schema,
+        created_at=now_utc(),
+        lyceum_version=lyceum_version(),
+        knowledge_schema=schema,
+        stored_inputs=tuple(f.name for f in stored) or None,
         model=model_identity,
-        dataset=dataset_fingerprint(dataset),
+        dataset=dataset_fingerprint(
+            dataset, coverage_samples(config.fingerprint, length), progress=config.progress
+        ),
         shard_rows=config.shard_rows,
+        **_token_shards(engines[0], dataset, config),
+        compression=None if config.compression == "none" else config.compression,
     )
-    writer = KnowledgeWriter(out_dir, fresh, config.record_batch_bytes)
+    writer = KnowledgeWriter(
+        out_dir, fresh, config.record_batch_bytes, config.rank, config.world_size
+    )
     try:
-        todo = [writer.manifest.shard_range(k) for k in writer.manifest.missing_shards()]
+        todo = writer.todo()
         if todo:
-            _run_pipeline(engine, dataset, writer, config, todo)
+            _run_pipelines(engines, dataset, writer, config, todo, stored)
         return writer.close()
     finally:
         writer.abort()
 
 
-def _run_pipeline(
-    engine: TeacherEngine,
+def _token_shards(
+    engine: TeacherEngine, dataset: torch.utils.data.Dataset, config: DumpConfig
+) -> dict[str, Any]:
+    """The manifest's `shard_tokens` and `shard_starts` for `config.shard_tokens` (none
+    without it)."""
+    if config.shard_tokens is None:
+        return {}
+    if not engine.layout.variable:
+        raise ValueError(
+            "--shard-tokens sizes shards of sequence inputs; this teacher's inputs are "
+            "fixed-shape tensors: use --shard-rows"
+        )
+    length = len(dataset)  # type: ignore[arg-type]  # map-style datasets define __len__
+    lengths = [real_length(item_inputs(dataset[i])) for i in range(length)]
+    starts = token_shard_starts(lengths, config.shard_tokens, config.shard_rows)
+    return {"shard_tokens": config.shard_tokens, "shard_starts": starts}
+
+
+def check_not_empty(dataset: torch.utils.data.Dataset, name: str) -> int:
+    """`len(dataset)`, or a ValueError saying that `name` is empty and what to check."""
+    length = len(dataset)  # type: ignore[arg-type]  # map-style datasets define __len__
+    if length == 0:
+        raise ValueError(
+            f"{name} is empty (0 samples): nothing to dump; check the dataset spec and its "
+            f"arguments (split, path)"
+        )
+    return length
+
+
+def _collate(items: list[tuple[int, Any]], layout: InputLayout) -> tuple[torch.Tensor, InputBatch]:
+    """Ids and the batch of their inputs; runs in the loader workers, so reading and
+    stacking stay off the inference thread."""
+    batch = collate([x for _, x in items], layout)
+    return torch.tensor([i for i, _ in items], dtype=torch.int64), batch
+
+
+def _run_pipelines(
+    engines: Sequence[TeacherEngine],
     dataset: torch.utils.data.Dataset,
     writer: KnowledgeWriter,
     config: DumpConfig,
-    todo: Sequence[tuple[int, int]],
+    todo: Sequence[int],
+    stored: tuple[FieldSpec, ...],
 ) -> None:
-    def collate(items: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, Any, Any]:
-        # Runs in the loader workers: reading and stacking stay off the inference thread.
-        batch, lengths = engine.collate([x for _, x in items])
-        return torch.tensor([i for i, _ in items], dtype=torch.int64), batch, lengths
+    manifest = writer.manifest
+    # Device d takes every len(engines)-th of this process's shards: whole shards, so each is
+    # batched as a one-device dump batches it.
+    parts = [(e, todo[d :: len(engines)]) for d, e in enumerate(engines) if todo[d :: len(engines)]]
+    samplers = [
+        _ShardBatches.plan(dataset, [manifest.shard_range(k) for k in part], config)
+        for _, part in parts
+    ]
+    plans = [plan for _, plan in samplers if plan is not None]
+    real, padded = sum(p.real_tokens for p in plans), sum(p.padded_tokens for p in plans)
+    if padded:
+        log.info(
+            "token-budget batches: %d real tokens in %d computed positions (padding waste %.1f%%)",
+            real,
+            padded,
+            100 * (1 - real / padded),
+        )
+    loaders = [
+        torch.utils.data.DataLoader(
+            _Indexed(dataset),
+            batch_sampler=sampler,
+            num_workers=config.workers,
+            # The input layout, not the engine: a worker started by spawn or forkserver
+            # (Python 3.14's default) is sent its collate function pickled, never the model.
+            collate_fn=functools.partial(_collate, layout=engine.layout),
+            pin_memory=engine.device.type == "cuda",
+        )
+        for (engine, _), (sampler, _) in zip(parts, samplers, strict=True)
+    ]
+    # Start every loader's workers before any thread: a forked worker would copy only the
+    # calling thread, and forking while another thread holds a lock can leave it stuck.
+    batches = [iter(loader) for loader in loaders]
 
-    loader = torch.utils.data.DataLoader(
-        _Indexed(dataset),
-        batch_sampler=_ShardBatches(todo, config.batch_size),
-        num_workers=config.workers,
-        collate_fn=collate,
-        pin_memory=engine.device.type == "cuda",
-        # `collate` holds the engine: forked workers share it, where spawn or forkserver
-        # (Python 3.14's default) would have to pickle the model.
-        multiprocessing_context="fork" if config.workers else None,
+    def rows(shards: Sequence[int]) -> int:
+        return sum(stop - start for start, stop in map(manifest.shard_range, shards))
+
+    mine = rows(writer.owned)
+    bar = Progress(
+        mine,
+        _describe(writer.directory, config),
+        "samples",
+        initial=mine - rows(todo),
+        enabled=config.progress,
+        log=log,
     )
-    # Start the workers before the writer thread: fork only copies the calling thread.
-    batches = iter(loader)
-    total = writer.manifest.dataset.length
-    bar = tqdm(
-        total=total,
-        initial=writer.manifest.rows,
-        unit="rows",
-        unit_scale=True,
-        desc="dump",
-        disable=not (config.progress and sys.stderr.isatty()),
-    )
-    thread = _WriterThread(writer, config.queue_depth)
+    sink = _WriterThread(writer, config.queue_depth, bar)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def infer(engine: TeacherEngine, source: Iterator[Any], windows: Iterator[int]) -> None:
+        try:
+            window: list[tuple[torch.Tensor, Columns]] = []
+            size = next(windows, 0)
+            for ids, batch in source:
+                if stop.is_set():
+                    return
+                columns = engine.infer(batch)
+                if stored:
+                    columns = {**columns, **input_columns(batch, stored)}
+                window.append((ids, columns))
+                if len(window) == size:
+                    # A window's batches are sorted by length: the shard takes them in id order.
+                    sink.put(*(window[0] if size == 1 else in_id_order(window)))
+                    window, size = [], next(windows, 0)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    work = [
+        (engine, source, iter(sampler.windows))
+        for (engine, _), source, (sampler, _) in zip(parts, batches, samplers, strict=True)
+    ]
+    others = [
+        threading.Thread(target=infer, args=w, name=f"lyceum-dump-{w[0].device}", daemon=True)
+        for w in work[1:]
+    ]
     try:
-        for ids, batch, lengths in batches:
-            thread.put(ids, engine.infer(batch, lengths))
-            bar.update(len(ids))
+        for t in others:
+            t.start()
+        infer(*work[0])
+        for t in others:
+            t.join()
     finally:
-        bar.close()
-        thread.join()
+        stop.set()
+        for t in others:
+            t.join()
+        try:
+            sink.join()  # the writer's last updates come before the bar's last line
+        finally:
+            bar.close()
+    if errors:
+        raise errors[0]
+
+
+def _describe(directory: Path, config: DumpConfig) -> str:
+    if config.world_size == 1:
+        return f"dump {directory}"
+    return f"dump {directory} rank {config.rank}/{config.world_size}"

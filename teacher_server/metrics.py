@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -23,6 +26,82 @@ def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """One JSON line per event (connection, error, lifecycle), easy to grep and to ship."""
     if log.isEnabledFor(level):
         log.log(level, json.dumps({"event": event, **fields}, default=str, sort_keys=True))
+
+
+class EventLimiter:
+    """Logs an event that outsiders can trigger at will (bad input, refused credentials,
+    dropped replies, connections) at most once per key (a peer) per `interval_s`, and at
+    most `burst` lines per event per interval over all keys. A line logged after some were
+    held back says how many (`repeated`: this key's since its previous line); `flush` logs
+    what is still held. The metrics count every occurrence.
+
+    Why: 50 garbage frames of 100 KB sent to the ZeroMQ port were ~6,900 log lines (libzmq
+    reads raw bytes as ZMTP 1.0 messages, hundreds per connection); a log that floods
+    hides the lines that matter and fills the disk.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = 10.0,
+        burst: int = 10,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.burst = burst
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (event, key) -> [when last logged, occurrences held back since]
+        self._keys: dict[tuple[str, str], list[float]] = {}
+        # event -> [window start, lines logged in the window]
+        self._windows: dict[str, list[float]] = {}
+        self._dropped: dict[str, int] = {}  # held counts of keys forgotten by _prune
+
+    def log(self, event: str, key: str, level: int = logging.INFO, **fields: Any) -> None:
+        now = self._clock()
+        with self._lock:
+            entry = self._keys.get((event, key))
+            if entry is None:
+                if len(self._keys) >= self.max_keys:
+                    self._prune(now)
+                entry = self._keys[(event, key)] = [-float("inf"), 0]
+            window = self._windows.setdefault(event, [now, 0])
+            if now - window[0] >= self.interval_s:
+                window[:] = [now, 0]
+            if now - entry[0] < self.interval_s or window[1] >= self.burst:
+                entry[1] += 1
+                return
+            repeated = int(entry[1])
+            entry[:] = [now, 0]
+            window[1] += 1
+        if repeated:
+            fields["repeated"] = repeated
+        log_event(event, level, **fields)
+
+    def flush(self) -> None:
+        """One line per event with occurrences still held back (e.g. when the server stops)."""
+        with self._lock:
+            held: dict[str, list[int]] = {}
+            for (event, _key), entry in self._keys.items():
+                if entry[1]:
+                    total = held.setdefault(event, [0, 0])
+                    total[0] += int(entry[1])
+                    total[1] += 1
+                    entry[1] = 0
+            for event, n in self._dropped.items():
+                held.setdefault(event, [0, 0])[0] += n
+            self._dropped.clear()
+        for event, (count, keys) in sorted(held.items()):
+            log_event("events_not_logged", of=event, count=count, keys=keys)
+
+    def _prune(self, now: float) -> None:
+        # Forget keys whose interval has passed; their held counts survive in _dropped.
+        for k, entry in list(self._keys.items()):
+            if now - entry[0] >= self.interval_s or len(self._keys) >= self.max_keys:
+                if entry[1]:
+                    self._dropped[k[0]] = self._dropped.get(k[0], 0) + int(entry[1])
+                del self._keys[k]
 
 
 class ServerMetrics:
@@ -55,6 +134,12 @@ class ServerMetrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.padding_waste = Histogram(
+            "lyceum_teacher_padding_waste",
+            "Fraction of a device batch's positions that are padding (sequence inputs).",
+            buckets=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75),
+            registry=self.registry,
+        )
         self.queue_samples = Gauge(
             "lyceum_teacher_queue_samples",
             "Samples waiting for a device.",
@@ -62,7 +147,8 @@ class ServerMetrics:
         )
         self.latency = Histogram(
             "lyceum_teacher_request_latency_seconds",
-            "From a request's arrival in the queue to its knowledge being encoded.",
+            "From a request's arrival in the queue to its knowledge being computed (observed "
+            "before the knowledge is encoded and sent).",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )

@@ -16,23 +16,16 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from lyceum.proto.curve_keys import Z85_KEY_LEN, read_curve_key
+from lyceum.proto.secret_files import read_token_file, warn_if_exposed
 from lyceum.teacher_server.config import SecurityConfig
-from lyceum.teacher_server.metrics import log_event
+from lyceum.teacher_server.metrics import EventLimiter
 
 _ZAP_DOMAIN = "lyceum"
 
 
 def read_token(path: Path) -> bytes:
-    """The bearer token in `path`, without surrounding whitespace; refuses an empty file."""
-    token = Path(path).read_bytes().strip()
-    if not token:
-        raise ValueError(f"token file {str(path)!r} is empty; put a random secret in it")
-    if any(c < 0x21 or c > 0x7E for c in token):
-        raise ValueError(
-            f"token file {str(path)!r}: the token must be printable ASCII without spaces "
-            f"(it travels in an HTTP header), e.g. `openssl rand -hex 32`"
-        )
-    return token
+    """The bearer token of `--token-file` (checks in `lyceum.proto.secret_files`)."""
+    return read_token_file(path, "--token-file")
 
 
 def grpc_server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
@@ -40,8 +33,10 @@ def grpc_server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | 
     if config.tls_cert is None or config.tls_key is None:
         return None
     root = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca is not None else None
+    key = Path(config.tls_key).read_bytes()
+    warn_if_exposed(config.tls_key, "--tls-key")
     return grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        [(key, Path(config.tls_cert).read_bytes())],
         root_certificates=root,
         require_client_auth=root is not None,
     )
@@ -71,14 +66,21 @@ def read_allowed_keys(path: Path) -> frozenset[bytes]:
 class _AllowList:
     """ZAP credentials provider: accepts exactly the listed client public keys."""
 
-    def __init__(self, keys: frozenset[bytes]) -> None:
+    def __init__(self, keys: frozenset[bytes], events: EventLimiter) -> None:
         self.keys = keys
+        self.events = events
 
     def callback(self, domain: str, key: bytes) -> bool:
         # pyzmq's authenticator passes the client's key z85-encoded.
         allowed = key in self.keys
         if not allowed:
-            log_event("auth_refused", transport="zmq", reason="CURVE client key not allowed")
+            self.events.log(
+                "auth_refused",
+                key.decode(errors="replace"),
+                transport="zmq",
+                reason="CURVE client key not allowed",
+                client_key=key.decode(errors="replace"),
+            )
         return allowed
 
 
@@ -95,18 +97,24 @@ class CurveServerKeys:
         if config.zmq_curve_secret_key is None:
             return None
         secret = read_curve_key(config.zmq_curve_secret_key, "--zmq-curve-secret-key", secret=True)
+        warn_if_exposed(config.zmq_curve_secret_key, "--zmq-curve-secret-key")
         allowed = read_allowed_keys(config.zmq_curve_clients) if config.zmq_curve_clients else None
         return cls(secret, allowed)
 
-    def start_authenticator(self, ctx: zmq.Context) -> ThreadAuthenticator:  # type: ignore[type-arg]
-        """ZAP handler on `ctx`: checks each client's public key during the handshake."""
+    def start_authenticator(
+        self,
+        ctx: zmq.Context,  # type: ignore[type-arg]
+        events: EventLimiter,
+    ) -> ThreadAuthenticator:
+        """ZAP handler on `ctx`: checks each client's public key during the handshake;
+        refusals are logged through `events`."""
         auth = ThreadAuthenticator(ctx)
         auth.start()
         if self.allowed is None:
             auth.configure_curve(domain=_ZAP_DOMAIN, location=zmq.auth.CURVE_ALLOW_ANY)
         else:
             auth.configure_curve_callback(
-                domain=_ZAP_DOMAIN, credentials_provider=_AllowList(self.allowed)
+                domain=_ZAP_DOMAIN, credentials_provider=_AllowList(self.allowed, events)
             )
         return auth
 

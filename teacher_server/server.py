@@ -1,28 +1,28 @@
 """The online teacher server: engines + dynamic batcher + transports, and its lifecycle.
 
-`create_server(config, engines, dataset)` builds and binds everything and returns the server
-with its bound ports (tests bind port 0); `server.start()` starts serving; `serve(...)` is the
-whole process lifecycle: start, announce the endpoints (stdout line and `--ready-file`), wait
-for SIGTERM/SIGINT or `exit_after_s`, then drain: refuse new requests (UNAVAILABLE), finish
-those in flight within the grace period, stop.
+`create_server(config, engines, dataset, model)` builds and binds everything and returns the
+server with its bound ports (tests bind port 0); `server.start()` starts serving; `serve(...)`
+is the whole process lifecycle: start, announce the endpoints (stdout line and
+`--ready-file`), wait for SIGTERM/SIGINT or `exit_after_s`, then drain: refuse new requests
+(UNAVAILABLE), finish those in flight within the grace period, stop.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lyceum.proto.codec import TORCH_DTYPES
+from lyceum.proto.manifest import ModelIdentity, model_identity
+from lyceum.proto.sizes import sample_bytes
 from lyceum.teacher_server.batcher import DynamicBatcher
 from lyceum.teacher_server.config import ServerConfig
 from lyceum.teacher_server.engine import TeacherEngine
@@ -41,29 +41,86 @@ def message_limit(engine: TeacherEngine, max_batch: int) -> int:
     Variable-length (sequence) fields cannot be sized in advance; the 64 MiB floor covers
     typical ones and `max_message_bytes` raises it.
     """
-    per_sample = engine.example_input.numel() * engine.example_input.element_size()
+    per_sample = engine.example_bytes
     knowledge = 0
     for spec in engine.schema.fields:
         if spec.variable:
             continue
-        size = math.prod(d for d in spec.stored_shape if d is not None)
-        index_bytes = TORCH_DTYPES["int32"].itemsize * size if len(spec.columns) == 2 else 0
-        knowledge += size * TORCH_DTYPES[spec.dtype].itemsize + index_bytes
+        knowledge += sample_bytes(spec, 0)
     return max(_MIN_MESSAGE_LIMIT, 2 * max_batch * max(per_sample, knowledge) + (1 << 20))
 
 
+def _grpc(service: TeacherService, config: ServerConfig) -> Transport | None:
+    """gRPC, if the config gives it a TCP port or a unix socket."""
+    if config.grpc_port is None and config.grpc_unix is None:
+        return None
+    return GrpcTransport(
+        service,
+        host=config.host,
+        port=config.grpc_port,
+        unix_path=config.grpc_unix,
+        max_calls=config.grpc_max_calls,
+        credentials=grpc_server_credentials(config.security),
+        max_connection_age_s=config.max_connection_age_s,
+        max_connection_age_grace_s=config.max_connection_age_grace_s,
+    )
+
+
+def _zmq(service: TeacherService, config: ServerConfig) -> Transport | None:
+    """ZeroMQ, if the config gives it a TCP port or an ipc socket."""
+    if config.zmq_port is None and config.zmq_ipc is None:
+        return None
+    return ZmqTransport(
+        service,
+        host=config.host,
+        port=config.zmq_port,
+        ipc_path=config.zmq_ipc,
+        send_timeout_ms=config.zmq_send_timeout_ms,
+        curve=CurveServerKeys.from_config(config.security),
+    )
+
+
+TRANSPORTS: dict[str, Callable[[TeacherService, ServerConfig], Transport | None]] = {
+    "grpc": _grpc,
+    "zmq": _zmq,
+}
+"""Every transport a server can run, by name, in the order they are built, started and
+listed: each builds itself from the config, or returns None if the config does not enable it.
+A new transport is one module beside `transport/grpc.py` and one entry here."""
+
+
+def _default_identity(model: torch.nn.Module) -> ModelIdentity:
+    """The identity of a model served without a spec: its class and its weights' hash.
+
+    Hashing the weights costs one pass over them (measured: 1 ms for the demo teacher,
+    ~0.4 GiB/s, i.e. ~1 s per 400 MiB of fp32 weights, next to ~1.5 GiB/s for the checkpoint
+    file's hash that `teacher serve` also does). It is paid once per process, not per device,
+    and it is what tells replicas apart whose weights no checkpoint names (a factory that
+    initialises or downloads them), as the dump's manifest does.
+    """
+    name = f"{type(model).__module__}:{type(model).__qualname__}"
+    return model_identity(name, model)
+
+
 class TeacherServer:
-    """One process's teacher: an engine per device, one batcher, gRPC and/or ZeroMQ."""
+    """One process's teacher: an engine per device, one batcher, gRPC and/or ZeroMQ.
+
+    `model` is the teacher's identity reported by Describe (spec, checkpoint and weights
+    hashes); replicas of one teacher must report the same one. Default: `_default_identity`
+    of the first engine's model.
+    """
 
     def __init__(
         self,
         config: ServerConfig,
         engines: Sequence[TeacherEngine],
         dataset: torch.utils.data.Dataset | None = None,
+        model: ModelIdentity | None = None,
     ) -> None:
         if not engines:
             raise ValueError("a teacher server needs at least one engine (one per --device)")
         self.config = config
+        self.model = model if model is not None else _default_identity(engines[0].model)
         self.metrics = ServerMetrics()
         limit = config.max_message_bytes or message_limit(engines[0], config.max_batch)
         self.batcher = DynamicBatcher(
@@ -72,41 +129,27 @@ class TeacherServer:
             max_delay_s=config.max_delay_ms / 1000,
             max_queue_samples=config.queue_samples(len(engines)),
             metrics=self.metrics,
+            max_batch_tokens=config.max_batch_tokens,
         )
         security = config.security
         self.service = TeacherService(
             self.batcher,
             input_schema=engines[0].input_schema,
             sequence_input=engines[0].sequence_input,
+            named_inputs=engines[0].layout.kind == "dict",
             dataset=dataset,
             token=read_token(security.token_file) if security.token_file else None,
             max_message_bytes=limit,
             metrics=self.metrics,
             teacher_id=config.teacher_id,
+            model=self.model,
+            compression=config.compression,
         )
         self.transports: list[Transport] = []
-        if config.grpc_port is not None or config.grpc_unix is not None:
-            self.transports.append(
-                GrpcTransport(
-                    self.service,
-                    config.host,
-                    config.grpc_port,
-                    config.grpc_unix,
-                    config.grpc_max_calls,
-                    grpc_server_credentials(security),
-                )
-            )
-        if config.zmq_port is not None or config.zmq_ipc is not None:
-            self.transports.append(
-                ZmqTransport(
-                    self.service,
-                    config.host,
-                    config.zmq_port,
-                    config.zmq_ipc,
-                    config.zmq_send_timeout_ms,
-                    CurveServerKeys.from_config(security),
-                )
-            )
+        for build in TRANSPORTS.values():
+            transport = build(self.service, config)
+            if transport is not None:
+                self.transports.append(transport)
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -133,7 +176,13 @@ class TeacherServer:
             t.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
-        log_event("serving", endpoints=self.endpoints, ports=self.ports, pid=os.getpid())
+        log_event(
+            "serving",
+            endpoints=self.endpoints,
+            ports=self.ports,
+            pid=os.getpid(),
+            model=self.model.model_dump(exclude_defaults=True),
+        )
 
     def stop(self, grace_s: float | None = None) -> bool:
         """Drain and stop: refuse new requests, finish those in flight within `grace_s`
@@ -146,8 +195,7 @@ class TeacherServer:
             self.service.draining = True
             self.batcher.stop_accepting()
             for t in self.transports:
-                if isinstance(t, GrpcTransport):
-                    t.begin_drain()
+                t.begin_drain()
             log_event("draining", in_flight_samples=self.batcher.in_flight, grace_s=grace)
             drained = self.batcher.drain(grace)
             # Replies of the last batches may still sit in transport queues: give them a
@@ -159,6 +207,7 @@ class TeacherServer:
             for t in self.transports:
                 t.stop(flush)
             self.metrics.close_http()
+            self.service.events.flush()
             self._stopped.set()
             log_event("stopped", drained=drained, seconds=round(time.monotonic() - started, 3))
             return drained
@@ -172,12 +221,13 @@ def create_server(
     config: ServerConfig,
     engines: Sequence[TeacherEngine],
     dataset: torch.utils.data.Dataset | None = None,
+    model: ModelIdentity | None = None,
 ) -> tuple[TeacherServer, dict[str, int]]:
     """Build and bind a teacher server (not yet serving: call `.start()`) and its TCP ports.
 
     Binding happens here, so port 0 resolves to the real port before anything is served.
     """
-    server = TeacherServer(config, engines, dataset)
+    server = TeacherServer(config, engines, dataset, model)
     return server, server.ports
 
 
@@ -196,9 +246,10 @@ def serve(
     config: ServerConfig,
     engines: Sequence[TeacherEngine],
     dataset: torch.utils.data.Dataset | None = None,
+    model: ModelIdentity | None = None,
 ) -> int:
     """Run a teacher until SIGTERM/SIGINT (or `exit_after_s`), then drain; returns an exit code."""
-    server, _ports = create_server(config, engines, dataset)
+    server, _ports = create_server(config, engines, dataset, model)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -29,3 +29,21 @@ def digits_test():
     from lyceum.deploy.examples import digits
 
     return digits("test")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Records of verified knowledge shards go to this session's own directory (subprocesses
+    inherit it), never the user's ~/.cache: every test session starts cold."""
+    os.environ["LYCEUM_CACHE_DIR"] = str(tmp_path_factory.mktemp("lyceum-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _cold_shard_cache(
+    _private_cache_dir: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """... and every test too: a shard another test verified (module-scoped dumps are shared)
+    is not skipped by this one's verification, whatever order the tests run in."""
+    monkeypatch.setenv("LYCEUM_CACHE_DIR", str(tmp_path_factory.mktemp("lyceum-cache")))

@@ -14,11 +14,12 @@ from lyceum.compression.pruning.config import (
     SensitivityPruning,
     UniformPruning,
 )
-from lyceum.compression.pruning.finetune import DistillLoss, evaluate_accuracy, finetune
+from lyceum.compression.pruning.finetune import DistillLoss, finetune
 from lyceum.compression.pruning.job import (
     ModelFigures,
     PruneJobConfig,
     PruneReport,
+    describe_prune_job,
     run_prune_job,
 )
 from lyceum.compression.pruning.plan import (
@@ -35,27 +36,31 @@ from lyceum.compression.pruning.sensitivity import (
 )
 
 __all__ = [
-    "AutoPruning",
-    "Criterion",
-    "DistillLoss",
-    "ModelFigures",
-    "PlanStep",
-    "PruneJobConfig",
-    "PrunePlan",
-    "PruneReport",
+    # the verb and its configs: prune(model, UniformPruning(flops=-0.5), example_input)
+    "prune",
     "PruneResult",
     "PruningConfig",
-    "SensitivityPruning",
-    "SensitivityResult",
     "UniformPruning",
-    "analyze_sensitivity",
-    "evaluate_accuracy",
-    "finetune",
-    "load_pruned",
-    "plot_sensitivity",
-    "prune",
-    "prune_to_flops",
-    "read_plan",
+    "SensitivityPruning",
+    "AutoPruning",
+    "Criterion",
+    # the whole job: `lyceum prune CONFIG.yaml`
     "run_prune_job",
+    "describe_prune_job",
+    "PruneJobConfig",
+    "PruneReport",
+    "ModelFigures",
+    # a pruned model on disk: its plan and weights, reloaded without pickle
     "save_pruned",
+    "load_pruned",
+    "read_plan",
+    "PrunePlan",
+    "PlanStep",
+    # building blocks: fine-tuning, sensitivity analysis, the one-line uniform prune
+    "finetune",
+    "DistillLoss",
+    "analyze_sensitivity",
+    "SensitivityResult",
+    "plot_sensitivity",
+    "prune_to_flops",
 ]

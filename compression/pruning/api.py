@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from lyceum.compression.analysis import count_flops, count_params
+from lyceum.compression.pruning._auto import FlopsOracle, PruningSpace, make_objective
 from lyceum.compression.pruning._graph import ChannelGraph, prune_by_ratios
-from lyceum.compression.pruning.auto import FlopsOracle, PruningSpace, make_objective
+from lyceum.compression.pruning._targets import check_target, closest_ratios
 from lyceum.compression.pruning.config import (
     AutoPruning,
     Criterion,
@@ -24,14 +27,9 @@ from lyceum.compression.pruning.sensitivity import (
     analyze_sensitivity,
     ratio_for_loss,
 )
-from lyceum.compression.search import SAController, SearchResult
+from lyceum.compression.search import SearchResult, run_search
 
 __all__ = ["PruneResult", "prune", "prune_to_flops"]
-
-_BISECT_STEPS = 40
-# How far (in fractions of the unpruned FLOPs) a FLOPs-targeted result may land from its
-# target before it is an error rather than channel granularity.
-_TARGET_TOLERANCE = 0.02
 
 
 @dataclass
@@ -47,6 +45,8 @@ class PruneResult:
     params_after: int
     sensitivity: SensitivityResult | None = None
     search: SearchResult | None = field(default=None, repr=False)
+    target: float | None = None
+    """The FLOPs reduction asked for (0.5 for flops=-0.5); None for a ratio or a search."""
 
     @property
     def flops_reduction(self) -> float:
@@ -58,41 +58,17 @@ def _no_metric(model: nn.Module) -> float:
     raise ValueError("prune: this strategy needs evaluate=callable(model) -> metric")
 
 
-def _bisect(
-    reduction_of: Callable[[float], float], target: float, hi: float
-) -> tuple[float, float]:
-    """The x in [0, hi] whose reduction is closest to `target` (reduction non-decreasing in x).
-
-    FLOPs move in channel-sized steps, so the search keeps the closest point it has seen
-    rather than the last one.
-    """
-    lo, best = 0.0, (abs(reduction_of(0.0) - target), 0.0)
-    for _ in range(_BISECT_STEPS):
-        mid = (lo + hi) / 2
-        got = reduction_of(mid)
-        best = min(best, (abs(got - target), mid))
-        if got < target:
-            lo = mid
-        else:
-            hi = mid
-    got = reduction_of(best[1])
-    if abs(got - target) > _TARGET_TOLERANCE:
-        raise ValueError(
-            f"prune: cannot remove {target:.1%} of the FLOPs; the closest reachable is "
-            f"{got:.1%}. Lower the target, or select more layers (include/exclude) or allow "
-            "larger per-layer ratios (max_ratio)"
-        )
-    return best[1], got
-
-
 def _uniform_ratios(oracle: FlopsOracle, config: UniformPruning) -> dict[str, float]:
     names = [g.name for g in oracle.groups]
     if config.ratio is not None:
         return dict.fromkeys(names, config.ratio)
     # UniformPruning's validator guarantees flops is set when ratio is not.
     target = -(config.flops or 0.0)
-    ratio, _ = _bisect(lambda r: oracle.reduction(dict.fromkeys(names, r)), target, 0.95)
-    return dict.fromkeys(names, ratio)
+    ratios, reached = closest_ratios(
+        lambda r: dict.fromkeys(names, r), oracle.reduction, target, 0.95
+    )
+    check_target(reached, target, config.tolerance)
+    return ratios
 
 
 def _sensitivity_ratios(
@@ -107,8 +83,77 @@ def _sensitivity_ratios(
     # stays under it, so groups that tolerate pruning give up the most channels.
     top = max((loss for c in curves.values() for _, loss in c), default=0.0)
     top = max(top, 0.0) + 1e-3  # above every point, tie-breaking slope included
-    threshold, _ = _bisect(lambda t: oracle.reduction(ratios_at(t)), -config.flops, top)
-    return ratios_at(threshold)
+    ratios, reached = closest_ratios(ratios_at, oracle.reduction, -config.flops, top)
+    check_target(reached, -config.flops, config.tolerance)
+    return ratios
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every strategy may use to pick its ratios."""
+
+    model: nn.Module
+    example_input: torch.Tensor
+    oracle: FlopsOracle
+    score: Callable[[nn.Module], float]
+    candidate_finetune: Callable[[nn.Module], object] | None
+    progress: bool
+
+
+@dataclass(frozen=True)
+class _Picked:
+    """A strategy's per-group ratios, with the analysis or search behind them."""
+
+    ratios: dict[str, float]
+    sensitivity: SensitivityResult | None = None
+    search: SearchResult | None = None
+
+
+def _uniform(inputs: _Inputs, config: UniformPruning) -> _Picked:
+    return _Picked(_uniform_ratios(inputs.oracle, config))
+
+
+def _sensitivity(inputs: _Inputs, config: SensitivityPruning) -> _Picked:
+    sensitivity = analyze_sensitivity(
+        inputs.model,
+        inputs.example_input,
+        inputs.score,
+        ratios=config.ratios,
+        criterion=config.criterion,
+        include=config.include,
+        exclude=config.exclude,
+        path=config.sensitivity_file,
+        progress=inputs.progress,
+    )
+    return _Picked(_sensitivity_ratios(inputs.oracle, sensitivity, config), sensitivity)
+
+
+def _auto(inputs: _Inputs, config: AutoPruning) -> _Picked:
+    space = PruningSpace(inputs.oracle, config)
+    objective = make_objective(inputs.oracle, space, inputs.score, inputs.candidate_finetune)
+    search = run_search(
+        space,
+        objective,
+        config.search,
+        study=config.study,
+        init_tokens=config.init_tokens,
+        progress=inputs.progress,
+    )
+    return _Picked(space.ratios(search.best_tokens), search=search)
+
+
+@dataclass(frozen=True)
+class _Strategy:
+    pick: Callable[[_Inputs, Any], _Picked]  # Any: the config type the table keys it by
+    scores: bool  # scores candidates, so needs `evaluate`
+
+
+# One entry per member of `PruningConfig`.
+_STRATEGIES: dict[type[BaseModel], _Strategy] = {
+    UniformPruning: _Strategy(_uniform, scores=False),
+    SensitivityPruning: _Strategy(_sensitivity, scores=True),
+    AutoPruning: _Strategy(_auto, scores=True),
+}
 
 
 def prune(
@@ -118,6 +163,7 @@ def prune(
     *,
     evaluate: Callable[[nn.Module], float] | None = None,
     candidate_finetune: Callable[[nn.Module], object] | None = None,
+    progress: bool = True,
 ) -> PruneResult:
     """Prune `model` in place with `config`; channels are really removed.
 
@@ -128,14 +174,19 @@ def prune(
       fine-tune, modifying the model in place) before it is evaluated.
 
     Fine-tuning the result is the caller's step (see `lyceum.compression.pruning.finetune`).
-    The classifier's outputs are never pruned, so output shapes are unchanged.
+    The classifier's outputs are never pruned, so output shapes are unchanged. `progress`
+    counts the sensitivity trials or the search's evaluations.
     """
-    if isinstance(config, SensitivityPruning | AutoPruning) and evaluate is None:
+    # By the class or the nearest base in the table: a subclass of a config prunes as it does.
+    strategy = next((_STRATEGIES[c] for c in type(config).__mro__ if c in _STRATEGIES), None)
+    if strategy is None:
+        known = ", ".join(c.__name__ for c in _STRATEGIES)
+        raise ValueError(f"prune: unknown config type {type(config).__name__}; use {known}")
+    if strategy.scores and evaluate is None:
         raise ValueError(
             f"prune: {type(config).__name__} scores candidates, so pass "
             "evaluate=callable(model) -> metric (higher is better)"
         )
-    score: Callable[[nn.Module], float] = evaluate if evaluate is not None else _no_metric
     flops_before = count_flops(model, example_input)
     params_before = count_params(model)
     graph = ChannelGraph(model, example_input, include=config.include, exclude=config.exclude)
@@ -145,42 +196,22 @@ def prune(
             f"exclude={config.exclude!r}); check the regexes against model.named_modules()"
         )
     oracle = FlopsOracle(model, example_input, graph, config.criterion)
-    sensitivity: SensitivityResult | None = None
-    search: SearchResult | None = None
-    if isinstance(config, UniformPruning):
-        ratios = _uniform_ratios(oracle, config)
-    elif isinstance(config, SensitivityPruning):
-        sensitivity = analyze_sensitivity(
-            model,
-            example_input,
-            score,
-            ratios=config.ratios,
-            criterion=config.criterion,
-            include=config.include,
-            exclude=config.exclude,
-            path=config.sensitivity_file,
-        )
-        ratios = _sensitivity_ratios(oracle, sensitivity, config)
-    elif isinstance(config, AutoPruning):
-        space = PruningSpace(oracle, config)
-        controller = SAController(
-            space, config.search, state_path=config.state_file, init_tokens=config.init_tokens
-        )
-        search = controller.search(make_objective(oracle, space, score, candidate_finetune))
-        ratios = space.ratios(search.best_tokens)
-    else:
-        raise ValueError(f"prune: unknown config type {type(config).__name__}")
-    plan = prune_by_ratios(model, example_input, ratios, config.criterion)
+    score = evaluate if evaluate is not None else _no_metric
+    inputs = _Inputs(model, example_input, oracle, score, candidate_finetune, progress)
+    picked = strategy.pick(inputs, config)
+    plan = prune_by_ratios(model, example_input, picked.ratios, config.criterion, graph=graph)
+    flops = getattr(config, "flops", None)
     return PruneResult(
         model=model,
         plan=plan,
-        ratios=ratios,
+        ratios=picked.ratios,
         flops_before=flops_before,
         flops_after=count_flops(model, example_input),
         params_before=params_before,
         params_after=count_params(model),
-        sensitivity=sensitivity,
-        search=search,
+        sensitivity=picked.sensitivity,
+        search=picked.search,
+        target=-flops if flops is not None else None,
     )
 
 

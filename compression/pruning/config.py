@@ -8,9 +8,16 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lyceum.compression.search import SAConfig
+from lyceum.compression.search import SAConfig, StudyConfig
 
-__all__ = ["AutoPruning", "Criterion", "PruningConfig", "SensitivityPruning", "UniformPruning"]
+__all__ = [
+    "AutoPruning",
+    "Criterion",
+    "PruningConfig",
+    "SensitivityPruning",
+    "UniformPruning",
+    "with_state_in",
+]
 
 Criterion = Literal["l1", "l2", "fpgm"]
 
@@ -46,6 +53,18 @@ class _Selection(BaseModel):
         return value
 
 
+class _FlopsTarget(_Selection):
+    tolerance: float = Field(
+        default=0.02,
+        ge=0.0,
+        lt=1.0,
+        description="How far the FLOPs reduction may land from `flops` (a fraction of the "
+        "unpruned FLOPs, e.g. 0.02 for two points): the closest reachable plan within it is "
+        "taken and its reduction reported (PruneResult.flops_reduction); a farther miss is an "
+        "error naming the closest reachable reduction.",
+    )
+
+
 def _check_flops(flops: float) -> float:
     if not -1.0 < flops < 0.0:
         raise ValueError(
@@ -55,10 +74,13 @@ def _check_flops(flops: float) -> float:
     return flops
 
 
-class UniformPruning(_Selection):
+class UniformPruning(_FlopsTarget):
     """Remove the same fraction of channels from every selected group.
 
-    Give `ratio` directly, or `flops` (e.g. -0.5) and the ratio is found by bisection.
+    Give `ratio` directly, or `flops` (e.g. -0.5) and the ratio is found by bisection; where
+    it jumps over the target (groups that lose coarse units, an attention embedding or a
+    ShuffleNet stage, lose one at once), those groups take the step on one side and the
+    others' ratio is bisected again (`lyceum.compression.pruning._targets.closest_ratios`).
     """
 
     kind: Literal["uniform"] = "uniform"
@@ -81,12 +103,14 @@ class UniformPruning(_Selection):
         return self
 
 
-class SensitivityPruning(_Selection):
+class SensitivityPruning(_FlopsTarget):
     """Per-group ratios from a sensitivity analysis, meeting a FLOPs target at least loss.
 
     Each group is pruned alone at each of `ratios` and evaluated; then a loss threshold is
     bisected so that every group gets the largest ratio whose (interpolated) metric loss stays
-    under it, and the FLOPs target is met (PaddleSlim's SensitivePruner).
+    under it, and the FLOPs target is met (PaddleSlim's SensitivePruner). Where the
+    threshold jumps over the target, the groups that jump are held on one side of their
+    step, as in uniform pruning (`targets.closest_ratios`).
     """
 
     kind: Literal["sensitivity"] = "sensitivity"
@@ -121,7 +145,7 @@ class AutoPruning(_Selection):
     candidate is feasible when it removes between `min_ratio` and `max_ratio` of the FLOPs
     (PaddleSlim's auto_prune) and, if set, runs under `max_latency_ms`. Each feasible candidate
     is fine-tuned briefly (the `candidate_finetune` callable given to `prune`) and scored by
-    `evaluate`.
+    `evaluate`. The search is `lyceum.compression.search.run_search` on an Optuna study.
     """
 
     kind: Literal["auto"] = "auto"
@@ -145,8 +169,10 @@ class AutoPruning(_Selection):
     search: SAConfig = Field(
         default_factory=SAConfig, description="Simulated-annealing settings (seed, budget...)."
     )
-    state_file: Path | None = Field(
-        default=None, description="JSON file the search state is saved to after every step."
+    study: StudyConfig = Field(
+        default_factory=lambda: StudyConfig(study="auto-pruning"),
+        description="The Optuna study the search is stored in: resuming is running the same "
+        "config again; several workers may share it (default: in memory, no resume).",
     )
     init_tokens: list[int] | None = Field(
         default=None, description="Start of the search, e.g. the best tokens of an earlier run."
@@ -162,3 +188,15 @@ class AutoPruning(_Selection):
 
 
 PruningConfig = UniformPruning | SensitivityPruning | AutoPruning
+
+
+def with_state_in(strategy: PruningConfig, out: Path) -> PruningConfig:
+    """`strategy` with its resumable state kept in `out` unless it names a place: the
+    sensitivity table (`sensitivity.json`) or the search's study (`search.db`), so that a run
+    killed inside the analysis or the search continues where it was."""
+    if isinstance(strategy, SensitivityPruning) and strategy.sensitivity_file is None:
+        return strategy.model_copy(update={"sensitivity_file": out / "sensitivity.json"})
+    if isinstance(strategy, AutoPruning) and strategy.study.storage is None:
+        study = strategy.study.model_copy(update={"storage": str(out / "search.db")})
+        return strategy.model_copy(update={"study": study})
+    return strategy

@@ -1,20 +1,20 @@
 """Fine-tuning after pruning: cross-entropy, optionally distilled from the unpruned model.
 
 The distillation loss is a plain callable `distill_loss(student_logits, teacher_logits)` so
-that this package depends on nothing of the service (the student client's losses module plugs
-in unchanged once it exists).
+that this package depends on nothing of the service: `lyceum prune` passes the student
+client's `soft_label_kd`, a Python caller any loss of that shape. Accuracy before and after
+is `lyceum.proto.evaluation.top1_accuracy`, the one the trainer and the demo report.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lyceum.compression._train import cross_entropy, train_epochs
 from lyceum.compression.distillation import DistillLoss, distilled_loss
+from lyceum.compression.training import cross_entropy, train_epochs
 
-__all__ = ["DistillLoss", "evaluate_accuracy", "finetune"]
+__all__ = ["DistillLoss", "finetune"]
 
 
 def finetune(
@@ -28,12 +28,14 @@ def finetune(
     teacher: nn.Module | None = None,
     distill_loss: DistillLoss | None = None,
     alpha: float = 0.5,
+    progress: bool = True,
 ) -> nn.Module:
     """Train `model` (in place) with Adam on `(input, label)` batches; returns it in eval mode.
 
     Loss: cross-entropy, or with `teacher` and `distill_loss`,
     `(1 - alpha) * CE + alpha * distill_loss(student_logits, teacher_logits)`; the teacher
-    (typically the unpruned model) runs in eval mode without gradients.
+    (typically the unpruned model) runs in eval mode without gradients. `progress` shows the
+    batches done (`lyceum.proto.display.Progress`).
     """
     if epochs < 0:
         raise ValueError(f"finetune: epochs must be >= 0, got {epochs}")
@@ -51,22 +53,14 @@ def finetune(
         else cross_entropy
     )
     train_epochs(
-        model, dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn
+        model,
+        dataset,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        loss_fn=loss_fn,
+        progress=progress,
+        desc="fine-tune",
     )
     return model
-
-
-def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] (eval mode, no gradients)."""
-    loader = DataLoader(dataset, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in loader:
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    model.train(was_training)
-    if total == 0:
-        raise ValueError("evaluate_accuracy: the dataset is empty")
-    return correct / total

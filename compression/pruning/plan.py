@@ -4,20 +4,33 @@ A plan lists, for each pruned coupling group, the layer it is keyed by and the o
 indices removed from it (numbered as in the unpruned layer), plus every coupled layer's removed
 indices for reference. Saving writes the plan next to the pruned state dict (safetensors);
 loading applies the plan to a fresh, unpruned instance from the model's factory and then loads
-the weights, which gives the same module structure and bit-identical outputs.
+the weights, which gives the same module structure and bit-identical outputs. The state dict's
+per-module metadata (the `version` that modules such as torchvision's MNASNet check in their
+`_load_from_state_dict`) travels in the safetensors header, since safetensors keeps tensors only.
+
+The header also says `format: lyceum-pruned`, and `PRUNED_WEIGHTS` is registered under that
+name in the `lyceum.weights_formats` entry points: so `lyceum.proto.specs.load_model(spec,
+"out/model.safetensors")`, and with it every `--checkpoint` and `checkpoint:` of the commands,
+rebuilds the pruned model from the one path of its weights file (the plan read beside it).
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lyceum.compression._io import write_bytes_atomic
+from lyceum.proto.specs import WEIGHTS_FILE
+
 __all__ = [
     "PLAN_FILE",
+    "PRUNED_FORMAT",
+    "PRUNED_WEIGHTS",
     "WEIGHTS_FILE",
     "PlanStep",
     "PrunePlan",
@@ -27,8 +40,10 @@ __all__ = [
 ]
 
 PLAN_FILE = "prune_plan.json"
-WEIGHTS_FILE = "model.safetensors"
+PRUNED_FORMAT = "lyceum-pruned"
+"""The `format` in a pruned weights file's header: its entry point in `lyceum.weights_formats`."""
 _PLAN_VERSION = 1
+_STATE_METADATA = "state_dict_metadata"
 
 
 class PlanStep(BaseModel):
@@ -64,14 +79,20 @@ class PrunePlan(BaseModel):
 
 
 def save_pruned(model: nn.Module, plan: PrunePlan, directory: str | Path) -> Path:
-    """Write `prune_plan.json` and `model.safetensors` (the pruned state dict) into `directory`."""
-    from safetensors.torch import save_file
+    """Write `prune_plan.json` and `model.safetensors` (the pruned state dict) into `directory`.
+
+    Both are written atomically with the umask's mode (`lyceum.compression._io`), not through
+    safetensors' `save_file`, whose files are 0600 since safetensors 0.8.
+    """
+    from safetensors.torch import save
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PLAN_FILE).write_text(plan.model_dump_json(indent=1))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "lyceum-pruned"})
+    write_bytes_atomic(out / PLAN_FILE, plan.model_dump_json(indent=1).encode())
+    state_dict = model.state_dict()
+    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    versions = json.dumps(getattr(state_dict, "_metadata", {}))
+    header = {"format": PRUNED_FORMAT, _STATE_METADATA: versions}
+    write_bytes_atomic(out / WEIGHTS_FILE, save(state, metadata=header))
     return out
 
 
@@ -87,24 +108,67 @@ def read_plan(path: str | Path) -> PrunePlan:
     return PrunePlan.model_validate(raw)
 
 
-def load_pruned(model: nn.Module, directory: str | Path) -> nn.Module:
+def _weights_and_plan(path: str | Path) -> tuple[Path, Path]:
+    """The weights file and the plan of a pruned model given by its directory or weights file;
+    a plan that is not beside the weights is refused, naming the fix."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise ValueError(f"pruned model {str(path)!r}: {str(weights)!r} does not exist")
+    plan = weights.parent / PLAN_FILE
+    if not plan.is_file():
+        raise ValueError(
+            f"checkpoint {str(weights)!r} holds pruned weights (narrower layers than the "
+            f"model's factory builds), and the plan that rebuilds them, {PLAN_FILE}, is not "
+            f"beside it in {str(weights.parent)!r}: copy {PLAN_FILE} from the `lyceum prune` "
+            f"out_dir that wrote these weights next to the file (or give the model.safetensors "
+            f"in that out_dir)"
+        )
+    return weights, plan
+
+
+def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild a pruned model: apply the saved plan to fresh `model`, then load the weights.
 
-    `model` must be a new, unpruned instance from the same factory and arguments as the model
-    that was pruned (`resnet_cnn(width=16)`, say). It is modified in place and returned.
+    `path` is the directory `save_pruned` wrote, or the weights file in it (the plan is read
+    beside it). `model` must be a new, unpruned instance from the same factory and arguments
+    as the model that was pruned (`resnet_cnn(width=16)`, say). It is modified in place and
+    returned.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from lyceum.compression.pruning._graph import apply_plan
 
-    directory = Path(directory)
-    plan = read_plan(directory / PLAN_FILE)
+    weights, plan_file = _weights_and_plan(path)
+    plan = read_plan(plan_file)
     apply_plan(model, plan)
-    state = load_file(str(directory / WEIGHTS_FILE))
+    with safe_open(str(weights), framework="pt") as f:
+        state = OrderedDict((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118
+        header = f.metadata() or {}
+    # Files written before the metadata was kept have none; modules then see no version.
+    state._metadata = OrderedDict(json.loads(header.get(_STATE_METADATA, "{}")))  # type: ignore[attr-defined]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{directory}: weights do not match the rebuilt model (missing {missing}, "
-            f"unexpected {unexpected}); was the model built with the same factory arguments?"
+            f"{weights}: weights do not match the model rebuilt with {plan_file} (missing "
+            f"{missing}, unexpected {unexpected}); was the model built with the same factory "
+            f"arguments, and is the plan the one written with these weights?"
         )
     return model.eval()
+
+
+class PrunedWeights:
+    """`lyceum.proto.specs.WeightsFormat` of pruned models: the plan beside the weights."""
+
+    def load(self, model: nn.Module, weights: Path) -> nn.Module:
+        # In the mode it came in, as a plain load_state_dict leaves it: the trainer fine-tunes
+        # the model it gets without calling train() (load_pruned's callers want eval mode).
+        training = model.training
+        return load_pruned(model, weights).train(training)
+
+    def companions(self, weights: Path) -> list[Path]:
+        return [_weights_and_plan(weights)[1]]
+
+
+PRUNED_WEIGHTS = PrunedWeights()
+"""What the `lyceum-pruned` entry point names (pyproject.toml, `lyceum.weights_formats`)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from lyceum.compression._io import write_json_atomic
 from lyceum.compression.pruning._graph import ChannelGraph, Criterion, prune_by_ratios
+from lyceum.proto.display import Progress
 
 __all__ = ["SensitivityResult", "analyze_sensitivity", "plot_sensitivity"]
 
@@ -58,11 +59,13 @@ def analyze_sensitivity(
     include: str | None = None,
     exclude: str | None = None,
     path: str | Path | None = None,
+    progress: bool = True,
 ) -> SensitivityResult:
     """Prune each selected group alone at each ratio (on a copy) and evaluate the metric.
 
     `evaluate` returns a metric where higher is better (validation accuracy). With `path`,
     results already in the file are reused and each new one is saved as soon as it is known.
+    `progress` counts the (group, ratio) trials, those read back from `path` included.
     """
     file = Path(path) if path is not None else None
     baseline: float | None = None
@@ -93,16 +96,30 @@ def analyze_sensitivity(
     if baseline is None:
         baseline = float(evaluate(copy.deepcopy(model)))
         save()
-    groups = ChannelGraph(model, example_input, include=include, exclude=exclude).groups
-    for group in groups:
-        done = metrics.setdefault(group.name, {})
-        for ratio in ratios:
-            if _key(ratio) in done:
-                continue
-            candidate = copy.deepcopy(model)
-            prune_by_ratios(candidate, example_input, {group.name: ratio}, criterion)
-            done[_key(ratio)] = float(evaluate(candidate))
-            save()
+    graph = ChannelGraph(model, example_input, include=include, exclude=exclude)
+    groups = graph.groups
+    resumed = sum(_key(r) in metrics.get(g.name, {}) for g in groups for r in ratios)
+    with Progress(
+        total=len(groups) * len(ratios),
+        desc="sensitivity",
+        unit="trial",
+        initial=resumed,
+        enabled=progress,
+    ) as bar:
+        for group in groups:
+            done = metrics.setdefault(group.name, {})
+            for ratio in ratios:
+                if _key(ratio) in done:
+                    continue
+                candidate = copy.deepcopy(model)
+                prune_by_ratios(
+                    candidate, example_input, {group.name: ratio}, criterion, graph=graph
+                )
+                done[_key(ratio)] = float(evaluate(candidate))
+                save()
+                bar.update(
+                    1, group=group.name, ratio=_key(ratio), metric=f"{done[_key(ratio)]:.4f}"
+                )
     return SensitivityResult(criterion=criterion, baseline=baseline, metrics=metrics)
 
 

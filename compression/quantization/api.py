@@ -10,7 +10,7 @@ int8 graph (quantize/dequantize around float ops) that inductor lowers to oneDNN
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from typing import Any
 
 import torch
@@ -21,6 +21,8 @@ from torchao.quantization.pt2e import (
     move_exported_model_to_eval,
 )
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+
+from lyceum.proto.display import Progress
 
 from .config import PTQ, QAT
 from .quantizer import PaddleSlimQuantizer, check_patterns, quantizable_layers
@@ -47,8 +49,30 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
                 f"example input {i} has shape {tuple(a.shape)}; use a batch of at least 2 "
                 "so the batch dimension can be exported as dynamic"
             )
+    return export_dynamic_batch(model, args).module()  # type: ignore[return-value]
+
+
+def export_dynamic_batch(
+    model: nn.Module, args: tuple[torch.Tensor, ...]
+) -> torch.export.ExportedProgram:
+    """`torch.export` with the leading dimension of every input dynamic.
+
+    A forward that turns the batch size into a Python int (`len(x)`, `int(x.shape[0])`)
+    makes torch.export fail with a guard message about a "constant"; that becomes a
+    `ValueError` saying which model and what to write instead.
+    """
     dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)
-    return torch.export.export(model, args, dynamic_shapes=dynamic).module()  # type: ignore[return-value]
+    try:
+        return torch.export.export(model, args, dynamic_shapes=dynamic)
+    except torch._dynamo.exc.UserError as exc:
+        if "specialized it to be a constant" not in str(exc):
+            raise
+        raise ValueError(
+            f"{type(model).__name__}'s forward fixes the batch size to {args[0].shape[0]} (it "
+            "uses it as a Python int, e.g. len(x)), so torch.export cannot keep it dynamic; "
+            "write x.shape[0] in tensor calls instead (x.reshape(x.shape[0], -1), "
+            "t.expand(x.shape[0], -1, -1)) or -1"
+        ) from exc
 
 
 def quantize(
@@ -102,22 +126,33 @@ def quantized_layers(prepared: GraphModule) -> dict[str, tuple[str, str]]:
 
 
 @torch.no_grad()
-def calibrate(prepared: GraphModule, batches: Iterable[Any], num_batches: int | None = None) -> int:
+def calibrate(
+    prepared: GraphModule,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    progress: bool = True,
+) -> int:
     """Run up to `num_batches` batches through a PTQ-prepared model; returns how many ran.
 
     A batch is an input tensor, or a `(inputs, labels)` pair / list whose first item is the
-    input (what a classification DataLoader yields).
+    input (what a classification DataLoader yields). `progress` shows the batches done.
     """
     if num_batches is not None and num_batches <= 0:
         raise ValueError(f"calibrate: num_batches must be positive, got {num_batches}")
     move_exported_model_to_eval(prepared)
+    total = len(batches) if isinstance(batches, Sized) else None
+    if num_batches is not None:
+        total = num_batches if total is None else min(total, num_batches)
     count = 0
-    for batch in batches:
-        if num_batches is not None and count >= num_batches:
-            break
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        prepared(x)
-        count += 1
+    with Progress(total=total, desc="calibration", unit="batch", enabled=progress) as bar:
+        for batch in batches:
+            if num_batches is not None and count >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            prepared(x)
+            count += 1
+            bar.update(1)
     if count == 0:
         raise ValueError("calibrate: the batch iterable was empty; pass at least one batch")
     return count

@@ -22,16 +22,14 @@ import torch
 from torch import nn
 from torch.export.pt2_archive import constants as _pt2
 
-from .api import as_tuple
+from .api import as_tuple, export_dynamic_batch
 
 
 def export_program(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]
 ) -> torch.export.ExportedProgram:
     """`torch.export` a (converted) model with a dynamic batch dimension."""
-    args = as_tuple(example_inputs)
-    dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)
-    return torch.export.export(model, args, dynamic_shapes=dynamic)
+    return export_dynamic_batch(model, as_tuple(example_inputs))
 
 
 # Per-node debugging metadata torch.export serialises into the graph JSON. For small models it
@@ -103,7 +101,14 @@ def _check_archive(path: Path) -> None:
 
 
 def load_int8(path: str | Path) -> torch.export.ExportedProgram:
-    """Load a program written by `save_program`, after checking it needs no unpickling."""
+    """Load a program written by `save_program`, after checking it needs no unpickling.
+
+    An int8 program calls `torch.ops.quantized_decomposed.*` (quantize/dequantize), which
+    torch registers only when `torch.ao.quantization.fx._decomposed` is imported; torchao's
+    PT2E modules import it, and this package imports torchao. A plain `torch.export.load`
+    in a fresh process therefore needs `import torchao` first, or it fails with "We failed
+    to resolve torch.ops.quantized_decomposed... to an operator".
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"load_int8: {str(path)!r} does not exist; expected a .pt2 archive")

@@ -12,20 +12,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from lyceum.compression._train import train_epochs
 from lyceum.compression.distillation import Distillation, DistillLoss, distilled_loss
-from lyceum.compression.job_config import JobConfig
+from lyceum.compression.job_config import REPORT_FILE, JobConfig, train_float_first
+from lyceum.proto.display import plural
+from lyceum.proto.specs import check_spec
 
 from .config import PTQ, QAT
 from .workflow import QuantReport, ptq_int8, qat_int8
 
-__all__ = ["REPORT_FILE", "QuantizeJobConfig", "quantize_job"]
-
-REPORT_FILE = "report.json"
+__all__ = ["REPORT_FILE", "QuantizeJobConfig", "describe_quantize_job", "quantize_job"]
 
 
 class TeacherModel(Distillation):
@@ -36,6 +35,11 @@ class TeacherModel(Distillation):
         default_factory=dict, description="Keyword arguments of the teacher's factory."
     )
     checkpoint: Path | None = Field(default=None, description="The teacher's trained weights.")
+
+    @field_validator("model")
+    @classmethod
+    def _spec(cls, value: str) -> str:
+        return check_spec(value)
 
 
 class QuantizeJobConfig(JobConfig):
@@ -53,19 +57,13 @@ class QuantizeJobConfig(JobConfig):
     scheme: Annotated[QAT | PTQ, Field(discriminator="kind")] = Field(
         description="QAT(...) or PTQ(...) scheme, selected by its 'kind' key ('qat' or 'ptq')."
     )
-    float_epochs: int = Field(
-        default=0,
-        ge=0,
-        description="Plain float training epochs before quantizing (for a model with no checkpoint).",
-    )
     epochs: int = Field(default=3, ge=1, description="QAT epochs (ignored by PTQ).")
     calibration_batches: int = Field(default=8, ge=1, description="PTQ calibration batches.")
     lr: float = Field(default=1e-3, gt=0, description="Adam learning rate of QAT fine-tuning.")
-    float_lr: float = Field(
-        default=1e-2, gt=0, description="Adam learning rate of the float_epochs pre-training."
-    )
     batch_size: int = Field(default=64, ge=2, description="Training / calibration batch size.")
-    seed: int = Field(default=0, description="Seed of the training data order.")
+    seed: int = Field(
+        default=0, description="Seed of the training data order (float training and QAT)."
+    )
     latency: bool = Field(
         default=True, description="Measure fp32 vs int8 CPU latency (compiles both)."
     )
@@ -81,6 +79,30 @@ class QuantizeJobConfig(JobConfig):
     )
     out_dir: Path = Field(
         description="Directory for model_int8.pt2, model_fp32.pt2 and report.json."
+    )
+
+
+def describe_quantize_job(
+    config: QuantizeJobConfig, *, train_data: Dataset, test_data: Dataset
+) -> str:
+    """One line saying what `quantize_job` will run: model, scheme, epochs, data, output."""
+    scheme = config.scheme
+    schemes = f"weights {scheme.weights}, activations {scheme.activations}"
+    if isinstance(scheme, QAT):
+        method = f"QAT {plural(config.epochs, 'epoch')} ({schemes})"
+        if config.teacher is not None:
+            t = config.teacher
+            method += f", distilled from {t.model} (T={t.temperature:g}, alpha={t.alpha:g})"
+    else:
+        method = (
+            f"PTQ calibrated on {plural(config.calibration_batches, 'batch', 'batches')} of "
+            f"{config.batch_size} ({schemes}, observer {scheme.observer})"
+        )
+    latency = "latency fp32 vs int8 compiled" if config.latency else "no latency"
+    n_train, n_test = len(train_data), len(test_data)  # type: ignore[arg-type]
+    return (
+        f"plan: quantize {config.model_origin()}; {method}; {latency}; "
+        f"data {n_train:,} train / {n_test:,} test samples; out {config.out_dir}"
     )
 
 
@@ -120,15 +142,7 @@ def _run(
     teacher: nn.Module | None,
     distill_loss: DistillLoss | None,
 ) -> QuantReport:
-    if config.float_epochs:  # a model without a checkpoint: train it in float first
-        train_epochs(
-            model,
-            train_data,
-            epochs=config.float_epochs,
-            lr=config.float_lr,
-            batch_size=config.batch_size,
-            seed=config.seed,
-        )
+    train_float_first(config, model, train_data, batch_size=config.batch_size, seed=config.seed)
     model.eval()
     n = min(config.batch_size, len(train_data))  # type: ignore[arg-type]
     example = torch.stack([train_data[i][0] for i in range(n)])
@@ -150,6 +164,8 @@ def _run(
             batch_size=config.batch_size,
             out_dir=config.out_dir,
             measure_latency=config.latency,
+            progress=config.progress,
+            seed=config.seed,
         )
     else:
         _, report = ptq_int8(
@@ -162,6 +178,7 @@ def _run(
             batch_size=config.batch_size,
             out_dir=config.out_dir,
             measure_latency=config.latency,
+            progress=config.progress,
         )
     payload = {
         "config": json.loads(config.model_dump_json()),

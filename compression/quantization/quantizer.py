@@ -6,6 +6,12 @@ pooling). PaddleSlim quantizes only the inputs and weights of conv/linear layers
 symmetric scheme chosen per layer, so this quantizer annotates exactly those two inputs of
 `aten.conv2d` / `aten.linear` and nothing else; outputs stay float.
 
+So in a transformer the projections are int8 and the rest is float: attention's products of
+two activations (scores, scores times values, or `scaled_dot_product_attention`), softmax,
+LayerNorm, GELU, a class token and position embedding. `nn.MultiheadAttention` runs its
+projections as `F.linear` calls, so they are quantized too, all named by the attention
+module's path (`blocks.0.attn`), which is what `skip` and `overrides` patterns match.
+
 How each scheme maps to a `QuantizationSpec` (and why):
 
 - weights, both schemes: int8 in [-127, 127], `per_channel_symmetric` on axis 0. Per-tensor

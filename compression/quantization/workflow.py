@@ -1,18 +1,18 @@
-"""End-to-end helpers: QAT training loop, one-call `qat_int8` / `ptq_int8`, and the report.
+"""End-to-end helpers: QAT training, one-call `qat_int8` / `ptq_int8`, and the report.
 
 These take already-built objects (a model, map-style datasets of `(input, label)`), never spec
-strings, so the library stays independent of how the CLI or a demo builds them.
+strings, so the library stays independent of how the CLI or a demo builds them. QAT trains in
+the one training loop (`lyceum.compression.training`); the report's accuracy and latency are
+`lyceum.proto.evaluation.top1_accuracy` and `lyceum.compression.analysis.measure_latency`,
+the figures pruning reports too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,11 +20,21 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader, Dataset
 
-from lyceum.compression._train import LossFn, cross_entropy, train_epochs
+from lyceum.compression import analysis
+from lyceum.compression._steps import announce
+from lyceum.compression.training import LossFn, cross_entropy, train_epochs
+from lyceum.proto.display import Progress
+from lyceum.proto.evaluation import top1_accuracy
 
 from .api import as_tuple, calibrate, convert, quantize, quantized_layers
 from .config import PTQ, QAT
 from .export import compile_int8, load_int8, save_program
+
+_PREPARE = "int8: capturing the model with torch.export and inserting the quantizers"
+_CONVERT = (
+    "int8: converting (torchao's convert_pt2e; with conv-BN layers it traces its fusion "
+    "patterns, which takes a while)"
+)
 
 
 class QuantReport(BaseModel):
@@ -54,38 +64,11 @@ class QuantReport(BaseModel):
     program_path: str | None = Field(description="Where the int8 program was saved, if kept.")
 
 
-def evaluate(
-    model: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int = 512
-) -> float:
-    """Top-1 accuracy of `model` on a map-style dataset of `(input, label)` pairs, in [0, 1]."""
-    if isinstance(model, nn.Module):
-        # A module from `ExportedProgram.module()` refuses .eval(); it is fixed in the mode it
-        # was exported in (programs from save_program are exported in eval mode).
-        with contextlib.suppress(NotImplementedError):
-            model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in DataLoader(dataset, batch_size=batch_size):
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            total += len(y)
-    if total == 0:
-        raise ValueError("evaluate: the dataset is empty")
-    return correct / total
-
-
-def median_latency_ms(
-    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int = 30, warmup: int = 5
-) -> float:
-    """Median wall time of `fn(x)` over `runs` calls after `warmup` calls (compilation included there)."""
-    times: list[float] = []
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(x)
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _latency_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
+    """Median ms of `fn(x)` at this process's thread count (the report records it); the
+    warm-up calls include a compiled program's compilation."""
+    seconds = analysis.measure_latency(fn, x, runs=30, warmup=5, threads=torch.get_num_threads())
+    return 1e3 * seconds
 
 
 def tensor_bytes(program: torch.export.ExportedProgram) -> int:
@@ -102,8 +85,11 @@ def train_qat(
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    progress: bool = True,
 ) -> GraphModule:
-    """Train a QAT-prepared model with Adam; `loss_fn(outputs, inputs, labels)` defaults to CE."""
+    """Train a QAT-prepared model with Adam; `loss_fn(outputs, inputs, labels)` defaults to CE.
+
+    `progress` shows the batches done (`lyceum.proto.display.Progress`)."""
     if epochs <= 0:
         raise ValueError(f"train_qat: epochs must be positive, got {epochs}")
     train_epochs(
@@ -114,6 +100,8 @@ def train_qat(
         batch_size=batch_size,
         seed=seed,
         loss_fn=loss_fn or cross_entropy,
+        progress=progress,
+        desc="QAT",
     )
     return prepared
 
@@ -127,8 +115,12 @@ def report(
     out_dir: str | Path | None = None,
     latency_batch: int = 64,
     measure_latency: bool = True,
+    progress: bool = True,
 ) -> QuantReport:
-    """Save both programs (to `out_dir`, or a temporary folder) and measure them."""
+    """Save both programs (to `out_dir`, or a temporary folder) and measure them.
+
+    `progress` says when the latency step starts (compiling takes a while) and counts its
+    three measurements."""
     fp32_model = fp32_model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
@@ -147,16 +139,25 @@ def report(
                 x = torch.stack([eval_dataset[i][0] for i in range(n)])
             else:
                 x = as_tuple(example_inputs)[0]
-            eager = median_latency_ms(fp32_model, x)
-            # A fresh dynamo state per program, so neither measurement sees the other's
-            # compiled code or recompilation limits.
-            torch._dynamo.reset()
-            compiled = median_latency_ms(compile_int8(fp32_program), x)
-            torch._dynamo.reset()
-            compiled_int8 = median_latency_ms(compile_int8(int8_program), x)
+            announce(
+                f"latency: fp32 eager, then torch.compile of the fp32 and int8 programs "
+                f"(batch {len(x)}, {torch.get_num_threads()} threads)",
+                enabled=progress,
+            )
+            with Progress(total=3, desc="latency", unit="program", enabled=progress) as bar:
+                eager = _latency_ms(fp32_model, x)
+                bar.update(1)
+                # A fresh dynamo state per program, so neither measurement sees the other's
+                # compiled code or recompilation limits.
+                torch._dynamo.reset()
+                compiled = _latency_ms(compile_int8(fp32_program), x)
+                bar.update(1)
+                torch._dynamo.reset()
+                compiled_int8 = _latency_ms(compile_int8(int8_program), x)
+                bar.update(1)
             latency_batch = len(x)
-    fp32_acc = evaluate(fp32_model, eval_dataset) if eval_dataset is not None else None
-    int8_acc = evaluate(int8_model, eval_dataset) if eval_dataset is not None else None
+    fp32_acc = top1_accuracy(fp32_model, eval_dataset) if eval_dataset is not None else None
+    int8_acc = top1_accuracy(int8_model, eval_dataset) if eval_dataset is not None else None
     return QuantReport(
         mode=config.kind,
         weights=config.weights,
@@ -191,25 +192,31 @@ def qat_int8(
     batch_size: int = 64,
     out_dir: str | Path | None = None,
     measure_latency: bool = True,
+    progress: bool = True,
+    seed: int = 0,
 ) -> tuple[GraphModule, QuantReport]:
     """Fine-tune an already-trained float model with fake quantization and convert it to int8.
 
     The input model is left untouched (it is the fp32 reference of the report). `loss_fn`
     can be a distillation loss; `scheme` defaults to PaddleSlim's usual pair
-    (`channel_wise_abs_max` weights, `moving_average_abs_max` activations).
+    (`channel_wise_abs_max` weights, `moving_average_abs_max` activations); `seed` orders
+    the training data. `progress` shows the QAT batches and says what each longer step is.
     """
-    scheme = scheme or QAT()
-    prepared = quantize(model, scheme, example_input)
-    train_qat(prepared, train_dataset, epochs, loss_fn=loss_fn, lr=lr, batch_size=batch_size)
-    int8_model = convert(prepared)
-    return int8_model, report(
-        scheme,
-        model,
-        int8_model,
-        example_input,
-        eval_dataset,
-        out_dir,
-        measure_latency=measure_latency,
+
+    def fit(prepared: GraphModule) -> None:
+        train_qat(
+            prepared,
+            train_dataset,
+            epochs,
+            loss_fn=loss_fn,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+
+    return _to_int8(
+        model, scheme or QAT(), example_input, fit, eval_dataset, out_dir, measure_latency, progress
     )
 
 
@@ -223,11 +230,36 @@ def ptq_int8(
     batch_size: int = 64,
     out_dir: str | Path | None = None,
     measure_latency: bool = True,
+    progress: bool = True,
 ) -> tuple[GraphModule, QuantReport]:
-    """Calibrate a trained float model on `num_batches` batches and convert it to int8 (no training)."""
-    scheme = scheme or PTQ()
+    """Calibrate a trained float model on `num_batches` batches and convert it to int8 (no
+    training). `progress` shows the calibration batches and says what each longer step is."""
+
+    def fit(prepared: GraphModule) -> None:
+        loader = DataLoader(calibration_dataset, batch_size=batch_size)
+        calibrate(prepared, loader, num_batches, progress=progress)
+
+    return _to_int8(
+        model, scheme or PTQ(), example_input, fit, eval_dataset, out_dir, measure_latency, progress
+    )
+
+
+def _to_int8(
+    model: nn.Module,
+    scheme: QAT | PTQ,
+    example_input: torch.Tensor | Sequence[torch.Tensor],
+    fit: Callable[[GraphModule], None],
+    eval_dataset: Dataset | None,
+    out_dir: str | Path | None,
+    measure_latency: bool,
+    progress: bool,
+) -> tuple[GraphModule, QuantReport]:
+    """What QAT and PTQ share: insert the quantizers, `fit` them (train or calibrate),
+    convert, and report on the int8 model against `model`."""
+    announce(_PREPARE, enabled=progress)
     prepared = quantize(model, scheme, example_input)
-    calibrate(prepared, DataLoader(calibration_dataset, batch_size=batch_size), num_batches)
+    fit(prepared)
+    announce(_CONVERT, enabled=progress)
     int8_model = convert(prepared)
     return int8_model, report(
         scheme,
@@ -237,4 +269,5 @@ def ptq_int8(
         eval_dataset,
         out_dir,
         measure_latency=measure_latency,
+        progress=progress,
     )

@@ -1,18 +1,65 @@
-"""Search controllers shared by automatic pruning and NAS."""
+"""One search engine for automatic pruning and NAS: simulated annealing on Optuna studies.
 
-from lyceum.compression.search.annealing import (
-    InfeasibleSearchError,
-    SAConfig,
-    SAController,
-    SearchResult,
-)
+result = run_search(space, objective, SAConfig(max_iterations=50, seed=0),
+                    study=StudyConfig(storage="search.db", study="nas"))
+
+Any number of workers (processes, machines) run `run_search` against one storage and extend one
+annealing chain, rebuilt from the storage at every draw; a search resumes from the storage alone.
+"""
+
 from lyceum.compression.search.base import Objective, SearchSpace
+from lyceum.compression.search.chain import SAChain
+from lyceum.compression.search.config import SAConfig, StudyConfig
+from lyceum.compression.search.sampler import (
+    REDRAWS_ATTR,
+    FeasibleSampler,
+    InfeasibleSearchError,
+    SASampler,
+    param_names,
+    trial_tokens,
+)
+from lyceum.compression.search.storage import (
+    STALE_ATTR,
+    Heartbeat,
+    fail_stale_trials,
+    open_storage,
+)
+from lyceum.compression.search.study import (
+    CACHED_ATTR,
+    DUPLICATE_ATTR,
+    ERROR_ATTR,
+    SearchResult,
+    open_study,
+    run_search,
+    saved_sa_config,
+    search_result,
+)
 
 __all__ = [
-    "InfeasibleSearchError",
-    "Objective",
+    # the loop and its settings: run_search(space, objective, SAConfig(...), study=StudyConfig(...))
+    "run_search",
     "SAConfig",
-    "SAController",
+    "StudyConfig",
     "SearchResult",
+    "InfeasibleSearchError",
+    # what a search runs on: the protocols a space and an objective implement
     "SearchSpace",
+    "Objective",
+    # building blocks: the samplers, the chain they replay, the study and its storage
+    "SASampler",
+    "FeasibleSampler",
+    "SAChain",
+    "open_study",
+    "search_result",
+    "saved_sa_config",
+    "open_storage",
+    "fail_stale_trials",
+    "Heartbeat",
+    "param_names",
+    "trial_tokens",
+    "REDRAWS_ATTR",
+    "CACHED_ATTR",
+    "DUPLICATE_ATTR",
+    "ERROR_ATTR",
+    "STALE_ATTR",
 ]

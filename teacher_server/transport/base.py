@@ -13,19 +13,23 @@ import math
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from lyceum.proto.codec import check_unique_ids, from_record_batch, read_ipc
-from lyceum.proto.schema import FORMAT_VERSION, KnowledgeSchema
-from lyceum.teacher_server.batcher import Done, DynamicBatcher, Job
-from lyceum.teacher_server.errors import (
-    FAILED_PRECONDITION,
-    INVALID_ARGUMENT,
-    UNAUTHENTICATED,
-    UNAVAILABLE,
-    ServeError,
+from lyceum.proto.codec import (
+    Compression,
+    check_unique_ids,
+    from_record_batch,
+    ipc_size,
+    read_ipc,
 )
-from lyceum.teacher_server.metrics import ServerMetrics, log_event
+from lyceum.proto.errors import FAILED_PRECONDITION, INVALID_ARGUMENT, UNAUTHENTICATED, UNAVAILABLE
+from lyceum.proto.items import item_inputs
+from lyceum.proto.manifest import ModelIdentity, dataset_fingerprint
+from lyceum.proto.schema import FORMAT_VERSION, KnowledgeSchema
+from lyceum.teacher_server.batcher import Done, DynamicBatcher, Inputs, Job, Knowledge
+from lyceum.teacher_server.errors import ServeError
+from lyceum.teacher_server.metrics import EventLimiter, ServerMetrics
 from lyceum.v1 import knowledge_pb2 as pb
 
 QUERY, INDEX = "query", "index"
@@ -47,9 +51,18 @@ class Transport(Protocol):
 
     def start(self) -> None: ...
 
+    def begin_drain(self) -> None:
+        """The server has begun to drain: tell whoever routes students here (health checks,
+        load balancers) to send new work elsewhere; requests keep being answered (refused
+        with UNAVAILABLE by the service) until `stop`."""
+        ...
+
     def stop(self, grace_s: float) -> None:
         """Stop accepting connections; finish replies in flight within `grace_s`."""
         ...
+
+
+_IPC_SLACK = 1 << 20
 
 
 class TeacherService:
@@ -65,15 +78,24 @@ class TeacherService:
         max_message_bytes: int,
         metrics: ServerMetrics,
         teacher_id: str,
+        model: ModelIdentity | None = None,
+        named_inputs: bool = False,
+        compression: Compression = "none",
     ) -> None:
         self.batcher = batcher
+        # Arrow IPC body compression of every knowledge reply (the student's reader undoes it).
+        self.compression: Compression = compression
         self.input_schema = input_schema
         self.sequence_input = sequence_input
+        # Inputs are named tensors (input_ids, attention_mask, ...): one dict per sample.
+        self.named_inputs = named_inputs
         self.dataset = dataset
         self.dataset_len = len(dataset) if dataset is not None else 0  # type: ignore[arg-type]
         self.token = token
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
+        # What peers can trigger is logged once per peer per interval (the metrics count all).
+        self.events = EventLimiter()
         # (transport, mode) -> its request and sample counters: prometheus_client's labels()
         # lookup costs microseconds per call, on every request.
         self._counters: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -86,6 +108,12 @@ class TeacherService:
             accepts_index=dataset is not None,
             max_request_samples=batcher.max_batch,
             max_message_bytes=max_message_bytes,
+            # The manifest's fingerprint: a student in index mode checks it against its own
+            # dataset, as it does a dump's (64 items read once, milliseconds).
+            dataset_fingerprint_json=(
+                dataset_fingerprint(dataset).model_dump_json() if dataset is not None else ""
+            ),
+            model_identity_json=model.model_dump_json() if model is not None else "",
         )
 
     def authenticate(self, presented: bytes | None) -> None:
@@ -141,14 +169,35 @@ class TeacherService:
 
     def record_error(self, transport: str, error: ServeError, peer: str, request_id: int) -> None:
         self.metrics.errors.labels(transport, error.code_name).inc()
-        log_event(
+        self.events.log(
             "request_error",
+            f"{transport} {peer}",
             transport=transport,
             peer=peer,
             request_id=request_id,
             code=error.code_name,
             message=error.message[:300],
         )
+
+    def reply_batch(self, knowledge: Knowledge) -> pa.RecordBatch:
+        """A reply's record batch; refuses at once (INVALID_ARGUMENT, never retried: every
+        replica would say the same) one larger than the message limit, which the transport
+        would otherwise fail to send, and the student retry until its timeout."""
+        batch = knowledge.record_batch()
+        # The exact size costs a pass over the batch's metadata on every reply; the values'
+        # bytes (what IPC adds is padding and headers, under 1 MiB) tell when it is needed.
+        size = batch.nbytes
+        if size > self.max_message_bytes - _IPC_SLACK:
+            size = ipc_size(batch)
+        if size > self.max_message_bytes:
+            raise ServeError(
+                INVALID_ARGUMENT,
+                f"the reply to this request would be {size} bytes, over this teacher's message "
+                f"limit of {self.max_message_bytes} bytes (Describe.max_message_bytes): ask for "
+                f"fewer samples or shorter sequences per request, or serve with a larger "
+                f"--max-message-bytes",
+            )
+        return batch
 
     def _check_count(self, n: int) -> None:
         if n == 0:
@@ -160,9 +209,7 @@ class TeacherService:
                 f"{self.batcher.max_batch} per request (Describe.max_request_samples); split it",
             )
 
-    def _decode_query(
-        self, data: memoryview
-    ) -> tuple[np.ndarray, torch.Tensor | list[torch.Tensor]]:
+    def _decode_query(self, data: memoryview) -> tuple[np.ndarray, Inputs]:
         if data.nbytes > self.max_message_bytes:
             raise ServeError(
                 INVALID_ARGUMENT,
@@ -182,10 +229,15 @@ class TeacherService:
             ) from None
         self._check_count(len(batch))
         ids = batch.sample_ids.numpy().view(np.uint64)
+        if self.named_inputs:
+            per_key = {
+                f.name: list(batch.tensors[f.name].unbind()) for f in self.input_schema.fields
+            }
+            return ids, [{k: v[i] for k, v in per_key.items()} for i in range(len(ids))]
         x = batch.tensors[self.input_schema.fields[0].name]
         return ids, (list(x.unbind()) if self.sequence_input else x)
 
-    def _load_index(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor | list[torch.Tensor]]:
+    def _load_index(self, ids: np.ndarray) -> tuple[np.ndarray, Inputs]:
         if self.dataset is None:
             raise ServeError(
                 FAILED_PRECONDITION,
@@ -216,9 +268,20 @@ class TeacherService:
         index = ids.tolist()
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(index) if getitems is not None else [self.dataset[i] for i in index]  # type: ignore[index]
-        samples = [_as_tensor(item[0]) for item in items]
+        if self.named_inputs:
+            return ids, [_as_tensors(item_inputs(item)) for item in items]
+        samples = [_as_tensor(item_inputs(item)) for item in items]
         return ids, (samples if self.sequence_input else torch.stack(samples))
 
 
 def _as_tensor(x: object) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+def _as_tensors(x: object) -> dict[str, torch.Tensor]:
+    if not isinstance(x, dict):
+        raise ServeError(
+            INVALID_ARGUMENT,
+            f"this teacher takes named inputs, but its dataset gave a {type(x).__name__}",
+        )
+    return {k: _as_tensor(v) for k, v in x.items()}

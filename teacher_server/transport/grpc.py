@@ -36,10 +36,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lyceum.proto import wire
+from lyceum.proto.errors import INVALID_ARGUMENT, UNAVAILABLE
 from lyceum.teacher_server.batcher import Knowledge
-from lyceum.teacher_server.errors import INVALID_ARGUMENT, UNAVAILABLE, ServeError
-from lyceum.teacher_server.metrics import log_event
-from lyceum.teacher_server.transport.base import INDEX, QUERY, TeacherService
+from lyceum.teacher_server.errors import ServeError
+from lyceum.teacher_server.transport.base import TeacherService
 from lyceum.v1 import knowledge_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
@@ -89,13 +89,22 @@ class GrpcTransport:
     def __init__(
         self,
         service: TeacherService,
+        *,
         host: str,
         port: int | None,
         unix_path: Path | None,
         max_calls: int,
         credentials: grpc.ServerCredentials | None,
+        max_connection_age_s: float | None = None,
+        max_connection_age_grace_s: float = 5.0,
     ) -> None:
         self._service = service
+        self._age_options: list[tuple[str, int]] = []
+        if max_connection_age_s is not None:
+            self._age_options = [
+                ("grpc.max_connection_age_ms", round(max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", round(max_connection_age_grace_s * 1000)),
+            ]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="lyceum-grpc", daemon=True
@@ -128,6 +137,7 @@ class GrpcTransport:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                *self._age_options,
             ],
             # Beyond this, new calls are refused at once (RESOURCE_EXHAUSTED).
             maximum_concurrent_rpcs=max_calls,
@@ -228,7 +238,7 @@ class GrpcTransport:
     ) -> AsyncIterator[bytes]:
         await self._check_access(context)
         peer = context.peer()
-        log_event("stream_open", transport=self.name, peer=peer)
+        self._service.events.log("stream_open", peer, transport=self.name, peer=peer)
         replies: asyncio.Queue[_Queued] = asyncio.Queue()
         reader = asyncio.ensure_future(self._read(requests, replies, peer))
         sent, expected = 0, None
@@ -244,7 +254,9 @@ class GrpcTransport:
             # A cancelled or failed stream: its requests still in the batcher answer into a
             # queue nobody reads, which is dropped with it.
             reader.cancel()
-            log_event("stream_close", transport=self.name, peer=peer, replies=sent)
+            self._service.events.log(
+                "stream_close", peer, transport=self.name, peer=peer, replies=sent
+            )
 
     async def _read(
         self,
@@ -275,11 +287,8 @@ class GrpcTransport:
         def done(result: Knowledge | ServeError) -> None:
             deliver(_Result(rid, result))
 
-        mode, payload = (
-            (QUERY, request.inputs) if request.inputs is not None else (INDEX, request.ids)
-        )
         try:
-            self._service.submit(self.name, mode, payload, done, defer=True)  # type: ignore[arg-type]
+            self._service.submit(self.name, request.mode, request.payload, done, defer=True)
         except ServeError as exc:
             self._fail(replies, peer, rid, exc)
             return
@@ -302,7 +311,8 @@ class GrpcTransport:
         result = item.result
         if isinstance(result, Knowledge):
             try:
-                return wire.encode_batch_reply(item.request_id, result.record_batch())
+                batch = self._service.reply_batch(result)
+                return wire.encode_batch_reply(item.request_id, batch, self._service.compression)
             except ServeError as exc:
                 result = exc
         self._service.record_error(self.name, result, peer, item.request_id)

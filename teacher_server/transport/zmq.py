@@ -1,13 +1,7 @@
 """The ZeroMQ transport: a ROUTER socket speaking multipart frames, same semantics as gRPC.
 
-Request frames (a DEALER sends them; ROUTER prepends the peer's identity):
-    [request id (8 bytes, little-endian uint64), kind, payload] + [token] if the teacher has one
-    kind b"query":    payload is Arrow IPC inputs with a sample_id column
-    kind b"index":    payload is the sample ids as little-endian uint64s
-    kind b"describe": payload is empty
-Reply frames, the request id echoed:
-    [request id, b"knowledge", Arrow IPC]  |  [request id, b"describe", DescribeReply protobuf]
-    [request id, b"error", code (ASCII decimal, the proto's ErrorCode = gRPC status), message]
+The frames are `lyceum.proto.zmq_frames`' (request id, kind, payload, optional token; replies
+echo the request id).
 
 One thread owns the socket (ZeroMQ sockets are not thread-safe). It receives every request
 that has arrived, queues them all, then runs the ready batch itself when an engine is idle
@@ -27,20 +21,19 @@ import queue
 import threading
 from pathlib import Path
 
-import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from lyceum.proto import zmq_frames
 from lyceum.proto.codec import to_ipc
+from lyceum.proto.errors import INVALID_ARGUMENT
+from lyceum.proto.wire import WireError
 from lyceum.teacher_server.batcher import Done, Knowledge
-from lyceum.teacher_server.errors import INVALID_ARGUMENT, ServeError
+from lyceum.teacher_server.errors import ServeError
 from lyceum.teacher_server.metrics import log_event
 from lyceum.teacher_server.security import CurveServerKeys
-from lyceum.teacher_server.transport.base import INDEX, QUERY, TeacherService
+from lyceum.teacher_server.transport.base import TeacherService
 
-KIND_QUERY, KIND_INDEX, KIND_DESCRIBE = b"query", b"index", b"describe"
-KIND_KNOWLEDGE, KIND_ERROR = b"knowledge", b"error"
-_KINDS = {KIND_QUERY: QUERY, KIND_INDEX: INDEX}
 _MONITOR_EVENTS: dict[int, str] = {
     zmq.EVENT_ACCEPTED: "connect",
     zmq.EVENT_DISCONNECTED: "disconnect",
@@ -48,6 +41,14 @@ _MONITOR_EVENTS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
 }
 _RECV_BURST = 64
+# A ZeroMQ peer's identity is 5 bytes ROUTER picked, unless the peer sets its own (up to 255
+# bytes; a raw TCP client's garbage read as ZMTP 1.0 does): logs show this much of it.
+_PEER_BYTES = 16
+
+
+def _peer_name(peer: bytes) -> str:
+    shown = peer[:_PEER_BYTES].hex()
+    return shown if len(peer) <= _PEER_BYTES else f"{shown}...({len(peer)} bytes)"
 
 
 class ZmqTransport:
@@ -58,6 +59,7 @@ class ZmqTransport:
     def __init__(
         self,
         service: TeacherService,
+        *,
         host: str,
         port: int | None,
         ipc_path: Path | None,
@@ -66,7 +68,9 @@ class ZmqTransport:
     ) -> None:
         self._service = service
         self._ctx = zmq.Context()
-        self._auth = curve.start_authenticator(self._ctx) if curve is not None else None
+        self._auth = (
+            curve.start_authenticator(self._ctx, service.events) if curve is not None else None
+        )
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
@@ -115,6 +119,10 @@ class ZmqTransport:
 
     def start(self) -> None:
         self._thread.start()
+
+    def begin_drain(self) -> None:
+        """Nothing to announce: ZeroMQ has no health service or load balancer to tell. Students
+        learn of the drain from the UNAVAILABLE answers the service gives new requests."""
 
     def stop(self, grace_s: float) -> None:
         self._stop.set()
@@ -178,8 +186,11 @@ class ZmqTransport:
                 return
             name = _MONITOR_EVENTS.get(int(event["event"])) or str(event["event"])
             endpoint = event["endpoint"]
-            log_event(
+            # Keyed by descriptor: every connection is logged until a client that reconnects
+            # in a loop reaches the limiter's burst.
+            self._service.events.log(
                 f"connection_{name}",
+                str(event["value"]),
                 transport=self.name,
                 endpoint=endpoint.decode() if isinstance(endpoint, bytes) else endpoint,
                 fd=event["value"],
@@ -196,62 +207,43 @@ class ZmqTransport:
     def _send(self, frames: list[object]) -> None:
         try:
             self._sock.send_multipart(frames, copy=False)  # type: ignore[arg-type]
-        except zmq.Again:
-            log_event(
-                "reply_dropped", transport=self.name, reason="student not reading (send timeout)"
-            )
         except zmq.ZMQError as exc:
-            # EHOSTUNREACH under ROUTER_MANDATORY: the student disconnected before its reply.
-            log_event("reply_dropped", transport=self.name, reason=str(exc))
+            # Again: the student stopped reading (send timeout). EHOSTUNREACH under
+            # ROUTER_MANDATORY: it disconnected before its reply.
+            peer = frames[0]
+            reason = (
+                "student not reading (send timeout)" if isinstance(exc, zmq.Again) else str(exc)
+            )
+            self._service.events.log(
+                "reply_dropped",
+                _peer_name(peer) if isinstance(peer, bytes) else "",
+                transport=self.name,
+                peer=_peer_name(peer) if isinstance(peer, bytes) else None,
+                reason=reason,
+            )
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
-        peer = frames[0].bytes
-        rid = frames[1].bytes if len(frames) > 1 else b""
-        peer_name = peer.hex()
+        request = zmq_frames.IncomingRequest(frames)
+        peer, rid = request.peer, request.request_id
         try:
-            if len(frames) not in (4, 5):
-                raise ServeError(
-                    INVALID_ARGUMENT,
-                    f"expected frames [request id, kind, payload] (+ [token]), got {len(frames) - 1} frames",
-                )
-            token = frames[4].bytes if len(frames) == 5 else None
-            # Credentials first: nothing from an unauthenticated peer is parsed or run.
-            self._service.authenticate(token)
-            if len(rid) != 8:
-                raise ServeError(
-                    INVALID_ARGUMENT,
-                    f"request id frame must be 8 bytes (little-endian uint64), got {len(rid)}",
-                )
-            kind = frames[2].bytes
-            payload = frames[3]
-            if kind == KIND_DESCRIBE:
-                self._send(
-                    [peer, rid, KIND_DESCRIBE, self._service.describe_reply.SerializeToString()]
-                )
+            try:
+                # Credentials first: nothing from an unauthenticated peer is parsed or run.
+                self._service.authenticate(request.token())
+                parsed = request.parse()
+            except WireError as exc:
+                raise ServeError(INVALID_ARGUMENT, str(exc)) from None
+            if isinstance(parsed, zmq_frames.DescribeRequest):
+                reply = self._service.describe_reply.SerializeToString()
+                self._send(zmq_frames.describe_reply(peer, rid, reply))
                 return
-            mode = _KINDS.get(kind)
-            if mode is None:
-                raise ServeError(
-                    INVALID_ARGUMENT,
-                    f"unknown request kind {kind[:32]!r}; expected b'query', b'index' or b'describe'",
-                )
             self._service.submit(
-                self.name, mode, self._payload(mode, payload), self._replier(peer, rid), defer=True
+                self.name, parsed.mode, parsed.payload, self._replier(peer, rid), defer=True
             )
         except ServeError as exc:
-            self._service.record_error(self.name, exc, peer_name, int.from_bytes(rid[:8], "little"))
-            self._send([peer, rid, KIND_ERROR, str(exc.code).encode(), exc.message.encode()])
-
-    def _payload(self, mode: str, frame: zmq.Frame) -> memoryview | np.ndarray:
-        view = frame.buffer
-        if mode == QUERY:
-            return view
-        if view.nbytes % 8:
-            raise ServeError(
-                INVALID_ARGUMENT,
-                f"index payload of {view.nbytes} bytes is not a whole number of uint64 ids",
+            self._service.record_error(
+                self.name, exc, _peer_name(peer), zmq_frames.request_number(rid)
             )
-        return np.frombuffer(view, dtype="<u8").astype(np.uint64)
+            self._send(zmq_frames.error_reply(peer, rid, exc.code, exc.message))
 
     def _replier(self, peer: bytes, rid: bytes) -> Done:
         def done(result: Knowledge | ServeError) -> None:
@@ -266,8 +258,12 @@ class ZmqTransport:
     def _reply(self, peer: bytes, rid: bytes, result: Knowledge | ServeError) -> list[object]:
         if isinstance(result, Knowledge):
             try:
-                return [peer, rid, KIND_KNOWLEDGE, to_ipc(result.record_batch())]
+                batch = self._service.reply_batch(result)
+                data = to_ipc(batch, self._service.compression)
+                return zmq_frames.knowledge_reply(peer, rid, data)
             except ServeError as exc:
                 result = exc
-        self._service.record_error(self.name, result, peer.hex(), int.from_bytes(rid, "little"))
-        return [peer, rid, KIND_ERROR, str(result.code).encode(), result.message.encode()]
+        self._service.record_error(
+            self.name, result, _peer_name(peer), zmq_frames.request_number(rid)
+        )
+        return zmq_frames.error_reply(peer, rid, result.code, result.message)

@@ -1,4 +1,4 @@
-"""FLOPs, params, size and latency, checked against hand-computed values."""
+"""FLOPs, params, size and latency, checked against hand-computed values and what ran."""
 
 from __future__ import annotations
 
@@ -51,18 +51,38 @@ def test_params_and_size() -> None:
     assert 379 * 4 < size < 379 * 4 + 1024
 
 
-def test_latency_is_positive_and_restores_threads() -> None:
-    model = _tiny()
+def test_latency_times_warmup_then_runs_in_eval_and_inference_mode() -> None:
+    seen: list[tuple[bool, bool, int]] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((self.training, torch.is_inference_mode_enabled(), torch.get_num_threads()))
+            return x
+
+    model = Probe()
     before = torch.get_num_threads()
-    latency = measure_latency(model, torch.zeros(1, 2, 5, 5), runs=5, warmup=1, threads=1)
-    assert 0 < latency < 1.0
-    assert torch.get_num_threads() == before
-    cpu = measure_latency(model, torch.zeros(1, 2, 5, 5), runs=5, warmup=1, clock="thread")
-    assert 0 < cpu < 1.0
+    latency = measure_latency(model, torch.zeros(1, 2, 5, 5), runs=5, warmup=2, threads=2)
+    assert latency > 0
+    assert seen == [(False, True, 2)] * 7  # 2 untimed, 5 timed passes
+    assert model.training and torch.get_num_threads() == before  # both restored
+    cpu = measure_latency(_tiny(), torch.zeros(1, 2, 5, 5), runs=5, warmup=1, clock="thread")
+    assert cpu > 0
+
+
+def test_latency_of_a_plain_callable() -> None:
+    # A compiled program is a function, not a module: timed the same way, no mode to set.
+    calls: list[torch.Size] = []
+    x = torch.zeros(3, 4)
+    assert measure_latency(lambda t: calls.append(t.shape), x, runs=4, warmup=3) > 0
+    assert calls == [x.shape] * 7
+
+
+def test_latency_refuses_settings_it_cannot_measure() -> None:
+    x = torch.zeros(1, 2, 5, 5)
     with pytest.raises(ValueError, match=r"clock='thread' needs a CPU input and threads=1"):
-        measure_latency(model, torch.zeros(1, 2, 5, 5), threads=2, clock="thread")
+        measure_latency(_tiny(), x, threads=2, clock="thread")
     with pytest.raises(ValueError, match="runs must be >= 1, got 0"):
-        measure_latency(model, torch.zeros(1, 2, 5, 5), runs=0)
+        measure_latency(_tiny(), x, runs=0)
 
 
 def test_table_lists_layers_and_totals() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from lyceum.compression.distillation import distilled_loss
 from lyceum.compression.pruning import PruneJobConfig, run_prune_job
 from lyceum.compression.quantization import QAT, QuantizeJobConfig, quantize_job
+from lyceum.compression.quantization.job import TeacherModel
 from lyceum.deploy.examples import digits, student_mlp
 
 
@@ -54,7 +56,11 @@ def test_prune_job_distils_from_the_unpruned_model(tmp_path: Path):
     model = student_mlp()
     unpruned = [p.clone() for p in model.parameters()]
     recorder = _Recorder()
-    splits = {"train_data": digits("train"), "val_data": digits("val"), "test_data": digits("test")}
+    splits: dict[str, Any] = {
+        "train_data": digits("train"),
+        "val_data": digits("val"),
+        "test_data": digits("test"),
+    }
     with pytest.raises(ValueError, match="distill_loss exactly when"):
         run_prune_job(config, model=student_mlp(), **splits)
     run_prune_job(config, model=model, distill_loss=recorder, **splits)
@@ -81,7 +87,7 @@ def test_quantize_job_distils_qat_from_the_teacher(tmp_path: Path):
         scheme=QAT(),
         epochs=1,
         latency=False,
-        teacher={"model": "lyceum.deploy.examples:teacher_cnn", "alpha": 0.7},
+        teacher=TeacherModel(model="lyceum.deploy.examples:teacher_cnn", alpha=0.7),
         out_dir=tmp_path,
     )
     torch.manual_seed(0)

@@ -1,18 +1,28 @@
 """Structured pruning: dependencies, targets, criteria, selection, save and reload."""
 
+# nn.Module's __getattr__ is typed `Tensor | Module`: reaching a submodule by attribute or
+# index (model.layer2, model[1].weight) needs a cast on every line; these are modules.
+# mypy: disable-error-code="index,union-attr,arg-type"
+
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from lyceum.compression.analysis import count_flops
 from lyceum.compression.pruning import (
+    AutoPruning,
     PrunePlan,
+    PruningConfig,
+    SensitivityPruning,
     UniformPruning,
+    api,
     load_pruned,
     prune,
     prune_to_flops,
@@ -131,10 +141,10 @@ def test_classifier_outputs_never_pruned() -> None:
     result = prune(model, UniformPruning(ratio=0.5), torch.zeros(1, 1, 8, 8))
     assert [s.layer for s in result.plan.steps] == ["1"]
     assert model[1].out_features == 16 and model[3].out_features == 10
-    model = student_cnn().eval()
-    prune(model, UniformPruning(ratio=0.5), X[:1])
-    assert model.classifier[1].out_features == 10
-    assert model.classifier[1].in_features == 16 * 2 * 2  # 32 channels halved, 2x2 each
+    cnn = student_cnn().eval()
+    prune(cnn, UniformPruning(ratio=0.5), X[:1])
+    assert cnn.classifier[1].out_features == 10
+    assert cnn.classifier[1].in_features == 16 * 2 * 2  # 32 channels halved, 2x2 each
 
 
 def test_include_and_exclude_select_groups_by_name() -> None:
@@ -268,3 +278,41 @@ def test_unreachable_flops_target_is_an_error() -> None:
     # MACs, so removing half of them is out of reach.
     with pytest.raises(ValueError, match=r"cannot remove 50\.0% of the FLOPs; the closest"):
         prune(resnet_cnn(), UniformPruning(flops=-0.5, include=r"layers\.5\.conv1"), X[:1])
+
+
+def test_prune_dispatches_every_pruning_config_by_its_class() -> None:
+    # One entry of prune's dispatch table per member of the PruningConfig union.
+    assert set(api._STRATEGIES) == set(typing.get_args(PruningConfig))
+
+    class Halved(UniformPruning):
+        """A user's config built on a library one prunes as that one does."""
+
+    torch.manual_seed(0)
+    result = prune(student_cnn().eval(), Halved(ratio=0.5), X[:1])
+    assert result.ratios and set(result.ratios.values()) == {0.5}
+
+    class Other(BaseModel):
+        include: str | None = None
+        exclude: str | None = None
+        criterion: str = "l1"
+
+    with pytest.raises(ValueError) as err:
+        prune(student_cnn(), Other(), X[:1])
+    assert str(err.value) == (
+        "prune: unknown config type Other; use UniformPruning, SensitivityPruning, AutoPruning"
+    )
+
+
+@pytest.mark.parametrize("config", [SensitivityPruning(flops=-0.5), AutoPruning()])
+def test_strategies_that_score_candidates_need_evaluate_before_anything_runs(
+    config: PruningConfig,
+) -> None:
+    model = student_cnn()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        prune(model, config, X[:1])
+    assert str(err.value) == (
+        f"prune: {type(config).__name__} scores candidates, so pass "
+        "evaluate=callable(model) -> metric (higher is better)"
+    )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

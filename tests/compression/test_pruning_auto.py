@@ -10,7 +10,7 @@ from torch import nn
 
 from lyceum.compression.analysis import count_flops, count_params
 from lyceum.compression.pruning import AutoPruning, prune
-from lyceum.compression.search import SAConfig
+from lyceum.compression.search import SAConfig, StudyConfig
 from lyceum.deploy.examples import mobilenet_cnn
 
 X = torch.zeros(1, 1, 8, 8)
@@ -42,13 +42,17 @@ def test_auto_pruning_meets_flops_window_and_evaluates_only_feasible(tmp_path: P
         min_ratio=0.48,
         max_ratio=0.52,
         search=SAConfig(max_iterations=25, seed=1),
-        state_file=tmp_path / "sa.json",
+        study=StudyConfig(storage=str(tmp_path / "search.db"), study="auto"),
     )
     result = prune(model, config, X, evaluate=metric, candidate_finetune=finetuned.append)
     assert 0.48 <= result.flops_reduction <= 0.52
-    assert len(metric.reductions) == 26 == len(finetuned)
-    assert all(0.48 <= r <= 0.52 for r in metric.reductions)
     assert result.search is not None
+    assert len(result.search.history) == 26
+    # A candidate the chain revisits is not fine-tuned again: its reward is copied.
+    trained = [h for h in result.search.history if h["cached_from"] is None]
+    assert len({tuple(h["tokens"]) for h in trained}) == len(trained)
+    assert len(metric.reductions) == len(trained) == len(finetuned)
+    assert all(0.48 <= r <= 0.52 for r in metric.reductions)
     rewards = [h["reward"] for h in result.search.history]
     assert result.search.best_reward == max(rewards)
     # The search improves on its (greedy uniform) start.

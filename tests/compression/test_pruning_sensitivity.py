@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -69,6 +70,18 @@ def test_analysis_resumes_without_recomputing(tmp_path: Path) -> None:
         analyze_sensitivity(model, X, again, ratios=ratios, path=path, criterion="fpgm")
 
 
+def test_progress_counts_trials_read_back_from_the_file(tmp_path: Path, progress_lines) -> None:
+    model, ratios, path = mobilenet_cnn().eval(), (0.25, 0.5, 0.75), tmp_path / "sens.json"
+    with pytest.raises(_Interrupt):
+        analyze_sensitivity(model, X, _Metric(fail_at=5), ratios=ratios, path=path)
+    # The baseline, then 3 of the 15 trials (5 groups x 3 ratios) before call 5 failed.
+    assert progress_lines()[-1].startswith("sensitivity: 3/15 trial (20%), ")
+    analyze_sensitivity(model, X, _Metric(), ratios=ratios, path=path)
+    assert progress_lines()[-1].startswith("sensitivity: 15/15 trial (100%), ")
+    analyze_sensitivity(model, X, _Metric(), ratios=ratios, progress=False)
+    assert len(progress_lines()) == 2
+
+
 def test_ratio_for_loss_interpolates_monotone_curve() -> None:
     curve = [(0.2, 0.01), (0.4, 0.03), (0.6, 0.02), (0.8, 0.10)]
     assert ratio_for_loss(curve, 0.0, 0.9) == 0.0
@@ -108,7 +121,25 @@ def test_sensitivity_pruning_spares_the_sensitive_group() -> None:
         prune(resnet_cnn(), SensitivityPruning(flops=-0.5), X)
 
 
-def test_plot_writes_png(tmp_path: Path) -> None:
-    result = analyze_sensitivity(mobilenet_cnn().eval(), X, _Metric(), ratios=(0.5,))
+def test_plot_draws_each_groups_losses_to_a_png(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+
+    closed: list[Any] = []  # the figure, caught as plot_sensitivity closes it
+    close = plt.close
+
+    def catch(fig: Any) -> None:
+        closed.append(fig)
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", catch)
+    result = analyze_sensitivity(mobilenet_cnn().eval(), X, _Metric(), ratios=(0.25, 0.5))
     out = plot_sensitivity(result, tmp_path / "s.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = closed[0].axes[0].get_lines()
+    assert len(lines) == len(result.metrics) > 1
+    assert [line.get_label() for line in lines] == list(result.metrics)
+    for line in lines:  # each curve starts at (0, 0), then the group's measured losses
+        want = [(0.0, 0.0), *result.losses(line.get_label())]
+        assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == want

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lyceum.compression.quantization import PTQ, QAT, evaluate, load_int8, ptq_int8, qat_int8
+from lyceum.compression.quantization import PTQ, QAT, load_int8, ptq_int8, qat_int8
 from lyceum.deploy.examples import digits, student_cnn, student_mlp, train_classifier
+from lyceum.proto.evaluation import top1_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_demo_mlp_qat_int8_with_latency(digits_train, digits_test, tmp_path) -> 
     assert report.latency_batch == 64
     assert report.threads == torch.get_num_threads()
     reloaded = load_int8(report.program_path).module()
-    assert evaluate(reloaded, digits_test) == report.int8_accuracy
+    assert top1_accuracy(reloaded, digits_test) == report.int8_accuracy
     x_test = torch.stack([digits_test[i][0] for i in range(32)])
     torch.testing.assert_close(reloaded(x_test), int8(x_test), rtol=0, atol=0)
 

@@ -26,6 +26,7 @@ from lyceum.compression.quantization import (
     save_program,
     train_qat,
 )
+from lyceum.compression.quantization.config import ActivationScheme, Observer, WeightScheme
 
 
 class _TinyNet(nn.Module):
@@ -53,7 +54,7 @@ def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.mark.parametrize("weights", WEIGHT_SCHEMES)
 @pytest.mark.parametrize("activations", ACTIVATION_SCHEMES)
 def test_qat_scheme_pair_round_trips_through_export(
-    weights: str, activations: str, tmp_path: Path
+    weights: WeightScheme, activations: ActivationScheme, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     model = _TinyNet()
@@ -102,7 +103,7 @@ def test_qat_scheme_pair_round_trips_through_export(
 
 
 @pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
-def test_ptq_observer_round_trips(observer: str, tmp_path: Path) -> None:
+def test_ptq_observer_round_trips(observer: Observer, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _TinyNet().eval()
     data = _batches(3)
@@ -118,6 +119,17 @@ def test_ptq_observer_round_trips(observer: str, tmp_path: Path) -> None:
     with torch.no_grad():
         reference = model(x)
         assert float((converted(x) - reference).abs().max()) < 0.05 * float(reference.abs().max())
+
+
+def test_calibration_progress_counts_the_batches_it_runs(progress_lines) -> None:
+    prepared = quantize(_TinyNet().eval(), PTQ(), torch.rand(4, 1, 8, 8))
+    assert calibrate(prepared, _batches(5), num_batches=3) == 3
+    assert calibrate(prepared, iter(_batches(2))) == 2  # no length: a count without a total
+    calibrate(prepared, _batches(1), progress=False)
+    assert [line.split(",")[0] for line in progress_lines()] == [
+        "calibration: 3/3 batch (100%)",
+        "calibration: 2 batch",
+    ]
 
 
 def test_convert_before_calibration_says_what_to_do() -> None:
@@ -154,7 +166,7 @@ def test_compiled_int8_matches_and_uses_onednn_kernels() -> None:
     model = _TinyNet().eval()
     x = torch.rand(8, 1, 8, 8)
     for weights in WEIGHT_SCHEMES:
-        prepared = quantize(model, PTQ(weights=weights), x)
+        prepared = quantize(model, PTQ(weights=weights), x)  # type: ignore[arg-type]  # WEIGHT_SCHEMES: str
         calibrate(prepared, [x])
         converted = convert(prepared)
         # Static activations: all three layers (per-tensor weights included) lower to oneDNN.
@@ -204,10 +216,12 @@ def test_importing_quantization_imports_nothing_of_the_service() -> None:
     import subprocess
     import sys
 
+    # lyceum.proto is the contract every side shares (compression reports progress through
+    # lyceum.proto.display), so it may come along; the service packages may not.
     code = (
         "import sys, lyceum.compression.quantization; "
         "bad = [m for m in sys.modules if m.startswith(('lyceum.deploy', 'lyceum.teacher_server', "
-        "'lyceum.student_client', 'lyceum.proto'))]; print(bad)"
+        "'lyceum.student_client'))]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1,19 +1,30 @@
-"""The simulated-annealing controller on toy spaces with known optima."""
+"""The search engine on toy spaces with known optima: the SA chain, its samplers, the study."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from lyceum.compression.search import (
+    CACHED_ATTR,
+    REDRAWS_ATTR,
     InfeasibleSearchError,
+    SAChain,
     SAConfig,
-    SAController,
+    SASampler,
     SearchSpace,
+    StudyConfig,
+    fail_stale_trials,
+    open_study,
+    param_names,
+    run_search,
+    trial_tokens,
 )
+from tests._support.waiting import wait_until
 
 OPTIMUM = [3, 7, 1, 8, 5, 2]
 
@@ -23,6 +34,7 @@ class _Space:
 
     def __init__(self, budget: int = 30) -> None:
         self.budget = budget
+        self.checked = 0
 
     def range_table(self) -> list[int]:
         return [10] * 6
@@ -31,139 +43,214 @@ class _Space:
         return [0] * 6
 
     def is_feasible(self, tokens: Sequence[int]) -> bool:
+        self.checked += 1
         return sum(tokens) <= self.budget
 
 
 class _Objective:
-    def __init__(self, space: _Space, scale: float = 1.0, offset: float = 0.0) -> None:
-        self.space, self.scale, self.offset = space, scale, offset
+    def __init__(self, scale: float = 1.0, offset: float = 0.0) -> None:
+        self.scale, self.offset = scale, offset
         self.calls: list[list[int]] = []
 
     def __call__(self, tokens: Sequence[int]) -> float:
         self.calls.append(list(tokens))
         return self.offset + self.scale * -sum(
-            (t - o) ** 2 for t, o in zip(tokens, OPTIMUM, strict=False)
+            (t - o) ** 2 for t, o in zip(tokens, OPTIMUM, strict=True)
         )
 
 
-def _run(config: SAConfig, **kw: float) -> tuple[list[list[int]], list[float]]:
-    space = _Space()
-    objective = _Objective(space, **kw)
-    result = SAController(space, config).search(objective)
-    return [h["tokens"] for h in result.history], [h["reward"] for h in result.history]
+def _tokens(config: SAConfig, **kw: float) -> list[list[int]]:
+    result = run_search(_Space(), _Objective(**kw), config, progress=False)
+    return [h["tokens"] for h in result.history]
 
 
-def test_space_satisfies_protocol() -> None:
-    assert isinstance(_Space(), SearchSpace)
+class _Uneven(_Space):
+    """Tokens of 2, 1, 4, 3, 1 and 10 values: two tokens can take only 0."""
+
+    TABLE = (2, 1, 4, 3, 1, 10)
+
+    def range_table(self) -> list[int]:
+        return list(self.TABLE)
+
+
+def test_proposals_stay_within_each_tokens_range() -> None:
+    space: SearchSpace = _Uneven(budget=100)  # typed as the protocol: mypy checks the fit
+    result = run_search(space, _Objective(), SAConfig(max_iterations=150, seed=0), progress=False)
+    proposals = [h["tokens"] for h in result.history]
+    assert len(proposals) == 151
+    for tokens in proposals:
+        assert all(0 <= t < n for t, n in zip(tokens, _Uneven.TABLE, strict=True)), tokens
+    values = [sorted({tokens[i] for tokens in proposals}) for i in range(6)]
+    assert values[1] == values[4] == [0]  # a one-value token never moves
+    assert len(values[5]) > 2  # the wide token is explored
 
 
 def test_same_seed_same_search_different_seed_differs() -> None:
-    a = _run(SAConfig(max_iterations=60, seed=1))
-    b = _run(SAConfig(max_iterations=60, seed=1))
-    c = _run(SAConfig(max_iterations=60, seed=2))
-    assert a == b
-    assert a[0] != c[0]
+    a = _tokens(SAConfig(max_iterations=60, seed=1))
+    assert a == _tokens(SAConfig(max_iterations=60, seed=1))
+    assert a != _tokens(SAConfig(max_iterations=60, seed=2))
+    assert len(a) == 61 and a[0] == [0] * 6
 
 
-def test_infeasible_candidates_are_never_evaluated() -> None:
+def test_infeasible_candidates_are_never_evaluated_and_redraws_are_counted() -> None:
     space = _Space(budget=12)  # the optimum (sum 26) is infeasible: the search presses on the bound
-    objective = _Objective(space)
-    SAController(space, SAConfig(max_iterations=200, seed=0)).search(objective)
-    assert len(objective.calls) == 201
-    assert all(sum(t) <= 12 for t in objective.calls)
+    objective = _Objective()
+    result = run_search(space, objective, SAConfig(max_iterations=200, seed=0), progress=False)
+    assert len(result.history) == 201
+    assert objective.calls and all(sum(t) <= 12 for t in objective.calls)
+    assert result.redraws > 0
+    assert result.redraws == sum(h["redraws"] for h in result.history)
+
+
+def test_a_revisited_candidate_is_not_evaluated_twice() -> None:
+    objective = _Objective()
+    result = run_search(_Space(), objective, SAConfig(max_iterations=150, seed=0), progress=False)
+    assert len({tuple(c) for c in objective.calls}) == len(objective.calls)
+    cached = [h for h in result.history if h["cached_from"] is not None]
+    by_number = {h["number"]: h for h in result.history}
+    for h in cached:
+        assert by_number[h["cached_from"]]["tokens"] == h["tokens"]
+        assert by_number[h["cached_from"]]["reward"] == h["reward"]
+    assert len(objective.calls) + len(cached) == 151
 
 
 def test_finds_known_optimum_of_toy_objective() -> None:
-    space = _Space()
-    result = SAController(space, SAConfig(max_iterations=400, seed=0)).search(_Objective(space))
-    # Start is 148 away (sum of squares); the optimum is 0.
+    result = run_search(
+        _Space(), _Objective(), SAConfig(max_iterations=300, seed=0), progress=False
+    )
+    # Start is 152 away (sum of squares); the optimum is 0.
     assert result.best_reward >= -2
-    assert sum(abs(t - o) for t, o in zip(result.best_tokens, OPTIMUM, strict=False)) <= 2
+    assert sum(abs(t - o) for t, o in zip(result.best_tokens, OPTIMUM, strict=True)) <= 2
 
 
 def test_acceptance_is_invariant_to_reward_units() -> None:
     # Temperature is relative to the running reward spread, so accuracies in [0, 1] and
     # percentages search identically (PaddleSlim's absolute temperature would not).
     config = SAConfig(max_iterations=80, seed=3)
-    tokens_unit, _ = _run(config, scale=1.0)
-    tokens_milli, _ = _run(config, scale=1e-3, offset=0.9)
-    assert tokens_unit == tokens_milli
+    assert _tokens(config, scale=1.0) == _tokens(config, scale=1e-3, offset=0.9)
 
 
 def test_worse_moves_are_accepted_early_rarely_late() -> None:
-    space = _Space()
-    result = SAController(space, SAConfig(max_iterations=300, seed=0)).search(_Objective(space))
-    history = result.history[1:]
+    result = run_search(
+        _Space(), _Objective(), SAConfig(max_iterations=300, seed=0), progress=False
+    )
     rewards = [h["reward"] for h in result.history]
     worse_accepted = [
-        h["accepted"] and h["reward"] < max(rewards[: i + 1]) - 1e-12 for i, h in enumerate(history)
+        h["accepted"] and h["reward"] < max(rewards[:i]) - 1e-12
+        for i, h in enumerate(result.history)
+        if i > 0
     ]
     assert any(worse_accepted[:100])
     assert sum(worse_accepted[200:]) < sum(worse_accepted[:100])
 
 
-class _Interrupt(Exception):
+def test_chain_rebuilt_from_storage_equals_the_in_memory_chain(tmp_path: Path) -> None:
+    config = SAConfig(max_iterations=20, seed=5)
+    memory = run_search(_Space(), _Objective(), config, progress=False)
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    stored = run_search(_Space(), _Objective(), config, study=study, progress=False)
+    assert stored.history == memory.history
+    # One worker's chain, driven in memory by hand through the same updates...
+    by_hand = SAChain([10] * 6, [0] * 6, seed=5, init_temperature=1.0, reduce_rate=0.9)
+    accepted = [by_hand.update(h["number"], h["tokens"], h["reward"]) for h in memory.history]
+    assert accepted == [h["accepted"] for h in memory.history]
+    # ...equals the chain a fresh sampler rebuilds from the storage alone.
+    trials = open_study(study).get_trials()
+    assert SASampler(_Space(), config).chain(trials) == by_hand
+    assert by_hand.best_tokens == stored.best_tokens
+
+
+class _Stop(Exception):
     pass
 
 
-def test_resume_from_state_continues_identically(tmp_path: Path) -> None:
-    config = SAConfig(max_iterations=50, seed=7)
-    reference = _run(config)
+def test_a_stopped_search_resumes_from_storage_and_continues_identically(tmp_path: Path) -> None:
+    config = SAConfig(max_iterations=25, seed=7)
+    reference = run_search(_Space(), _Objective(), config, progress=False)
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
 
-    state = tmp_path / "sa.json"
-    space = _Space()
-    calls = 0
+    def stop_after_12(entry: dict) -> None:
+        if entry["number"] == 11:
+            raise _Stop
 
-    def flaky(tokens: Sequence[int]) -> float:
-        nonlocal calls
-        calls += 1
-        if calls == 23:
-            raise _Interrupt
-        return -sum((t - o) ** 2 for t, o in zip(tokens, OPTIMUM, strict=False))
-
-    with pytest.raises(_Interrupt):
-        SAController(space, config, state_path=state).search(flaky)
-    saved = json.loads(state.read_text())
-    assert len(saved["history"]) == 22
-    resumed = SAController(space, config, state_path=state).search(_Objective(space))
-    assert [h["tokens"] for h in resumed.history] == reference[0]
-    assert [h["reward"] for h in resumed.history] == reference[1]
-    assert not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(_Stop):
+        run_search(
+            _Space(), _Objective(), config, study=study, on_trial=stop_after_12, progress=False
+        )
+    objective = _Objective()
+    resumed = run_search(_Space(), objective, config, study=study, progress=False)
+    assert resumed.history == reference.history
+    assert len(objective.calls) == sum(h["cached_from"] is None for h in reference.history[12:])
 
 
-def test_resume_with_larger_budget_extends_search(tmp_path: Path) -> None:
-    space = _Space()
-    state = tmp_path / "sa.json"
-    SAController(space, SAConfig(max_iterations=20, seed=4), state_path=state).search(
-        _Objective(space)
+def test_resume_with_larger_budget_extends_the_search(tmp_path: Path) -> None:
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    run_search(
+        _Space(), _Objective(), SAConfig(max_iterations=10, seed=4), study=study, progress=False
     )
-    objective = _Objective(space)
-    extended = SAController(space, SAConfig(max_iterations=30, seed=4), state_path=state)
-    result = extended.search(objective)
-    assert len(objective.calls) == 10
-    assert len(result.history) == 31
-    assert [h["tokens"] for h in result.history] == _run(SAConfig(max_iterations=30, seed=4))[0]
+    result = run_search(
+        _Space(), _Objective(), SAConfig(max_iterations=15, seed=4), study=study, progress=False
+    )
+    assert (
+        result.history
+        == run_search(
+            _Space(), _Objective(), SAConfig(max_iterations=15, seed=4), progress=False
+        ).history
+    )
 
 
 def test_resume_refuses_different_settings(tmp_path: Path) -> None:
-    space = _Space()
-    state = tmp_path / "sa.json"
-    SAController(space, SAConfig(max_iterations=3, seed=1), state_path=state).search(
-        _Objective(space)
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    run_search(
+        _Space(), _Objective(), SAConfig(max_iterations=3, seed=1), study=study, progress=False
     )
-    with pytest.raises(ValueError, match="saved config"):
-        SAController(space, SAConfig(max_iterations=3, seed=2), state_path=state)
+    with pytest.raises(ValueError, match=r"study 'toy': saved chain .* differs"):
+        run_search(_Space(), _Objective(), SAConfig(max_iterations=3, seed=2), study=study)
+
+    class Wider(_Space):
+        def range_table(self) -> list[int]:
+            return [11] * 6
+
+    with pytest.raises(ValueError, match=r"saved range_table \[10, 10"):
+        run_search(Wider(), _Objective(), SAConfig(max_iterations=3, seed=1), study=study)
+
+
+def test_a_trial_without_heartbeat_is_failed_and_its_candidate_retried(tmp_path: Path) -> None:
+    config = SAConfig(max_iterations=5, seed=0)
+    study_config = StudyConfig(
+        storage=str(tmp_path / "s.db"), study="toy", heartbeat_interval=0.1, grace_period=0.5
+    )
+    run_search(_Space(), _Objective(), config, study=study_config, progress=False)
+    # A worker that drew a candidate and died: the trial stays RUNNING with no heartbeat.
+    sampler = SASampler(_Space(), config)
+    study = open_study(study_config, sampler)
+    dead = study.ask()
+    tokens = [dead.suggest_int(n, 0, 9) for n in param_names([10] * 6)]
+    assert fail_stale_trials(study, grace_period=3600) == []
+    failed = wait_until(
+        lambda: fail_stale_trials(study, grace_period=0.5), "the dead trial judged stale"
+    )
+    assert failed == [dead.number]
+    objective = _Objective()
+    result = run_search(
+        _Space(), objective, config.model_copy(update={"max_iterations": 7}), study=study_config
+    )
+    # Handed out again first, and trained once.
+    assert objective.calls[0] == tokens
+    retry = open_study(study_config).trials[dead.number + 1]
+    assert retry.state == TrialState.COMPLETE and trial_tokens(retry, [10] * 6) == tokens
+    assert len(result.history) == 8
 
 
 def test_init_tokens_are_used_and_validated() -> None:
-    space = _Space()
-    objective = _Objective(space)
-    SAController(space, SAConfig(max_iterations=0), init_tokens=[*OPTIMUM[:5], 0]).search(objective)
+    objective = _Objective()
+    config = SAConfig(max_iterations=0)
+    run_search(_Space(), objective, config, init_tokens=[*OPTIMUM[:5], 0], progress=False)
     assert objective.calls == [[3, 7, 1, 8, 5, 0]]
     with pytest.raises(ValueError, match="token 2 is 10, outside its range"):
-        SAController(space, init_tokens=[0, 0, 10, 0, 0, 0])
+        run_search(_Space(), objective, config, init_tokens=[0, 0, 10, 0, 0, 0])
     with pytest.raises(ValueError, match="violate the constraint"):
-        SAController(space, init_tokens=[9, 9, 9, 9, 0, 0]).search(objective)
+        run_search(_Space(), objective, config, init_tokens=[9, 9, 9, 9, 0, 0])
 
 
 def test_no_feasible_neighbour_raises_clear_error() -> None:
@@ -171,12 +258,24 @@ def test_no_feasible_neighbour_raises_clear_error() -> None:
         def is_feasible(self, tokens: Sequence[int]) -> bool:
             return list(tokens) == [0] * 6
 
-    space = Stuck()
-    controller = SAController(space, SAConfig(max_iterations=5, max_resample=20))
     with pytest.raises(
         InfeasibleSearchError, match=r"no feasible neighbour of \[0, 0, 0, 0, 0, 0\] in 20 draws"
     ):
-        controller.search(_Objective(space))
+        run_search(Stuck(), _Objective(), SAConfig(max_iterations=5, max_resample=20))
+
+
+@pytest.mark.parametrize(
+    "sampler", [optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0)]
+)
+def test_other_samplers_draw_only_feasible_candidates(sampler: optuna.samplers.BaseSampler) -> None:
+    objective = _Objective()
+    result = run_search(
+        _Space(budget=26), objective, SAConfig(max_iterations=30), sampler=sampler, progress=False
+    )
+    assert len(result.history) == 31
+    assert all(sum(t) <= 26 for t in objective.calls)
+    assert result.redraws > 0  # random draws from 0..9 x 6 (mean sum 27) are often over 26
+    assert all(h["accepted"] is None for h in result.history)
 
 
 def test_bad_config_values_are_rejected() -> None:
@@ -184,13 +283,46 @@ def test_bad_config_values_are_rejected() -> None:
         SAConfig(reduce_rate=1.5)
     with pytest.raises(ValueError, match="extra"):
         SAConfig.model_validate({"temperature": 3})
+    with pytest.raises(ValueError, match=r"grace_period 1\.0 s must exceed heartbeat_interval"):
+        StudyConfig(heartbeat_interval=2, grace_period=1)
+    with pytest.raises(ValueError, match=r"directory .*nowhere does not exist"):
+        run_search(_Space(), _Objective(), study=StudyConfig(storage="/nowhere/s.db"))
 
 
 def test_tied_rewards_then_a_worse_one_do_not_divide_by_zero() -> None:
     # Accuracies often tie: every earlier delta 0 leaves the running spread at 0.
-    controller = SAController(_Space(), SAConfig(seed=0))
-    for reward in (0.5, 0.5, 0.5):
-        controller.update(controller.propose(), reward)
-    accepted = controller.update(controller.propose(), 0.4)
-    assert isinstance(accepted, bool)
-    assert controller.history[-1]["reward"] == 0.4
+    chain = SAChain([10] * 6, [0] * 6)
+    for number, reward in enumerate((0.5, 0.5, 0.5)):
+        chain.update(number, chain.neighbour(number, 0), reward)
+    assert isinstance(chain.update(3, chain.neighbour(3, 0), 0.4), bool)
+    assert chain.spread > 0 and chain.moves == 3
+
+
+def test_an_objective_error_fails_the_trial_and_propagates(tmp_path: Path) -> None:
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+
+    def broken(tokens: Sequence[int]) -> float:
+        raise RuntimeError("no data")
+
+    with pytest.raises(RuntimeError, match="no data"):
+        run_search(_Space(), broken, study=study, progress=False)
+    [trial] = open_study(study).trials
+    assert trial.state == TrialState.FAIL
+    assert trial.system_attrs["lyceum:error"] == "RuntimeError: no data"
+    assert CACHED_ATTR not in trial.system_attrs and REDRAWS_ATTR in trial.system_attrs
+
+
+def test_progress_counts_the_studys_trials_and_resumes_from_storage(
+    tmp_path: Path, progress_lines
+) -> None:
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    run_search(_Space(), _Objective(), SAConfig(max_iterations=5, seed=0), study=study)
+    first = [line for line in progress_lines() if line.startswith("search:")]
+    assert first[-1].startswith("search: 6/6 trial (100%), ") and "best=" in first[-1]
+    run_search(_Space(), _Objective(), SAConfig(max_iterations=8, seed=0), study=study)
+    assert [x for x in progress_lines() if x.startswith("search:")][-1].startswith(
+        "search: 9/9 trial (100%), "
+    )
+    summaries = [line for line in progress_lines() if line.startswith("trial ")]
+    assert len(summaries) == 9
+    assert summaries[0].startswith("trial 0: reward -152.0000, tokens 0,0,0,0,0,0, 0 redraws;")

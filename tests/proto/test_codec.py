@@ -10,13 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lyceum.proto import KnowledgeSchema, decode, dense, encode, to_record_batch, topk
-from lyceum.proto.codec import TORCH_DTYPES, read_ipc, to_ipc
-from lyceum.proto.schema import METADATA_SCHEMA_KEY, METADATA_VERSION_KEY
+from lyceum.proto._schema_cache import CAPACITY, SCHEMAS, SchemaCache
+from lyceum.proto.codec import TORCH_DTYPES, KnowledgeBatch, concat_batches, read_ipc, to_ipc
+from lyceum.proto.schema import METADATA_SCHEMA_KEY, METADATA_VERSION_KEY, DType
 
 DTYPES = list(TORCH_DTYPES)
 
 
-def _random_tensor(dtype: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def _random_tensor(dtype: DType, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if dtype == "bool":
         return torch.randint(0, 2, shape, generator=g).bool()
@@ -25,7 +26,7 @@ def _random_tensor(dtype: str, shape: tuple[int, ...], seed: int) -> torch.Tenso
     return (torch.randn(shape, generator=g) * 100).to(TORCH_DTYPES[dtype])
 
 
-def _topk_parts(shape: tuple[int, ...], k: int, dtype: str, seed: int):
+def _topk_parts(shape: tuple[int, ...], k: int, dtype: DType, seed: int):
     dense_values = _random_tensor(dtype, shape, seed)
     values, indices = torch.topk(dense_values.float(), k, dim=-1)
     return values.to(TORCH_DTYPES[dtype]), indices.to(torch.int32)
@@ -125,8 +126,10 @@ def test_variable_fields_share_offsets_and_are_views():
     )
     batch = decode(data, schema)
     values, indices = batch.tensors["tok.values"], batch.tensors["tok.indices"]
-    assert values.offsets().tolist() == [0, 3, 4, 9]
-    assert values.offsets() is indices.offsets()
+    assert values.is_nested and indices.is_nested  # a sequence field decodes to jagged tensors
+    # Jagged nested tensors, which torch's stubs type as plain Tensors.
+    assert values.offsets().tolist() == [0, 3, 4, 9]  # type: ignore[attr-defined]
+    assert values.offsets() is indices.offsets()  # type: ignore[attr-defined]
     assert data.address <= values.values().data_ptr() < data.address + data.size
     # The same ragged dimension lets values and indices be combined directly.
     assert (values + indices.to(torch.float32)).size(0) == 3
@@ -235,7 +238,7 @@ def test_decode_duplicate_ids_refused():
 def test_decode_topk_index_out_of_range_refused():
     schema = KnowledgeSchema(fields=(topk("z", "float32", (5,), 2),))
     values = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2, np.float32)), 2)
-    indices = pa.FixedSizeListArray.from_arrays(pa.array(np.array([0, 9], np.int32)), 2)
+    indices = pa.FixedSizeListArray.from_arrays(pa.array(np.array([0, 9], np.uint8)), 2)
     data = _forge(
         schema,
         [pa.array([1], pa.uint64()), values, indices],
@@ -345,3 +348,75 @@ def test_decode_after_the_schema_is_known_still_refuses_bad_streams():
     other = KnowledgeSchema(fields=(dense("logits", "float32", (6,)),))
     with pytest.raises(ValueError, match="schema mismatch"):
         decode(good, other)
+
+
+def test_concat_batches_dense_and_jagged() -> None:
+    schema = KnowledgeSchema(fields=(dense("f", "float32", (2,)), dense("s", "float32", (None, 1))))
+
+    def batch(ids: list[int], rows: list[list[float]], seqs: list[list[float]]) -> KnowledgeBatch:
+        jag = torch.nested.nested_tensor(
+            [torch.tensor(s).reshape(-1, 1) for s in seqs], layout=torch.jagged
+        )
+        return KnowledgeBatch(torch.tensor(ids), {"f": torch.tensor(rows), "s": jag}, schema)
+
+    a = batch([3, 1], [[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0, 3.0]])
+    b = batch([9], [[5.0, 6.0]], [[4.0, 5.0, 6.0]])
+    c = concat_batches([a, b])
+    assert c.sample_ids.tolist() == [3, 1, 9]
+    assert c.tensors["f"].tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert c.tensors["s"].offsets().tolist() == [0, 1, 3, 6]  # type: ignore[attr-defined]
+    assert c.tensors["s"].values().flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def _schemas(n: int) -> list[KnowledgeSchema]:
+    return [KnowledgeSchema(fields=(dense("logits", "float32", (k + 1,)),)) for k in range(n)]
+
+
+def test_the_schema_cache_keeps_the_most_recently_used_schemas() -> None:
+    one, two, three = _schemas(3)
+    cache = SchemaCache(capacity=2)
+    first = cache.arrow(one)
+    assert cache.arrow(one) is first  # built once
+    second = cache.arrow(two)
+    assert cache.arrow(one) is first  # used again: now the most recent
+    cache.arrow(three)  # the cache is full: `two`, the least recently used, goes
+    assert cache.arrow(one) is first and cache.arrow(two) is not second
+    assert cache.arrow(two).equals(second, check_metadata=True)
+    # Found by its Arrow schema, too, with its schema message serialised once.
+    assert cache.message(first) is cache.message(one.to_arrow())
+    assert cache.message(first) == first.serialize().to_pybytes()
+
+
+def test_the_schema_cache_remembers_received_messages_and_passed_validations() -> None:
+    one, two = _schemas(2)
+    cache = SchemaCache(capacity=4)
+    arrow = one.to_arrow()
+    message = arrow.serialize().to_pybytes()
+    assert cache.received(message) is None
+    entry = cache.remember(message, arrow)
+    assert cache.received(message) is entry and entry.arrow.equals(arrow, check_metadata=True)
+    calls = []
+
+    def validate() -> KnowledgeSchema:
+        calls.append(1)
+        return one
+
+    assert cache.validated(arrow, one, "here", validate) is one
+    assert cache.validated(arrow, one, "here", validate) is one and len(calls) == 1
+    cache.validated(arrow, one, "elsewhere", validate)  # another place: validated again
+    assert len(calls) == 2
+
+    def refuse() -> KnowledgeSchema:
+        calls.append(1)
+        raise ValueError("mismatch")
+
+    for _ in range(2):  # a validation that failed is not remembered: it fails again
+        with pytest.raises(ValueError, match="mismatch"):
+            cache.validated(arrow, two, "here", refuse)
+    assert len(calls) == 4
+
+
+def test_a_peer_sending_new_schemas_cannot_grow_the_cache() -> None:
+    for schema in _schemas(CAPACITY + 20):
+        decode(encode(schema, [0], {"logits": torch.zeros(1, schema.fields[0].shape[0] or 1)}))
+    assert len(SCHEMAS) <= CAPACITY

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from lyceum.proto import FieldSpec, KnowledgeSchema, TopK, dense, topk
-from lyceum.proto.schema import METADATA_VERSION_KEY
+from lyceum.proto.schema import FORMAT_VERSION, METADATA_VERSION_KEY
 
 
 def test_json_and_arrow_round_trip():
@@ -54,7 +54,7 @@ def test_unknown_major_version_refused_with_advice():
     with pytest.raises(ValueError, match=r"'7.1'.*reads 1.x"):
         KnowledgeSchema.from_arrow(arrow.with_metadata(meta))
     with pytest.raises(ValueError, match=r"'3.0'"):
-        KnowledgeSchema.from_json(schema.to_json().replace('"1.0"', '"3.0"'))
+        KnowledgeSchema.from_json(schema.to_json().replace(f'"{FORMAT_VERSION}"', '"3.0"'))
 
 
 def test_minor_version_is_accepted():

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lyceum.proto import codec, wire
+from lyceum.proto import _ipc, wire
 from lyceum.proto.codec import decode, to_ipc, to_record_batch
 from lyceum.proto.schema import KnowledgeSchema, dense
 from lyceum.v1 import knowledge_pb2 as pb
@@ -23,7 +23,8 @@ def test_query_request_and_knowledge_reply_match_generated_classes(rid, payload)
     encoded = wire.encode_request(rid, inputs=payload)
     assert encoded == pb.DistillRequest(request_id=rid, inputs=payload).SerializeToString()
     parsed = wire.decode_request(encoded)
-    assert parsed.request_id == rid and bytes(parsed.inputs) == payload and parsed.ids is None
+    assert parsed.inputs is not None and parsed.ids is None
+    assert parsed.request_id == rid and bytes(parsed.inputs) == payload
 
 
 @given(rid=st.integers(0, 2**64 - 1), rows=st.integers(1, 40))
@@ -49,6 +50,7 @@ def test_index_request_round_trips(rid, ids):
     generated = pb.DistillRequest.FromString(encoded)
     assert generated.request_id == rid and list(generated.ids.ids) == ids
     parsed = wire.decode_request(generated.SerializeToString())
+    assert parsed.ids is not None
     assert parsed.ids.tolist() == ids and parsed.ids.dtype == np.uint64
 
 
@@ -56,10 +58,10 @@ def test_large_batch_reply_takes_the_exact_size_path_with_the_same_bytes():
     schema = KnowledgeSchema(fields=(dense("logits", "float32", (1000,)),))
     x = torch.randn(300, 1000)  # 1.2 MB: above JOIN_BELOW
     batch = to_record_batch(schema, range(300), {"logits": x})
-    assert codec.ipc_size(batch) >= codec.JOIN_BELOW
+    assert _ipc.ipc_size(batch) >= _ipc.JOIN_BELOW
     reply = wire.encode_batch_reply(9, batch)
     ipc = to_ipc(batch).to_pybytes()
-    assert len(ipc) == codec.ipc_size(batch)
+    assert len(ipc) == _ipc.ipc_size(batch)
     assert pb.DistillReply.FromString(reply).knowledge == ipc and reply.endswith(ipc)
     got = decode(wire.decode_reply(reply).knowledge, schema).tensors["logits"]
     assert torch.equal(got, x)
@@ -90,6 +92,7 @@ def test_error_reply_and_unknown_fields():
     assert (reply.request_id, reply.error_code, reply.error_message) == (7, 8, "queue is full")
     # An unknown field (number 15, varint) is skipped, as protobuf does.
     parsed = wire.decode_request(b"\x78\x01" + wire.encode_request(3, inputs=b"abc"))
+    assert parsed.inputs is not None
     assert parsed.request_id == 3 and bytes(parsed.inputs) == b"abc"
 
 

@@ -12,18 +12,19 @@ import torch
 import yaml
 import zmq
 import zmq.auth
-from teachers import DIGITS, ENV, SLOW, reference_logits, save_checkpoint
+from pydantic import ValidationError
 
 from lyceum.deploy.examples import digits
 from lyceum.deploy.launcher import TeacherProcess, start_teacher
-from lyceum.student_client._connections import TeacherError
+from lyceum.proto.errors import UNAUTHENTICATED
+from lyceum.student_client import CredentialOptions, TeacherError, TeacherTimeouts
 from lyceum.student_client.sources import OnlineTeacher
 from lyceum.student_client.trainer import build_sources
 from lyceum.student_client.trainer_config import load_config, validate_config
+from tests._support.teachers import DIGITS, ENV, SLOW, reference_logits, save_checkpoint
 
 TOKEN = "curve-test-token-0123456789"
 ZMQ = "zmq://127.0.0.1:1"  # nothing listens: building a teacher only opens a socket
-UNAUTHENTICATED = 16
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +97,30 @@ def test_bad_credentials_name_the_option(
     endpoints: list[str], options: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError) as err:
-        OnlineTeacher(endpoints, **options)
+        OnlineTeacher(endpoints, credentials=CredentialOptions(**options))
     assert message in str(err.value) and str(endpoints) in str(err.value), err.value
+
+
+def test_options_are_configs_that_name_a_wrong_key_and_keep_secrets_out_of_repr() -> None:
+    with pytest.raises(ValidationError, match="tokn"):
+        CredentialOptions(tokn="x")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="greater than 0"):
+        TeacherTimeouts(request_timeout_s=0)
+    options = CredentialOptions(token=b"t", tls_ca=Path("ca.pem"))
+    with pytest.raises(ValidationError, match="frozen"):
+        options.token = "other"  # refused at run time: the options are frozen
+    assert options.token == b"t" and options.tls_ca == Path("ca.pem")  # kept as given
+    secret = CredentialOptions(token="s3cret-token", curve_secret_key=SECRET)
+    assert "s3cret-token" not in repr(secret) and SECRET not in repr(secret)
 
 
 def test_a_certificate_without_its_secret_is_refused(keys: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"holds no secret key; give the \*\.key_secret file"):
         OnlineTeacher(
-            ZMQ, curve_server_key=SERVER_KEY, curve_secret_key_file=keys["dir"] / "student.key"
+            ZMQ,
+            credentials=CredentialOptions(
+                curve_server_key=SERVER_KEY, curve_secret_key_file=keys["dir"] / "student.key"
+            ),
         )
 
 
@@ -115,14 +132,15 @@ def test_student_keys_from_a_file_or_inline(keys: dict[str, Any], source: str) -
         "inline": {"curve_secret_key": keys["student_secret"]},
     }[source]
     # Replicas on both transports: CURVE applies to the ZeroMQ one, TLS to the gRPC one.
-    with OnlineTeacher(
-        ["grpc://127.0.0.1:1", ZMQ],
+    options = CredentialOptions(
         tls_server_name="teacher.local",
         curve_server_key_file=keys["teacher_cert"],
         curve_public_key=keys["student_public"],
         **secret,
-    ) as teacher:
-        c = teacher.credentials
+    )
+    with OnlineTeacher(["grpc://127.0.0.1:1", ZMQ], credentials=options) as teacher:
+        assert teacher.credentials == options
+    c = options.build(["grpc://127.0.0.1:1", ZMQ])
     assert c.curve_server_key == keys["teacher_public"].encode()
     assert c.curve_public_key == keys["student_public"].encode()
     assert c.curve_secret_key == keys["student_secret"].encode()
@@ -219,11 +237,13 @@ def test_allowed_student_keys_reach_the_teacher(
     with OnlineTeacher(
         secure_teacher.endpoint("zmq"),
         mode="index",
-        token=TOKEN,
-        curve_server_key=keys["teacher_public"],
-        curve_public_key=keys["student_public"],
-        curve_secret_key=keys["student_secret"],
-        timeout_s=20,
+        credentials=CredentialOptions(
+            token=TOKEN,
+            curve_server_key=keys["teacher_public"],
+            curve_public_key=keys["student_public"],
+            curve_secret_key=keys["student_secret"],
+        ),
+        timeouts=TeacherTimeouts(timeout_s=20),
     ) as teacher:
         batch = teacher.request([3, 1, 4])
     assert batch.sample_ids.tolist() == [3, 1, 4]
@@ -244,8 +264,12 @@ def test_keys_outside_the_allow_list_are_refused(
     endpoint = secure_teacher.endpoint("zmq")
     with (
         OnlineTeacher(
-            endpoint, mode="index", token=TOKEN, curve_server_key=keys["teacher_public"],
-            timeout_s=60, connect_timeout_s=30, **options,
+            endpoint,
+            mode="index",
+            credentials=CredentialOptions(
+                token=TOKEN, curve_server_key=keys["teacher_public"], **options
+            ),
+            timeouts=TeacherTimeouts(timeout_s=60, connect_timeout_s=30),
         ) as teacher,
         pytest.raises(TeacherError) as err,
     ):  # fmt: skip

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from teachers import HERE, make_dump
 
 from lyceum.deploy.examples import digits
+from tests._support.teachers import make_dump
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_two_ranks_see_each_id_once_per_epoch(tmp_path: Path) -> None:
         "--standalone",
         "--nproc-per-node",
         "2",
-        str(HERE / "ddp_worker.py"),
+        str(Path(__file__).with_name("ddp_worker.py")),
         str(path),
         str(tmp_path),
     ]

@@ -337,7 +337,7 @@ def test_hint_loss_regressor_shape_value_and_gradient() -> None:
     with torch.no_grad():
         hint.regressor.weight.zero_()
         hint.regressor.weight[:, :, 1, 1] = torch.tensor(a, dtype=torch.float32)
-        hint.regressor.bias.zero_()
+        nn.init.zeros_(hint.regressor.bias)  # type: ignore[arg-type]  # the regressor has a bias
     rng = np.random.default_rng(0)
     s = rng.normal(size=(2, 2, 4, 4))
     t = rng.normal(size=(2, 3, 4, 4))
@@ -433,7 +433,8 @@ def test_distill_objective_weighted_total_and_per_term_values() -> None:
     out = objective(student, knowledge, task_loss=torch.tensor(1.5))
     kd = soft_label_kd(student["logits"], teacher_probs.half(), meaning="probs", temperature=2.0)
     tk = topk_kd(student["lm"], knowledge["tokens.values"], knowledge["tokens.indices"])
-    feat = FeatureMSE()(objective.losses["feat"].adapter(student["hidden"]), torch.ones(2, 4))
+    adapter = objective.losses["feat"].get_submodule("adapter")
+    feat = FeatureMSE()(adapter(student["hidden"]), torch.ones(2, 4))
     assert out.terms["task"].item() == 1.5
     assert out.terms["kd"].item() == pytest.approx(kd.item(), rel=1e-6)
     assert out.terms["topk"].item() == pytest.approx(tk.item(), rel=1e-6)

@@ -7,13 +7,12 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
-from custom_strategies import Median
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
 from lyceum.proto import codec
-from lyceum.proto.schema import FieldSpec, KnowledgeSchema, dense, topk
+from lyceum.proto.schema import DType, FieldSpec, KnowledgeSchema, dense, topk
 from lyceum.student_client.merger import (
     STRATEGIES,
     Mean,
@@ -22,6 +21,7 @@ from lyceum.student_client.merger import (
     Weighted,
     register_strategy,
 )
+from tests._support.custom_strategies import Median
 
 torch.set_num_threads(1)
 
@@ -46,11 +46,11 @@ def make_batch(
 
 
 def logits_batch(
-    teacher: str, dtype: str = "float32", meaning: str = "logits"
+    teacher: str, dtype: DType = "float32", meaning: str = "logits"
 ) -> codec.KnowledgeBatch:
     ids = [IDS[i] for i in ROW_ORDER[teacher]]
     rows = torch.tensor([[value(teacher, i, j) for j in range(3)] for i in ids])
-    spec = dense("logits", dtype, (3,), meaning=meaning)  # type: ignore[arg-type]
+    spec = dense("logits", dtype, (3,), meaning=meaning)  # type: ignore[arg-type]  # parametrized
     return make_batch([spec], {"logits": rows.to(codec.TORCH_DTYPES[dtype])}, ids)
 
 
@@ -387,12 +387,16 @@ def test_a_registry_of_the_users_own_feeds_the_merger() -> None:
 @pytest.mark.parametrize(
     ("spec", "name", "combine"),
     [
-        ("custom_strategies:Median", "median", lambda xs: sorted(xs)[1]),
-        ("custom_strategies:MEDIAN", "median", lambda xs: sorted(xs)[1]),
-        ("custom_strategies:scaled_sum", "custom_strategies:scaled_sum", sum),
+        ("tests._support.custom_strategies:Median", "median", lambda xs: sorted(xs)[1]),
+        ("tests._support.custom_strategies:MEDIAN", "median", lambda xs: sorted(xs)[1]),
         (
-            'custom_strategies:scaled_sum{"scale": 0.5}',
-            'custom_strategies:scaled_sum{"scale": 0.5}',
+            "tests._support.custom_strategies:scaled_sum",
+            "tests._support.custom_strategies:scaled_sum",
+            sum,
+        ),
+        (
+            'tests._support.custom_strategies:scaled_sum{"scale": 0.5}',
+            'tests._support.custom_strategies:scaled_sum{"scale": 0.5}',
             lambda xs: 0.5 * sum(xs),
         ),
     ],
@@ -409,12 +413,18 @@ def test_a_spec_names_a_strategy_of_the_users_own(spec: str, name: str, combine:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("custom_strategies:nope", "module 'custom_strategies' has no attribute 'nope'"),
+        (
+            "tests._support.custom_strategies:nope",
+            "module 'tests._support.custom_strategies' has no attribute 'nope'",
+        ),
         ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-        ("custom_strategies:", "expected 'package.module:callable'"),
-        ("custom_strategies:NotAStrategy", "NotAStrategy is not a MergeStrategy"),
-        ('custom_strategies:MEDIAN{"x": 1}', "names an instance, which takes no keyword"),
-        ('custom_strategies:Median{"x": 1}', "building it failed"),
+        ("tests._support.custom_strategies:", "expected 'package.module:callable'"),
+        ("tests._support.custom_strategies:NotAStrategy", "NotAStrategy is not a MergeStrategy"),
+        (
+            'tests._support.custom_strategies:MEDIAN{"x": 1}',
+            "names an instance, which takes no keyword",
+        ),
+        ('tests._support.custom_strategies:Median{"x": 1}', "building it failed"),
     ],
 )
 def test_bad_strategy_specs_are_named(spec: str, message: str) -> None:

@@ -1,5 +1,5 @@
-"""Knowledge sources: offline by id, batch concatenation, and one online plus one offline
-teacher merged by a loader (values checked against hand-computed means)."""
+"""Knowledge sources: offline by id, and one online plus one offline teacher merged by a
+loader (values checked against hand-computed means)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from teachers import DIGITS, ENV, SLOW, make_dump, reference_logits, save_checkpoint
 
 from lyceum.deploy.examples import digits
 from lyceum.deploy.launcher import start_teacher
-from lyceum.proto.codec import KnowledgeBatch
-from lyceum.proto.schema import KnowledgeSchema, dense
-from lyceum.student_client._positions import jagged_offsets
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.merger import Merger
 from lyceum.student_client.offline import OfflineKnowledge
-from lyceum.student_client.sources import (
-    KnowledgeSource,
-    OfflineTeacher,
-    OnlineTeacher,
-    concat_batches,
+from lyceum.student_client.sources import KnowledgeSource, OfflineTeacher, OnlineTeacher
+from tests._support.teachers import (
+    DIGITS,
+    ENV,
+    SLOW,
+    make_dump,
+    reference_logits,
+    save_checkpoint,
 )
 
 
@@ -48,24 +47,6 @@ def test_offline_teacher_submit_poll_outstanding(dump_dir: Path, small_set) -> N
     assert done[7].sample_ids.tolist() == [5, 2, 300]
     assert torch.equal(done[7].tensors["logits"], direct.tensors["logits"])
     source.close()
-
-
-def test_concat_batches_dense_and_jagged() -> None:
-    schema = KnowledgeSchema(fields=(dense("f", "float32", (2,)), dense("s", "float32", (None, 1))))
-
-    def batch(ids: list[int], rows: list[list[float]], seqs: list[list[float]]) -> KnowledgeBatch:
-        jag = torch.nested.nested_tensor(
-            [torch.tensor(s).reshape(-1, 1) for s in seqs], layout=torch.jagged
-        )
-        return KnowledgeBatch(torch.tensor(ids), {"f": torch.tensor(rows), "s": jag}, schema)
-
-    a = batch([3, 1], [[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0, 3.0]])
-    b = batch([9], [[5.0, 6.0]], [[4.0, 5.0, 6.0]])
-    c = concat_batches([a, b])
-    assert c.sample_ids.tolist() == [3, 1, 9]
-    assert c.tensors["f"].tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
-    assert jagged_offsets(c.tensors["s"]).tolist() == [0, 1, 3, 6]
-    assert c.tensors["s"].values().flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
 
 @pytest.mark.integration

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 
+import pyarrow as pa
 import pytest
 import torch
 from torch import nn
 
 from lyceum.proto.codec import from_record_batch
-from lyceum.teacher_server.batcher import DynamicBatcher, Job
+from lyceum.proto.errors import RESOURCE_EXHAUSTED, UNAVAILABLE
+from lyceum.teacher_server._inputs import InputBatch
+from lyceum.teacher_server.batcher import DynamicBatcher, Job, Knowledge
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
-from lyceum.teacher_server.errors import RESOURCE_EXHAUSTED, UNAVAILABLE, ServeError
+from lyceum.teacher_server.errors import ServeError
 from lyceum.teacher_server.metrics import ServerMetrics
+from tests._support.waiting import wait_until
 
 
 class Recording(TeacherEngine):
@@ -25,10 +30,18 @@ class Recording(TeacherEngine):
         self.sizes: list[int] = []
         self.delay_s = delay_s
 
-    def infer(self, batch, lengths=None):  # type: ignore[no-untyped-def]
-        self.sizes.append(len(batch))
-        time.sleep(self.delay_s)
+    def infer(
+        self, batch: torch.Tensor | InputBatch, lengths: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        self.sizes.append(batch.samples if isinstance(batch, InputBatch) else len(batch))
+        time.sleep(self.delay_s)  # slowness on purpose (a device batch's cost), not a wait
         return super().infer(batch, lengths)
+
+
+def _knowledge(result: object) -> pa.RecordBatch:
+    """A job's answer, which must be knowledge (not a ServeError)."""
+    assert isinstance(result, Knowledge), result
+    return result.record_batch()
 
 
 class Results:
@@ -36,7 +49,7 @@ class Results:
         self.items: dict[int, object] = {}
         self.event = threading.Event()
 
-    def callback(self, key: int, expected: int):  # type: ignore[no-untyped-def]
+    def callback(self, key: int, expected: int) -> Callable[[object], None]:
         def done(result: object) -> None:
             self.items[key] = result
             if len(self.items) == expected:
@@ -45,14 +58,16 @@ class Results:
         return done
 
 
-def _job(ids: list[int], done) -> Job:  # type: ignore[no-untyped-def]
+def _job(ids: list[int], done: Callable[[object], None]) -> Job:
     import numpy as np
 
     x = torch.arange(len(ids) * 4, dtype=torch.float32).reshape(len(ids), 4) + ids[0]
     return Job(ids=np.asarray(ids, dtype=np.uint64), inputs=x, done=done)
 
 
-def _batcher(engines, max_batch=8, delay_s=0.05, queue=64) -> DynamicBatcher:  # type: ignore[no-untyped-def]
+def _batcher(
+    engines: Sequence[TeacherEngine], max_batch: int = 8, delay_s: float = 0.05, queue: int = 64
+) -> DynamicBatcher:
     b = DynamicBatcher(engines, max_batch, delay_s, queue, ServerMetrics())
     b.start()
     return b
@@ -70,7 +85,7 @@ def test_requests_coalesce_up_to_max_batch_and_split_back():
     # 3+3 fit in 8, a third request of 3 would not: batches of 6, 6 and 3 samples.
     assert engine.sizes == [6, 6, 3]
     for k, job in enumerate(jobs):
-        got = from_record_batch(results.items[k].record_batch())  # type: ignore[union-attr]
+        got = from_record_batch(_knowledge(results.items[k]))
         assert got.sample_ids.tolist() == [3 * k, 3 * k + 1, 3 * k + 2]
         with torch.inference_mode():
             want = engine.model(job.inputs)
@@ -82,7 +97,7 @@ def test_a_request_waits_for_company_but_not_forever():
     batcher = _batcher([engine], delay_s=0.5)
     results = Results()
     batcher.submit(_job([1], results.callback(0, 2)))
-    time.sleep(0.05)  # well within the delay: the first request is still waiting
+    assert engine.sizes == []  # within its delay, the first request waits for company
     batcher.submit(_job([2], results.callback(1, 2)))
     assert results.event.wait(5)
     lone = Results()
@@ -97,7 +112,7 @@ def test_full_queue_refuses_and_shutdown_refuses():
     batcher = _batcher([engine], max_batch=4, delay_s=0.0, queue=8)
     results = Results()
     batcher.submit(_job([0, 1, 2, 3], results.callback(0, 3)))
-    time.sleep(0.1)  # the first batch is running: the queue is empty again
+    wait_until(lambda: engine.sizes, "the first batch to run")  # the queue is empty again
     batcher.submit(_job([4, 5, 6, 7], results.callback(1, 3)))
     batcher.submit(_job([8, 9, 10, 11], results.callback(2, 3)))
     with pytest.raises(ServeError) as err:
@@ -120,7 +135,9 @@ class Meeting(Recording):
         super().__init__()
         self.barrier = barrier
 
-    def infer(self, batch, lengths=None):  # type: ignore[no-untyped-def]
+    def infer(
+        self, batch: torch.Tensor | InputBatch, lengths: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         self.barrier.wait()  # BrokenBarrierError (an INTERNAL answer) if run one at a time
         return super().infer(batch, lengths)
 
@@ -144,7 +161,7 @@ def test_close_answers_queued_requests_unavailable():
     results = Results()
     for k in range(3):
         batcher.submit(_job([k], results.callback(k, 3)))
-    time.sleep(0.1)
+    wait_until(lambda: engine.sizes, "the first request to run")  # the other two queue
     batcher.close()
     assert results.event.wait(5)
     codes = [
@@ -160,7 +177,9 @@ class Threaded(Recording):
         super().__init__(delay_s)
         self.threads: list[int] = []
 
-    def infer(self, batch, lengths=None):  # type: ignore[no-untyped-def]
+    def infer(
+        self, batch: torch.Tensor | InputBatch, lengths: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         self.threads.append(threading.get_ident())
         return super().infer(batch, lengths)
 
@@ -181,11 +200,8 @@ def test_run_ready_runs_deferred_requests_on_the_calling_thread():
     assert engine.sizes == [6, 6]
     assert engine.threads == [threading.get_ident()] * 2
     for k in range(4):
-        assert from_record_batch(results.items[k].record_batch()).sample_ids.tolist() == [  # type: ignore[union-attr]
-            3 * k,
-            3 * k + 1,
-            3 * k + 2,
-        ]  # type: ignore[arg-type]
+        got = from_record_batch(_knowledge(results.items[k]))
+        assert got.sample_ids.tolist() == [3 * k, 3 * k + 1, 3 * k + 2]
 
 
 def test_run_ready_leaves_a_batch_that_may_wait_to_a_worker():
@@ -211,9 +227,7 @@ def test_run_ready_does_not_take_an_engine_a_worker_holds():
     batcher = _batcher([engine], max_batch=2, delay_s=0.0)
     results = Results()
     batcher.submit(_job([0, 1], results.callback(0, 2)))  # a worker takes the engine
-    deadline = time.monotonic() + 5
-    while not engine.sizes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: engine.sizes, "a worker to run the first batch")
     batcher.submit(_job([2, 3], results.callback(1, 2)), defer=True)
     assert not batcher.run_ready()  # busy: the worker runs it once the engine is free
     assert results.event.wait(5)
@@ -258,14 +272,11 @@ def test_a_caller_can_leave_long_batches_to_the_workers():
     # Not timed yet: a caller that cannot afford long batches leaves it to a worker.
     batcher.submit(_job([0, 1], results.callback(0, 4)), defer=True)
     assert not batcher.run_ready(max_batch_s=0.002)
-    deadline = time.monotonic() + 5
-    while len(results.items) < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert batcher.drain(30)  # a worker ran it and gave the engine back
     # Timed at 50 ms: still the workers' (the caller would stop receiving for that long)...
     batcher.submit(_job([2, 3], results.callback(1, 4)), defer=True)
     assert not batcher.run_ready(max_batch_s=0.002)
-    while len(results.items) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert batcher.drain(30) and len(results.items) == 2
     # ...unless the caller allows that long, or any length (the default).
     batcher.submit(_job([4, 5], results.callback(2, 4)), defer=True)
     assert batcher.run_ready(max_batch_s=1.0)

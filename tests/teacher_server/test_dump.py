@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +19,27 @@ import pytest
 import torch
 
 from lyceum.deploy.examples import digits, resnet_cnn, teacher_cnn, tiny_lm, token_sequences
-from lyceum.proto.manifest import MANIFEST_NAME, Manifest, model_identity
+from lyceum.proto.manifest import (
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    DatasetFingerprint,
+    Manifest,
+    fingerprint_indices,
+    model_identity,
+)
 from lyceum.proto.schema import KnowledgeSchema, dense
 from lyceum.student_client.offline import OfflineKnowledge
 from lyceum.teacher_server.dump import DumpConfig, KnowledgeWriter, dump_knowledge
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
+from tests._support.teachers import DIGITS, ENV
 
 QUIET = DumpConfig(shard_rows=100, batch_size=32, workers=0, progress=False)
+
+
+def _tensor(column: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A dense column (a list is a sequence field's, one tensor per sample)."""
+    assert isinstance(column, torch.Tensor)
+    return column
 
 
 def _tree_digest(directory: Path) -> dict[str, tuple[str, int, int]]:
@@ -74,7 +90,7 @@ def test_dump_layout_and_manifest(tmp_path: Path, cnn_engine: TeacherEngine) -> 
     bounds = [(a, min(a + 32, s.stop)) for s in manifest.shards for a in range(s.start, s.stop, 32)]
     expected = torch.cat(
         [
-            cnn_engine.infer(torch.stack([data[i][0] for i in range(a, b)]))["logits"]
+            _tensor(cnn_engine.infer(torch.stack([data[i][0] for i in range(a, b)]))["logits"])
             for a, b in bounds
         ]
     )
@@ -90,7 +106,7 @@ def test_record_batches_are_accumulated(tmp_path: Path) -> None:
     manifest = Manifest(
         knowledge_schema=schema,
         model=model_identity("synthetic", torch.nn.Linear(1, 1)),
-        dataset={"length": 1000, "samples": 64, "sha256": "0" * 64},
+        dataset=DatasetFingerprint(length=1000, samples=64, sha256="0" * 64),
         shard_rows=1000,
     )
     with KnowledgeWriter(tmp_path, manifest, record_batch_bytes=1 << 20) as writer:
@@ -113,7 +129,7 @@ def test_writer_rejects_gaps(tmp_path: Path) -> None:
     manifest = Manifest(
         knowledge_schema=schema,
         model=model_identity("synthetic", torch.nn.Linear(1, 1)),
-        dataset={"length": 10, "samples": 10, "sha256": "0" * 64},
+        dataset=DatasetFingerprint(length=10, samples=10, sha256="0" * 64),
         shard_rows=5,
     )
     with KnowledgeWriter(tmp_path, manifest) as writer:
@@ -175,7 +191,8 @@ def test_resume_removes_debris_and_skips_complete_shards(
     before = _tree_digest(part)
     resumed = dump_knowledge(cnn_engine, data, part, QUIET, identity)
     after = _tree_digest(part)
-    assert resumed == full
+    # Equal but for the creation time, which a resume keeps from the first run.
+    assert resumed.model_copy(update={"created_at": full.created_at}) == full
     assert not [p for p in part.iterdir() if p.name.endswith(".tmp")]
     for name in ("shard-00000.arrow", "shard-00001.arrow"):
         assert after[name] == before[name]  # same bytes, inode and mtime: not rewritten
@@ -203,7 +220,11 @@ def test_token_level_topk_round_trip(tmp_path: Path) -> None:
         assert torch.equal(indices[j], expected["logits.indices"][0])
 
 
-def _dump_command(out: Path, checkpoint: Path) -> list[str]:
+def _dump_command(
+    out: Path, checkpoint: Path, killing: dict[str, object] | None = None
+) -> list[str]:
+    """The dump of digits (all splits); `killing` (its kwargs) makes it `killed_once`."""
+    dataset = "tests._support.dump_datasets:killed_once" if killing else DIGITS
     return [
         sys.executable,
         "-m",
@@ -215,9 +236,9 @@ def _dump_command(out: Path, checkpoint: Path) -> list[str]:
         "--checkpoint",
         str(checkpoint),
         "--dataset",
-        "lyceum.deploy.examples:digits",
+        dataset,
         "--dataset-kwargs",
-        '{"split": "all"}',
+        json.dumps({"split": "all", **(killing or {})}),
         "--out",
         str(out),
         "--shard-rows",
@@ -236,25 +257,20 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     torch.manual_seed(0)
     checkpoint = tmp_path / "resnet.pt"
     torch.save(resnet_cnn(width=48).state_dict(), checkpoint)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **ENV}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_dump_command(killed, checkpoint), env=env)
-    deadline = time.monotonic() + 120
-    listed = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (killed / MANIFEST_NAME).exists():
-            listed = len(json.loads((killed / MANIFEST_NAME).read_bytes())["shards"])
-            if listed:
-                break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The dataset SIGKILLs the dump reading sample 600 (shard 4 of 15), once the manifest lists
+    # a finished shard: cut after some shards and before the end, with no race to lose.
+    kill = {"kill_at": 600, "marker": str(tmp_path / "marker"), "listed": 1, "out": str(killed)}
+    command = _dump_command(killed, checkpoint, kill)
+    done_once = subprocess.run(command, env=env, timeout=300)
+    assert done_once.returncode == -signal.SIGKILL
     interrupted = Manifest.read(killed)
     assert 1 <= len(interrupted.shards) < interrupted.num_shards, "the dump was not cut mid-way"
     done = {s.file: (killed / s.file).stat() for s in interrupted.shards}
 
-    subprocess.run(_dump_command(killed, checkpoint), env=env, check=True)
-    subprocess.run(_dump_command(tmp_path / "whole", checkpoint), env=env, check=True)
+    subprocess.run(command, env=env, check=True, timeout=300)  # the marker exists: no kill
+    subprocess.run(_dump_command(tmp_path / "whole", checkpoint), env=env, check=True, timeout=300)
 
     resumed, whole = Manifest.read(killed), Manifest.read(tmp_path / "whole")
     assert resumed.complete and resumed.shards == whole.shards  # same bytes, shard by shard
@@ -265,3 +281,114 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     ids = np.random.default_rng(0).permutation(whole.dataset.length)
     with OfflineKnowledge(killed) as a, OfflineKnowledge(tmp_path / "whole") as b:
         assert torch.equal(a.get(ids).tensors["logits"], b.get(ids).tensors["logits"])
+
+
+class _OneSampleChanged(torch.utils.data.Dataset):
+    """`base` with the input of one sample changed (a pixel brightened)."""
+
+    def __init__(self, base: torch.utils.data.Dataset, index: int) -> None:
+        self.base, self.index = base, index
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.base[i]
+        return (x + 1.0 if i == self.index else x), y
+
+
+def test_full_fingerprint_refuses_what_sampled_accepts(
+    tmp_path: Path, cnn_engine: TeacherEngine
+) -> None:
+    data = digits("test")
+    changed = _OneSampleChanged(data, 1)
+    assert 1 not in fingerprint_indices(len(data))  # between two of the 64 sampled items
+    identity = model_identity("cnn", cnn_engine.model)
+    sampled = dump_knowledge(cnn_engine, data, tmp_path / "sampled", QUIET, identity)
+    full_config = QUIET.model_copy(update={"fingerprint": "full"})
+    full = dump_knowledge(cnn_engine, data, tmp_path / "full", full_config, identity)
+    assert (sampled.dataset.samples, sampled.dataset.coverage) == (64, "sampled")
+    assert (full.dataset.samples, full.dataset.coverage) == (360, "full")
+    with OfflineKnowledge(tmp_path / "sampled", dataset=changed):
+        pass  # the trade-off of sampling: accepted
+    with pytest.raises(ValueError, match=r"different dataset .*every sample hashed"):
+        OfflineKnowledge(tmp_path / "full", dataset=changed)
+    with OfflineKnowledge(tmp_path / "full", dataset=data):
+        pass
+    # Resuming with the other coverage is refused by name, changing nothing.
+    before = _tree_digest(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"hashed 360 of 360 samples \(--fingerprint full\)"):
+        dump_knowledge(cnn_engine, data, tmp_path / "full", QUIET, identity)
+    assert _tree_digest(tmp_path / "full") == before
+
+
+def test_manifest_records_creation_and_resume_keeps_it(
+    tmp_path: Path, cnn_engine: TeacherEngine
+) -> None:
+    data = digits("test")
+    identity = model_identity("cnn", cnn_engine.model)
+    started = datetime.now(UTC).replace(microsecond=0)
+    first = dump_knowledge(cnn_engine, data, tmp_path, QUIET, identity)
+    assert first.format_version == MANIFEST_VERSION
+    assert first.created_at is not None
+    assert started <= first.created_at <= datetime.now(UTC)
+    assert first.lyceum_version == importlib.metadata.version("lyceum-kd")
+    # A dump started long ago and interrupted: the resume is not refused for its age.
+    old = datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC)
+    first.model_copy(update={"created_at": old, "shards": first.shards[:2]}).write(tmp_path)
+    (tmp_path / "shard-00003.arrow").unlink()
+    resumed = dump_knowledge(cnn_engine, data, tmp_path, QUIET, identity)
+    assert resumed.complete and resumed.created_at == old
+    assert resumed.shards == first.shards
+
+
+def test_a_1_0_manifest_reads_and_resumes_as_1_0(tmp_path: Path, cnn_engine: TeacherEngine) -> None:
+    data = digits("test")
+    identity = model_identity("cnn", cnn_engine.model)
+    whole = dump_knowledge(cnn_engine, data, tmp_path, QUIET, identity)
+    raw = json.loads((tmp_path / MANIFEST_NAME).read_bytes())
+    del raw["created_at"], raw["lyceum_version"]
+    raw["format_version"] = "1.0"
+    raw["shards"] = raw["shards"][:3]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(raw))
+    old = Manifest.read(tmp_path)
+    assert old.created_at is None and old.lyceum_version is None
+    resumed = dump_knowledge(cnn_engine, data, tmp_path, QUIET, identity)
+    assert resumed.complete and resumed.shards == whole.shards
+    written = json.loads((tmp_path / MANIFEST_NAME).read_bytes())
+    assert written["format_version"] == "1.0"
+    assert "created_at" not in written and "lyceum_version" not in written
+
+
+def test_a_newer_minor_manifest_asks_for_an_upgrade(
+    tmp_path: Path, cnn_engine: TeacherEngine
+) -> None:
+    dump_knowledge(
+        cnn_engine, digits("test"), tmp_path, QUIET, model_identity("c", cnn_engine.model)
+    )
+    raw = json.loads((tmp_path / MANIFEST_NAME).read_bytes())
+    raw["format_version"] = "1.7"
+    raw["encryption"] = "aes"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"written by a newer Lyceum \(manifest 1\.7.*upgrade"):
+        Manifest.read(tmp_path)
+
+
+def test_an_empty_dataset_is_refused_as_empty(tmp_path: Path, cnn_engine: TeacherEngine) -> None:
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"the dataset is empty \(0 samples\): nothing to dump"):
+        dump_knowledge(cnn_engine, empty, out, QUIET, model_identity("cnn", cnn_engine.model))
+    assert not out.exists()
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal(
+    tmp_path: Path, cnn_engine: TeacherEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lyceum.teacher_server.dump")
+    config = QUIET.model_copy(update={"progress": True})
+    dump_knowledge(
+        cnn_engine, digits("test"), tmp_path, config, model_identity("c", cnn_engine.model)
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "lyceum.teacher_server.dump"]
+    assert lines and lines[-1].startswith(f"dump {tmp_path}: 360/360 samples (100%)"), lines

@@ -1,5 +1,9 @@
 """The teacher engine: output hooks, precision, top-k, log-probs, token-level knowledge."""
 
+# `TeacherEngine.infer` returns `Tensor | list[Tensor]` per field (lists for variable-length
+# fields); every field here is dense, a Tensor.
+# mypy: disable-error-code="arg-type,union-attr"
+
 from __future__ import annotations
 
 import pytest
@@ -68,7 +72,11 @@ def test_topk_of_log_probs_at_temperature(images):
     assert torch.allclose(cols["logits.values"], values)
     assert torch.equal(cols["logits.indices"], indices.to(torch.int32))
     field = engine.schema.fields[0]
-    assert field.encoding == TopK(k=3) and field.meaning == "log_probs" and field.temperature == 2.0
+    assert (
+        field.encoding == TopK(k=3, index_bits=8)
+        and field.meaning == "log_probs"
+        and field.temperature == 2.0
+    )
     assert field.shape == (10,)
 
 
@@ -81,8 +89,7 @@ def test_token_level_topk_for_variable_length_sequences():
     field = engine.schema.fields[0]
     assert field.shape == (None, 40) and field.variable and field.stored_shape == (None, 4)
     assert engine.input_schema.fields[0].shape == (None,)
-    batch, lengths = engine.collate(samples)
-    cols = engine.infer(batch, lengths)
+    cols = engine.infer(engine.collate_batch(samples))
     for i, tokens in enumerate(samples):
         with torch.no_grad():
             alone = torch.log_softmax(model(tokens.unsqueeze(0))[0], dim=-1)
@@ -150,5 +157,21 @@ def test_numpy_samples_are_accepted(images):
     torch.manual_seed(0)
     model = teacher_cnn(width=8).eval()
     engine = TeacherEngine(model, EngineConfig(), images[0].numpy())
-    batch, _ = engine.collate([x.numpy() for x in images])
+    batch = engine.collate_batch([x.numpy() for x in images])
     assert torch.equal(engine.infer(batch)["logits"], engine.infer(images)["logits"])
+
+
+def test_a_temperature_needs_log_probs():
+    """Raw logits have no temperature: one given with them used to be dropped silently (and
+    the knowledge said T=1)."""
+    with pytest.raises(ValueError) as err:
+        EngineConfig(temperature=3.0)
+    assert "--temperature 3 applies only to log-probabilities" in str(err.value)
+    assert "add --values log_probs" in str(err.value) and "drop --temperature" in str(err.value)
+    engine = TeacherEngine(
+        teacher_cnn(width=8),
+        EngineConfig(values="log_probs", temperature=3.0),
+        torch.zeros(1, 8, 8),
+    )
+    assert engine.schema.fields[0].temperature == 3.0
+    assert EngineConfig(temperature=1.0).temperature == 1.0  # the default is no temperature

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from lyceum.proto.errors import INVALID_ARGUMENT
 from lyceum.teacher_server.batcher import DynamicBatcher
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
-from lyceum.teacher_server.errors import INVALID_ARGUMENT, ServeError
+from lyceum.teacher_server.errors import ServeError
 from lyceum.teacher_server.metrics import ServerMetrics
 from lyceum.teacher_server.transport.base import TeacherService
 
@@ -86,13 +87,17 @@ def test_getitems_is_called_once_per_request():
 
 def test_tensor_dataset_subclass_keeps_its_own_getitem():
     _ids, inputs = _service(Doubled(IMAGES, LABELS))._load_index(IDS)
+    assert isinstance(inputs, torch.Tensor)  # dense inputs: one stacked tensor
     assert torch.equal(inputs, 2 * torch.stack([IMAGES[i] for i in IDS.tolist()]))
 
 
 def test_sequence_inputs_stay_a_list_of_samples():
     _ids, inputs = _service(Batched(), sequence_input=True)._load_index(IDS)
     assert isinstance(inputs, list) and len(inputs) == len(IDS)
-    assert all(torch.equal(x, IMAGES[i]) for x, i in zip(inputs, IDS.tolist(), strict=True))
+    assert all(
+        isinstance(x, torch.Tensor) and torch.equal(x, IMAGES[i])
+        for x, i in zip(inputs, IDS.tolist(), strict=True)
+    )
 
 
 def test_repeated_ids_are_refused():

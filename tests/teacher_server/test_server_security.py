@@ -6,17 +6,20 @@ not have decoded or run anything it sent: the request counter only counts accept
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import zmq
-from servers import DATASET, MODEL, ServerProcess, make_certs
 
-from lyceum.student_client.online import EndpointClient, TeacherError
+from lyceum.proto.errors import UNAUTHENTICATED, UNAVAILABLE
+from lyceum.student_client import CredentialOptions, OnlineTeacher, TeacherError, TeacherTimeouts
+from tests._support.servers import ServerProcess, make_certs
+from tests._support.teachers import DIGITS, MODEL
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "s3cret-token-0123456789abcdef"
-UNAUTHENTICATED, UNAVAILABLE = 16, 14
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def secure(tmp_path_factory):
     (work / "clients.txt").write_bytes(b"# the one student allowed in\n" + client_public + b"\n")
     proc = ServerProcess(
         [
-            "--model", MODEL, "--dataset", DATASET, "--grpc-port", "0", "--zmq-port", "0",
+            "--model", MODEL, "--dataset", DIGITS, "--grpc-port", "0", "--zmq-port", "0",
             "--metrics-port", "0", "--token-file", str(work / "token"),
             "--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]),
             "--tls-client-ca", str(certs["ca.pem"]),
@@ -48,15 +51,18 @@ def secure(tmp_path_factory):
     assert proc.terminate() == 0, proc.log()
 
 
+def _teacher(endpoint: str, timeout_s: float = 30, **options: Any) -> OnlineTeacher:
+    """The student's client, in query mode (index requests are `request` without inputs)."""
+    timeouts = TeacherTimeouts(timeout_s=timeout_s, connect_timeout_s=min(timeout_s, 5))
+    return OnlineTeacher(endpoint, credentials=CredentialOptions(**options), timeouts=timeouts)
+
+
 def _refused(
-    endpoint: str, expected_code: int, query: bool = False, timeout_s: float = 5, **options: object
+    endpoint: str, expected_code: int, query: bool = False, timeout_s: float = 5, **options: Any
 ) -> str:
     """Make one request that must fail with `expected_code`; returns the error message."""
     inputs = torch.rand(2, 1, 8, 8) if query else None
-    with (
-        EndpointClient(endpoint, timeout_s=timeout_s, **options) as teacher,  # type: ignore[arg-type]
-        pytest.raises(TeacherError) as err,
-    ):
+    with _teacher(endpoint, timeout_s, **options) as teacher, pytest.raises(TeacherError) as err:
         teacher.request([1, 2], inputs=inputs)
     assert err.value.code == expected_code, err.value
     return err.value.message
@@ -80,7 +86,7 @@ def test_grpc_requires_token_and_client_certificate(secure):
     after = proc.metrics()
     assert _requests(after) == _requests(before)  # nothing refused was decoded or run
     assert after['lyceum_teacher_errors_total{code="UNAUTHENTICATED",transport="grpc"}'] >= 2
-    with EndpointClient(endpoint, token=TOKEN, **mtls) as teacher:
+    with _teacher(endpoint, token=TOKEN, **mtls) as teacher:
         assert teacher.describe().accepts_index
         assert teacher.request([1, 2]).sample_ids.tolist() == [1, 2]
     assert _requests(proc.metrics()) == _requests(before) + 1
@@ -106,7 +112,7 @@ def test_zmq_requires_token_and_allowed_curve_key(secure):
     after = proc.metrics()
     assert _requests(after) == _requests(before)
     assert after['lyceum_teacher_errors_total{code="UNAUTHENTICATED",transport="zmq"}'] >= 2
-    with EndpointClient(endpoint, token=TOKEN, **curve) as teacher:
+    with _teacher(endpoint, token=TOKEN, **curve) as teacher:
         x = torch.rand(3, 1, 8, 8)
         assert teacher.request([4, 5, 6], inputs=x).tensors["logits"].shape == (3, 10)
     assert _requests(proc.metrics()) == _requests(before) + 1
@@ -119,21 +125,22 @@ def _requests(metrics: dict[str, float]) -> float:
 def test_dns_name_with_tls_reaches_the_teacher_and_checks_its_certificate(secure):
     """`dns:///localhost:PORT` (gRPC resolves the name, round_robin) with TLS: the channel
     verifies the server certificate (issued for localhost) and presents the client's."""
-    from lyceum.student_client.sources import OnlineTeacher, TeacherUnavailableError
+    from lyceum.student_client import TeacherUnavailableError
 
     proc, certs = secure["proc"], secure["certs"]
     port = proc.endpoint("grpcs").rsplit(":", 1)[1]
     mtls = {"tls_cert": certs["client.pem"], "tls_key": certs["client.key"], "token": TOKEN}
-    with OnlineTeacher(
-        f"dns:///localhost:{port}", mode="index", tls=True, tls_ca=certs["ca.pem"], **mtls
-    ) as teacher:
+    trusted = CredentialOptions(tls=True, tls_ca=certs["ca.pem"], **mtls)
+    with OnlineTeacher(f"dns:///localhost:{port}", mode="index", credentials=trusted) as teacher:
         assert teacher.request([3, 1]).sample_ids.tolist() == [3, 1]
     # Without the CA the teacher's certificate cannot be verified: no connection.
     with (
         OnlineTeacher(
-            f"dns:///localhost:{port}", mode="index", tls=True, timeout_s=3, connect_timeout_s=1,
-            **mtls,
+            f"dns:///localhost:{port}",
+            mode="index",
+            credentials=CredentialOptions(tls=True, **mtls),
+            timeouts=TeacherTimeouts(timeout_s=3, connect_timeout_s=1),
         ) as untrusted,
         pytest.raises(TeacherUnavailableError),
-    ):  # fmt: skip
+    ):
         untrusted.request([3])

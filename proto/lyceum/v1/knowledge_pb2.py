@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lyceum/v1/knowledge.proto\x12\tlyceum.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xc4\x01\n\rDescribeReply\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\t\x12\x1d\n\x15knowledge_schema_json\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\t\x12\x12\n\nteacher_id\x18\x04 \x01(\t\x12\x15\n\raccepts_index\x18\x05 \x01(\x08\x12\x1b\n\x13max_request_samples\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\"\x18\n\tSampleIds\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"f\n\x0e\x44istillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x06inputs\x18\x02 \x01(\x0cH\x00\x12#\n\x03ids\x18\x03 \x01(\x0b\x32\x14.lyceum.v1.SampleIdsH\x00\x42\t\n\x07payload\"<\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.lyceum.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"e\n\x0c\x44istillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x13\n\tknowledge\x18\x02 \x01(\x0cH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.lyceum.v1.ErrorH\x00\x42\t\n\x07payload*\xe4\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x03\x12!\n\x1d\x45RROR_CODE_RESOURCE_EXHAUSTED\x10\x08\x12\"\n\x1e\x45RROR_CODE_FAILED_PRECONDITION\x10\t\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\r\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x0e\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x10\x32\x8e\x01\n\x07Teacher\x12@\n\x08\x44\x65scribe\x12\x1a.lyceum.v1.DescribeRequest\x1a\x18.lyceum.v1.DescribeReply\x12\x41\n\x07\x44istill\x12\x19.lyceum.v1.DistillRequest\x1a\x17.lyceum.v1.DistillReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lyceum/v1/knowledge.proto\x12\tlyceum.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x83\x02\n\rDescribeReply\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\t\x12\x1d\n\x15knowledge_schema_json\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\t\x12\x12\n\nteacher_id\x18\x04 \x01(\t\x12\x15\n\raccepts_index\x18\x05 \x01(\x08\x12\x1b\n\x13max_request_samples\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12 \n\x18\x64\x61taset_fingerprint_json\x18\x08 \x01(\t\x12\x1b\n\x13model_identity_json\x18\t \x01(\t\"\x18\n\tSampleIds\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"f\n\x0e\x44istillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x06inputs\x18\x02 \x01(\x0cH\x00\x12#\n\x03ids\x18\x03 \x01(\x0b\x32\x14.lyceum.v1.SampleIdsH\x00\x42\t\n\x07payload\"<\n\x05\x45rror\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.lyceum.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"e\n\x0c\x44istillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x13\n\tknowledge\x18\x02 \x01(\x0cH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.lyceum.v1.ErrorH\x00\x42\t\n\x07payload*\xe4\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x03\x12!\n\x1d\x45RROR_CODE_RESOURCE_EXHAUSTED\x10\x08\x12\"\n\x1e\x45RROR_CODE_FAILED_PRECONDITION\x10\t\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\r\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x0e\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x10\x32\x8e\x01\n\x07Teacher\x12@\n\x08\x44\x65scribe\x12\x1a.lyceum.v1.DescribeRequest\x1a\x18.lyceum.v1.DescribeReply\x12\x41\n\x07\x44istill\x12\x19.lyceum.v1.DistillRequest\x1a\x17.lyceum.v1.DistillReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lyceum.v1.knowledge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=554
-  _globals['_ERRORCODE']._serialized_end=782
+  _globals['_ERRORCODE']._serialized_start=617
+  _globals['_ERRORCODE']._serialized_end=845
   _globals['_DESCRIBEREQUEST']._serialized_start=40
   _globals['_DESCRIBEREQUEST']._serialized_end=57
   _globals['_DESCRIBEREPLY']._serialized_start=60
-  _globals['_DESCRIBEREPLY']._serialized_end=256
-  _globals['_SAMPLEIDS']._serialized_start=258
-  _globals['_SAMPLEIDS']._serialized_end=282
-  _globals['_DISTILLREQUEST']._serialized_start=284
-  _globals['_DISTILLREQUEST']._serialized_end=386
-  _globals['_ERROR']._serialized_start=388
-  _globals['_ERROR']._serialized_end=448
-  _globals['_DISTILLREPLY']._serialized_start=450
-  _globals['_DISTILLREPLY']._serialized_end=551
-  _globals['_TEACHER']._serialized_start=785
-  _globals['_TEACHER']._serialized_end=927
+  _globals['_DESCRIBEREPLY']._serialized_end=319
+  _globals['_SAMPLEIDS']._serialized_start=321
+  _globals['_SAMPLEIDS']._serialized_end=345
+  _globals['_DISTILLREQUEST']._serialized_start=347
+  _globals['_DISTILLREQUEST']._serialized_end=449
+  _globals['_ERROR']._serialized_start=451
+  _globals['_ERROR']._serialized_end=511
+  _globals['_DISTILLREPLY']._serialized_start=513
+  _globals['_DISTILLREPLY']._serialized_end=614
+  _globals['_TEACHER']._serialized_start=848
+  _globals['_TEACHER']._serialized_end=990
 # @@protoc_insertion_point(module_scope)

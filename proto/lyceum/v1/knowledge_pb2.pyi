@@ -29,7 +29,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("format_version", "knowledge_schema_json", "input_schema_json", "teacher_id", "accepts_index", "max_request_samples", "max_message_bytes")
+    __slots__ = ("format_version", "knowledge_schema_json", "input_schema_json", "teacher_id", "accepts_index", "max_request_samples", "max_message_bytes", "dataset_fingerprint_json", "model_identity_json")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     KNOWLEDGE_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class DescribeReply(_message.Message):
     ACCEPTS_INDEX_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FINGERPRINT_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDENTITY_JSON_FIELD_NUMBER: _ClassVar[int]
     format_version: str
     knowledge_schema_json: str
     input_schema_json: str
@@ -44,7 +46,9 @@ class DescribeReply(_message.Message):
     accepts_index: bool
     max_request_samples: int
     max_message_bytes: int
-    def __init__(self, format_version: _Optional[str] = ..., knowledge_schema_json: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., teacher_id: _Optional[str] = ..., accepts_index: _Optional[bool] = ..., max_request_samples: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    dataset_fingerprint_json: str
+    model_identity_json: str
+    def __init__(self, format_version: _Optional[str] = ..., knowledge_schema_json: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., teacher_id: _Optional[str] = ..., accepts_index: _Optional[bool] = ..., max_request_samples: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., dataset_fingerprint_json: _Optional[str] = ..., model_identity_json: _Optional[str] = ...) -> None: ...
 
 class SampleIds(_message.Message):
     __slots__ = ("ids",)

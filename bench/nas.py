@@ -1,0 +1,256 @@
+"""Light-NAS benchmark: the latency table's accuracy, samplers at equal trials, the search's
+per-trial overhead as the study grows, and 2 workers against 1.
+
+    .venv/bin/python bench/nas.py                       # every section (~10-20 min loaded)
+    .venv/bin/python bench/nas.py --only lut overhead   # some of them
+
+Sections (each prints one table and the machine's load average next to it):
+
+- lut: build the Light-NAS latency table (every distinct block of the 30-token space on 8x8
+  inputs, batch 1, one thread), then predict and measure `--networks` random architectures:
+  mean absolute percentage error and Spearman rank correlation (goal: <= 5%, >= 0.95), and the
+  time the table took. `--clock thread` times CPU time of the calling thread (what a loaded
+  machine can measure); `wall` is the latency a user sees, noisy under load.
+- samplers: simulated annealing vs random search vs Optuna's TPE at the same number of trials,
+  `--seeds` search seeds, the reward a short training's validation accuracy on digits under a
+  -30% FLOPs budget: best reward reached, median over seeds.
+- overhead: seconds per trial spent outside the objective (sampler + storage: the chain
+  replayed from the study, the heartbeat, ask/tell) when the SQLite study already holds 10,
+  100 and 1,000 finished trials; median of `--repeats` trials at each size.
+- workers: trials per hour of one worker process against two on one SQLite study (same
+  reward, same number of trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+import torch
+
+from lyceum.compression.nas import (
+    Budget,
+    BudgetedSpace,
+    TrainingReward,
+    build_latency_table,
+    lightnas_space,
+    measure_network,
+    search_architecture,
+)
+from lyceum.compression.search import SAConfig, StudyConfig, run_search
+from lyceum.deploy.examples import digits
+
+
+def _load() -> str:
+    return "load {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank)."""
+    return statistics.correlation(_ranks(a), _ranks(b))
+
+
+def bench_lut(networks: int, runs: int, clock: str) -> None:
+    space = lightnas_space(input_size=8)
+    start = time.perf_counter()
+    table = build_latency_table(
+        space,
+        runs=runs,
+        warmup=3,
+        clock=clock,
+        fit_networks=5,
+        progress=False,  # type: ignore[arg-type]
+    )
+    built_s = time.perf_counter() - start
+    rng = random.Random(1)
+    predicted, measured = [], []
+    for _ in range(networks):
+        tokens = [rng.randrange(n) for n in space.range_table()]
+        predicted.append(table.predict(space.ops(tokens)))
+        measured.append(measure_network(space, tokens, table, runs=runs, warmup=3))
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
+    print(f"\n## latency table ({clock} clock, batch 1, 1 thread; {_load()})")
+    print("| ops | build s | overhead ms | networks | MAPE | median APE | max APE | Spearman |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {len(table.entries)} | {built_s:.0f} | {table.overhead_ms:.3f} | {networks} | "
+        f"{100 * statistics.mean(errors):.1f}% | {100 * statistics.median(errors):.1f}% | "
+        f"{100 * max(errors):.1f}% | {spearman(predicted, measured):.3f} |"
+    )
+    print(
+        f"measured latency: median {statistics.median(measured):.2f} ms, "
+        f"range {min(measured):.2f}-{max(measured):.2f} ms"
+    )
+
+
+def _reward(train_limit: int, epochs: int) -> tuple[TrainingReward, BudgetedSpace]:
+    space = lightnas_space(input_size=8)
+    budgeted = BudgetedSpace(space)
+    budget = Budget(max_flops=int(0.7 * budgeted.figures(space.init_tokens()).flops))
+    reward = TrainingReward(
+        space,
+        digits("train", limit=train_limit),
+        digits("val"),
+        epochs=epochs,
+        batch_size=64,
+        lr=3e-3,
+    )
+    return reward, BudgetedSpace(space, budget)
+
+
+def bench_samplers(trials: int, seeds: int, train_limit: int, epochs: int) -> None:
+    reward, budgeted = _reward(train_limit, epochs)
+    results: dict[str, list[float]] = {"SA": [], "random": [], "TPE": []}
+    for seed in range(seeds):
+        config = SAConfig(max_iterations=trials - 1, seed=seed)
+        sa, _ = search_architecture(
+            budgeted.space, reward, budget=budgeted.budget, search=config, progress=False
+        )
+        results["SA"].append(sa.best_reward)
+        for name, sampler in (
+            ("random", optuna.samplers.RandomSampler(seed=seed)),
+            ("TPE", optuna.samplers.TPESampler(seed=seed)),
+        ):
+            found = run_search(budgeted, reward, config, sampler=sampler, progress=False)
+            results[name].append(found.best_reward)
+        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in results.items()))
+    print(
+        f"\n## samplers at {trials} trials, {seeds} seeds (reward: val accuracy after {epochs} "
+        f"epoch(s) on {train_limit} train digits, -30% FLOPs budget; {_load()})"
+    )
+    print("| sampler | best reward per seed | median |")
+    print("|---|---|---|")
+    for name, values in results.items():
+        listed = " / ".join(f"{v:.4f}" for v in values)
+        print(f"| {name} | {listed} | {statistics.median(values):.4f} |")
+
+
+class _Toy:
+    def range_table(self) -> list[int]:
+        return [4, 3, 3, 2, 2, 2] * 5
+
+    def init_tokens(self) -> list[int]:
+        return [3, 1, 1, 0, 1, 0] * 5
+
+    def is_feasible(self, tokens: Sequence[int]) -> bool:
+        return True
+
+
+def bench_overhead(sizes: Sequence[int], repeats: int) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        study = StudyConfig(storage=str(Path(tmp) / "overhead.db"), study="overhead")
+        for size in sizes:
+            # Fill the study to `size` finished trials, then time `repeats` more in one worker:
+            # the objective is instant, so the time between two finished trials is the
+            # sampler's and the storage's (chain replay, ask, heartbeat, twin check, tell).
+            run_search(
+                _Toy(), lambda t: -float(sum(t)), SAConfig(max_iterations=size - 1),
+                study=study, progress=False,
+            )  # fmt: skip
+            stamps: list[float] = []
+            run_search(
+                _Toy(), lambda t: -float(sum(t)), SAConfig(max_iterations=size + repeats),
+                study=study, progress=False, on_trial=lambda _, s=stamps: s.append(time.perf_counter()),
+            )  # fmt: skip
+            gaps = [b - a for a, b in itertools.pairwise(stamps)]
+            rows.append((size, statistics.median(gaps), min(gaps), max(gaps)))
+    print(f"\n## sampler + storage overhead per trial, SQLite ({_load()})")
+    print("| finished trials | median ms/trial | min | max |")
+    print("|---|---|---|---|")
+    for size, med, lo, hi in rows:
+        print(f"| {size:,} | {1000 * med:.1f} | {1000 * lo:.1f} | {1000 * hi:.1f} |")
+
+
+_WORKER = """
+import sys
+from lyceum.compression.search import SAConfig, StudyConfig
+sys.path.insert(0, sys.argv[4])
+from nas import _reward
+from lyceum.compression.nas import search_architecture
+reward, budgeted = _reward(int(sys.argv[2]), int(sys.argv[5]))
+search_architecture(budgeted.space, reward, budget=budgeted.budget,
+    search=SAConfig(max_iterations=int(sys.argv[3]) - 1, seed=0),
+    study=StudyConfig(storage=sys.argv[1], study="workers"), progress=False)
+"""
+
+
+def bench_workers(trials: int, train_limit: int, epochs: int) -> None:
+    rows = []
+    here = str(Path(__file__).resolve().parent)
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage = str(Path(tmp) / "w.db")
+            # The study exists before the workers start (one creates the schema).
+            optuna.create_study(storage=f"sqlite:///{storage}", study_name="workers")
+            command = [sys.executable, "-c", _WORKER, storage, str(train_limit), str(trials), here]
+            command.append(str(epochs))
+            start = time.perf_counter()
+            procs = [subprocess.Popen(command) for _ in range(workers)]
+            codes = [p.wait() for p in procs]
+            elapsed = time.perf_counter() - start
+            if any(codes):
+                raise SystemExit(f"a worker failed: exit codes {codes}")
+            rows.append((workers, elapsed, trials / elapsed * 3600))
+    print(
+        f"\n## workers on one SQLite study: {trials} trials, reward {epochs} epochs on {train_limit} "
+        f"digits ({_load()}; 2 cores shared with other jobs)"
+    )
+    print("| workers | wall s (incl. start-up) | trials/hour | vs 1 worker |")
+    print("|---|---|---|---|")
+    for workers, elapsed, rate in rows:
+        print(f"| {workers} | {elapsed:.0f} | {rate:.0f} | {rate / rows[0][2]:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", nargs="*", default=["lut", "samplers", "overhead", "workers"],
+        choices=["lut", "samplers", "overhead", "workers"],
+    )  # fmt: skip
+    parser.add_argument("--networks", type=int, default=50, help="LUT: random networks")
+    parser.add_argument("--runs", type=int, default=20, help="LUT: timed passes per op/network")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="thread")
+    parser.add_argument("--trials", type=int, default=15, help="samplers/workers: trials")
+    parser.add_argument("--seeds", type=int, default=3, help="samplers: search seeds")
+    parser.add_argument("--train-limit", type=int, default=1257, help="reward: train digits")
+    parser.add_argument("--epochs", type=int, default=2, help="reward: training epochs")
+    parser.add_argument("--repeats", type=int, default=5, help="overhead: trials timed")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if "lut" in args.only:
+        bench_lut(args.networks, args.runs, args.clock)
+    if "overhead" in args.only:
+        bench_overhead([10, 100, 1000], args.repeats)
+    if "samplers" in args.only:
+        bench_samplers(args.trials, args.seeds, args.train_limit, args.epochs)
+    if "workers" in args.only:
+        bench_workers(args.trials, args.train_limit, args.epochs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The simulated-annealing chain as a pure function of the finished trials.
+
+PaddleSlim's SAController (mutate one token of the current candidate, accept a better one always
+and a worse one with probability exp(delta / T), T decaying geometrically) keeps its state in the
+controller's memory, and so does the SA sampler of Optuna's tutorial: two workers would run two
+chains, and a crash loses the chain. Here the chain is *replayed* from the trials a study has
+stored, so any worker on any machine rebuilds the same chain from the storage alone:
+
+- trials are replayed in the order of their numbers (the storage's order), each completed one an
+  `update(number, tokens, reward)`;
+- every random draw comes from a generator seeded by (seed, what, trial number, attempt), never
+  from a generator that advances across trials, so the replay needs no RNG state;
+- T = T0 * reduce_rate**k where k is the number of moves already decided (finished trials but the
+  first), and delta is divided by a running mean of |delta| so that T = 1 accepts a typical worse
+  move with probability 1/e whatever the reward's units (with accuracies in [0, 1], PaddleSlim's
+  exp(delta / T) at T = 100 is ~1 for any delta: a random walk).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+__all__ = ["SAChain", "check_tokens"]
+
+
+def check_tokens(tokens: Sequence[int], table: Sequence[int], what: str) -> list[int]:
+    """`tokens` as a list, or a ValueError naming the token outside its range."""
+    tokens = [int(t) for t in tokens]
+    if len(tokens) != len(table):
+        raise ValueError(f"{what}: expected {len(table)} tokens, got {len(tokens)}: {tokens}")
+    for i, (t, n) in enumerate(zip(tokens, table, strict=True)):
+        if not 0 <= t < n:
+            raise ValueError(f"{what}: token {i} is {t}, outside its range [0, {n - 1}]")
+    return tokens
+
+
+def _draw(seed: int, what: str, number: int, attempt: int = 0) -> random.Random:
+    # A str seed is hashed with SHA-512: the same generator in every process and on every machine.
+    return random.Random(f"lyceum-sa:{seed}:{what}:{number}:{attempt}")
+
+
+@dataclass
+class SAChain:
+    """State of one annealing chain; `update` it with finished trials in number order."""
+
+    table: list[int]
+    current_tokens: list[int]
+    seed: int = 0
+    init_temperature: float = 1.0
+    reduce_rate: float = 0.9
+    current_reward: float | None = None
+    best_tokens: list[int] = field(default_factory=list)
+    best_reward: float | None = None
+    moves: int = 0
+    spread: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.table or any(n < 1 for n in self.table):
+            raise ValueError(
+                f"SAChain: range table must be non-empty with entries >= 1, got {self.table}"
+            )
+        self.current_tokens = check_tokens(self.current_tokens, self.table, "init_tokens")
+        if not self.best_tokens:
+            self.best_tokens = list(self.current_tokens)
+
+    @property
+    def temperature(self) -> float:
+        return self.init_temperature * self.reduce_rate**self.moves
+
+    def copy(self) -> SAChain:
+        return replace(
+            self, current_tokens=list(self.current_tokens), best_tokens=list(self.best_tokens)
+        )
+
+    def update(self, number: int, tokens: Sequence[int], reward: float) -> bool:
+        """Decide whether trial `number` (`tokens` scored `reward`) becomes the current point."""
+        tokens = check_tokens(tokens, self.table, f"trial {number}")
+        if not math.isfinite(reward):
+            raise ValueError(f"SAChain: reward must be finite, got {reward} for trial {number}")
+        if self.current_reward is None:
+            accepted = True
+        else:
+            delta = reward - self.current_reward
+            if delta >= 0:
+                accepted = True
+            else:
+                # Ties (delta 0) keep the spread at 0: fall back to this move's own size.
+                scale = self.spread or abs(delta)
+                u = _draw(self.seed, "accept", number).random()
+                accepted = u < math.exp(delta / (self.temperature * scale))
+            self.moves += 1
+            self.spread += (abs(delta) - self.spread) / self.moves
+        if accepted:
+            self.current_tokens, self.current_reward = tokens, reward
+        if self.best_reward is None or reward > self.best_reward:
+            self.best_tokens, self.best_reward = list(tokens), reward
+        return accepted
+
+    def neighbour(self, number: int, attempt: int) -> list[int]:
+        """Draw `attempt` for trial `number`: the current tokens with one token changed."""
+        mutable = [i for i, n in enumerate(self.table) if n > 1]
+        if not mutable:
+            raise ValueError("SAChain: every token has a single value; nothing to search")
+        rng = _draw(self.seed, "move", number, attempt)
+        tokens = list(self.current_tokens)
+        i = rng.choice(mutable)
+        # Draw among the other values of the token, so that every draw is a real move.
+        value = rng.randrange(self.table[i] - 1)
+        tokens[i] = value if value < tokens[i] else value + 1
+        return tokens

@@ -1,0 +1,116 @@
+"""`lyceum nas supernet train|search|extract CONFIG.yaml`: once-for-all, trained once.
+
+`train` trains the supernet by progressive shrinking into the config's `out_dir` (`--resume`
+continues from its checkpoints); `search` runs a search worker on the trained supernet (the
+same command on other machines with the same `--storage URL` adds workers); `extract` writes
+one subnet (`--tokens`, e.g. from `search`) as model.safetensors + subnet.json, which every
+command's checkpoint option loads. Python: `lyceum.compression.nas.run_supernet_train` and
+its siblings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any
+
+from lyceum.deploy._jobs import build_split, load_job_config
+
+
+def _config(args: argparse.Namespace, what: str) -> Any:
+    from lyceum.compression.nas import SupernetJobConfig
+
+    config = load_job_config(args.config, SupernetJobConfig, what)
+    if getattr(args, "storage", None) is not None:
+        config = config.model_copy(
+            update={"study": config.study.model_copy(update={"storage": args.storage})}
+        )
+    return config
+
+
+def _splits(config: Any) -> tuple[Any, Any]:
+    return (
+        build_split(config.dataset, config.dataset_kwargs, "train"),
+        build_split(config.dataset, config.dataset_kwargs, "val"),
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lyceum.compression.nas import SUPERNET_FILE, run_supernet_train
+    from lyceum.student_client.losses import soft_label_kd
+
+    config = _config(args, "nas supernet train")
+    train, val = _splits(config)
+    kd = functools.partial(soft_label_kd, temperature=config.train.distill.temperature)
+    accuracy = run_supernet_train(config, train, val, kd, resume=args.resume)
+    print(f"supernet written to {config.out_dir / SUPERNET_FILE}")
+    for name, value in accuracy.items():
+        print(f"{name} subnet: top-1 {value:.4f} (BN re-calibrated)")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from lyceum.compression.nas import run_supernet_search
+
+    config = _config(args, "nas supernet search")
+    train, val = _splits(config)
+    result, budgeted = run_supernet_search(config, train, val, worker=args.worker_name)
+    f = budgeted.figures(result.best_tokens)
+    latency = "" if f.latency_ms is None else f", {f.latency_ms:.3f} ms predicted"
+    print(
+        f"best: top-1 {result.best_reward:.4f}, {f.flops:,} MACs, {f.params:,} params{latency}; "
+        f"tokens {','.join(map(str, result.best_tokens))}"
+    )
+    print(f"{len(result.history)} subnets evaluated, {result.redraws} over budget re-drawn")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from lyceum.compression.nas import run_supernet_extract
+
+    config = _config(args, "nas supernet extract")
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--tokens {args.tokens!r}: expected comma-separated integers (the `tokens` "
+            f"`lyceum nas supernet search` prints)"
+        ) from None
+    train, _ = _splits(config)
+    out = run_supernet_extract(config, tokens, args.out, train)
+    print(f"subnet written to {out} (model.safetensors, subnet.json)")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `supernet` and its actions on `lyceum nas`'s subparsers."""
+    supernet = subparsers.add_parser(
+        "supernet",
+        help="once-for-all: train a supernet once, search and extract its subnets",
+        description="Train a once-for-all supernet by progressive shrinking, search its "
+        "subnets under budgets without training them, extract one as a plain model.",
+    )
+    sub = supernet.add_subparsers(dest="supernet_command", required=True, metavar="ACTION")
+    config_help = "lyceum.compression.nas.SupernetJobConfig as YAML."
+    train = sub.add_parser("train", help="Train the supernet into the config's out_dir.")
+    train.add_argument("config", type=Path, metavar="CONFIG.yaml", help=config_help)
+    train.add_argument(
+        "--resume", action="store_true", help="Continue from out_dir/checkpoints (default: off)."
+    )
+    train.set_defaults(func=_train)
+    search = sub.add_parser("search", help="Search subnets of the trained supernet.")
+    search.add_argument("config", type=Path, metavar="CONFIG.yaml", help=config_help)
+    search.add_argument(
+        "--storage", help="Override study.storage: a path, journal:PATH or a SQLAlchemy URL."
+    )
+    search.add_argument(
+        "--worker-name", default="supernet", help="This worker's name (default: supernet)."
+    )
+    search.set_defaults(func=_search)
+    extract = sub.add_parser("extract", help="Write one subnet as a plain model.")
+    extract.add_argument("config", type=Path, metavar="CONFIG.yaml", help=config_help)
+    extract.add_argument("--tokens", required=True, help="Comma-separated tokens of the subnet.")
+    extract.add_argument("--out", type=Path, required=True, help="Directory to write.")
+    extract.set_defaults(func=_extract)
+    return supernet

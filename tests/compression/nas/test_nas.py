@@ -1,0 +1,134 @@
+"""Light-NAS's space, budgets checked before training, and the latency table."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lyceum.compression.analysis import count_flops, count_params
+from lyceum.compression.nas import (
+    Budget,
+    BudgetedSpace,
+    LatencyEntry,
+    LatencyTable,
+    LightNASSpace,
+    NASSpace,
+    Op,
+    build_latency_table,
+    op_key,
+    search_architecture,
+)
+from lyceum.compression.search import SAConfig
+
+
+def test_lightnas_has_30_tokens_and_builds_mobilenetv2_at_its_start() -> None:
+    space = LightNASSpace(input_size=8)
+    assert space.range_table() == [4, 3, 3, 2, 2, 2] * 5
+    assert isinstance(space, NASSpace)
+    model = space.build(space.init_tokens())
+    x = torch.zeros(2, 1, 8, 8)
+    assert model(x).shape == (2, 10)
+    # MobileNetV2's 2+3+4+3+3 searched blocks, the fixed first and last blocks, stem, head.
+    assert len(list(model.children())) == 15 + 4
+    # The budget's figures are the network's own, summed over its ops.
+    figures = BudgetedSpace(space).figures(space.init_tokens())
+    assert figures.flops == count_flops(model, x[:1]) and figures.params == count_params(model)
+
+
+def test_every_op_of_random_networks_is_in_all_ops() -> None:
+    space = LightNASSpace(input_size=8)
+    keys = {op.key for op in space.all_ops()}
+    rng = random.Random(0)
+    for _ in range(20):
+        tokens = [rng.randrange(n) for n in space.range_table()]
+        assert {op.key for op in space.ops(tokens)} <= keys
+
+
+class _Two:
+    """A hand-made space: one token picks the width of a conv, then a ReLU."""
+
+    widths = (4, 8)
+
+    def __init__(self) -> None:
+        self.built = 0
+
+    def range_table(self) -> list[int]:
+        return [2, 2]
+
+    def init_tokens(self) -> list[int]:
+        return [0, 0]
+
+    def is_feasible(self, tokens: Sequence[int]) -> bool:
+        return True
+
+    def ops(self, tokens: Sequence[int]) -> list[Op]:
+        w = self.widths[tokens[0]]
+        conv = Op(op_key("conv", cout=w), lambda: nn.Conv2d(1, w, 3, padding=1), (1, 8, 8))
+        act = Op(
+            op_key("act", c=w, relu=tokens[1]),
+            lambda: nn.ReLU() if tokens[1] else nn.Tanh(),
+            (w, 8, 8),
+        )
+        return [conv, act]
+
+    def all_ops(self) -> list[Op]:
+        return [op for a in range(2) for b in range(2) for op in self.ops([a, b])]
+
+    def build(self, tokens: Sequence[int]) -> nn.Module:
+        self.built += 1
+        return nn.Sequential(*(op.build() for op in self.ops(tokens)))
+
+
+def test_prediction_of_a_two_op_network_is_its_two_entries_plus_the_overhead(
+    tmp_path: Path,
+) -> None:
+    space = _Two()
+    table = build_latency_table(space, runs=5, warmup=1, fit_networks=2, progress=False)
+    assert set(table.entries) == {op.key for op in space.all_ops()}
+    ops = space.ops([1, 0])
+    expected = table.entries[ops[0].key].median_ms + table.entries[ops[1].key].median_ms
+    assert table.predict(ops) == pytest.approx(expected + table.overhead_ms, rel=1e-12)
+    table.save(tmp_path / "lut.json")
+    assert LatencyTable.load(tmp_path / "lut.json") == table
+    missing = table.model_copy(update={"entries": {}})
+    with pytest.raises(ValueError, match=r"no entry for op conv\(cout=8\)"):
+        missing.predict(ops)
+
+
+def test_no_candidate_over_budget_is_ever_built_for_training() -> None:
+    space = _Two()
+    entry = LatencyEntry(median_ms=1.0, p10_ms=1.0, p90_ms=1.0, runs=1)
+    lut = LatencyTable(
+        device="cpu",
+        threads=1,
+        batch=1,
+        dtype="float32",
+        clock="wall",
+        torch_version=torch.__version__,
+        entries={op.key: entry for op in space.all_ops()},
+    )
+    budget = Budget(max_flops=count_flops(nn.Conv2d(1, 4, 3, padding=1), torch.zeros(1, 1, 8, 8)))
+    trained: list[list[int]] = []
+
+    def reward(tokens: Sequence[int]) -> float:
+        trained.append(list(tokens))
+        space.build(tokens)
+        return float(tokens[1])
+
+    result, _ = search_architecture(
+        space, reward, budget=budget, lut=lut, search=SAConfig(max_iterations=3), progress=False
+    )
+    # Only the 4-wide conv meets the FLOPs budget: the 8-wide one is never built for training.
+    assert trained and all(t[0] == 0 for t in trained)
+    assert space.built == len(trained)
+    assert result.best_tokens == [0, 1]
+    assert result.redraws > 0
+    with pytest.raises(ValueError, match="needs a latency table"):
+        BudgetedSpace(space, Budget(max_latency_ms=1.0))
+    with pytest.raises(ValueError, match=r"no architecture within the budget"):
+        search_architecture(space, reward, budget=Budget(max_flops=1), progress=False)

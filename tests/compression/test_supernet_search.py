@@ -1,0 +1,52 @@
+"""Searching a supernet: every candidate evaluated is within the budget; rewards need no
+training (the supernet's weights are untouched by the search)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import TensorDataset
+
+from lyceum.compression.nas import Budget, BudgetedSpace, SubnetReward, Supernet, search_subnet
+from lyceum.compression.search import SAConfig, StudyConfig
+from tests._support.supernets import tiny_space, trained_like
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
+
+
+def test_the_search_never_evaluates_a_subnet_over_budget() -> None:
+    space = tiny_space(kernels=[3, 5, 7])
+    net = trained_like(space)
+    figures = BudgetedSpace(space).figures
+    largest, smallest = (
+        figures(space.tokens(c)).flops for c in (space.largest(), space.smallest())
+    )
+    # Between the smallest and the largest: some of the space is out, the start (largest) too.
+    limit = smallest + (largest - smallest) // 3
+    rng = random.Random(0)
+    draws = [figures([rng.randrange(n) for n in space.range_table()]).flops for _ in range(50)]
+    assert any(f > limit for f in draws) and any(f <= limit for f in draws)
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    reward = SubnetReward(net, _data(16, 0), _data(16, 1), batches=2, batch_size=8)
+    result, budgeted = search_subnet(
+        reward,
+        budget=Budget(max_flops=limit),
+        search=SAConfig(max_iterations=12, seed=0),
+        study=StudyConfig(storage=None, study="ofa"),
+        progress=False,
+    )
+    assert len(reward.evaluated) == 13 == len(result.history)
+    assert all(figures(tokens).flops <= limit for tokens in reward.evaluated)
+    assert result.redraws > 0  # over-budget candidates were drawn, and skipped unevaluated
+    assert budgeted.figures(result.best_tokens).flops <= limit
+    assert result.best_reward == max(h["reward"] for h in result.history)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert isinstance(net, Supernet)

@@ -1,0 +1,200 @@
+"""Training the supernet: progressive shrinking samples only its phase's sets, in order; a run
+resumed from its checkpoint equals one that never stopped; BN re-calibration of a subnet."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lyceum.compression.nas import (
+    OFASpace,
+    OFASpaceConfig,
+    OFATrainConfig,
+    Phase,
+    SubnetConfig,
+    Supernet,
+    evaluate_subnet,
+    extract,
+    phase_allowed,
+    progressive_shrinking,
+    recalibrate_bn,
+    train_supernet,
+)
+from lyceum.student_client.losses import soft_label_kd
+from tests.compression.test_supernet import tiny_space
+
+KD = functools.partial(soft_label_kd, temperature=2.0)
+
+
+def tiny_data(n: int = 8, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
+
+
+def test_the_default_schedule_is_once_for_alls() -> None:
+    phases = progressive_shrinking(OFASpace(OFASpaceConfig()), epochs=3)
+    assert [(p.name, p.kernels, p.depths, p.expands) for p in phases] == [
+        ("largest", None, None, None),
+        ("kernel", (3, 5, 7), None, None),
+        ("depth-1", (3, 5, 7), (3, 4), None),
+        ("depth-2", (3, 5, 7), (2, 3, 4), None),
+        ("expand-1", (3, 5, 7), (2, 3, 4), (4, 6)),
+        ("expand-2", (3, 5, 7), (2, 3, 4), (3, 4, 6)),
+    ]
+    assert {p.epochs for p in phases} == {3}
+
+
+def test_each_phase_samples_only_configs_in_its_allowed_set_in_order() -> None:
+    space = tiny_space(kernels=[3, 5, 7], depths=[1, 2, 3], expands=[2, 3, 4])
+    phases = progressive_shrinking(space, epochs=1)
+    seen: list[tuple[int, list[SubnetConfig]]] = []
+    torch.manual_seed(0)
+    train_supernet(
+        Supernet(space),
+        tiny_data(8),
+        OFATrainConfig(phases=phases, batch_size=4, random_subnets=3),
+        KD,
+        progress=False,
+        on_step=lambda phase, configs: seen.append((phase, configs)),
+    )
+    # Two steps per epoch, one epoch per phase, the phases in the schedule's order.
+    assert [phase for phase, _ in seen] == [i for i in range(len(phases)) for _ in range(2)]
+    c = space.config
+    for index, configs in seen:
+        allowed = phase_allowed(space, phases[index])
+        # The sandwich: the largest first (the teacher), then the phase's smallest.
+        assert configs[0] == space.largest()
+        assert len(configs) == 1 or configs[1] == allowed.smallest()
+        for config in configs:
+            assert allowed.contains(config), (phases[index].name, config)
+        blocks = [b for config in configs for b in config.active_blocks()]
+        name = phases[index].name
+        if name == "largest":
+            assert configs == [space.largest()]
+        if name == "kernel":
+            assert {k for _, _, k, _ in blocks} == set(c.kernels)
+            assert {d for config in configs for d in config.depths} == {c.depths[-1]}
+        if name == "depth-1":
+            assert {d for config in configs for d in config.depths} == {2, 3}
+        expands = {e for _, _, _, e in blocks}
+        if not name.startswith("expand"):
+            assert expands == {4}
+        if name == "expand-1":
+            assert expands == {3, 4}
+        if name == "expand-2":
+            assert expands == {2, 3, 4}
+    with pytest.raises(ValueError, match="every set must include the space's largest value"):
+        phase_allowed(space, Phase(name="bad", epochs=1, kernels=(3, 5)))
+
+
+def _state(net: Supernet) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_takes_the_same_steps_as_one_that_never_stopped(tmp_path: Path) -> None:
+    space = tiny_space()
+    # Expansion elastic in the phase resumed mid-way: Adam's state and the sort must round-trip.
+    phases = (
+        Phase(name="largest", epochs=1),
+        Phase(name="all", epochs=2, kernels=(3, 5), depths=(1, 2), expands=(2, 3)),
+    )
+    config = OFATrainConfig(phases=phases, batch_size=4, random_subnets=1)
+    data = tiny_data(8)
+
+    torch.manual_seed(0)
+    straight = Supernet(space, kernel_transform=True)
+    train_supernet(straight, data, config, KD, progress=False)
+
+    torch.manual_seed(0)
+    first = Supernet(space, kernel_transform=True)
+    steps = 0
+
+    def stop_in_third_epoch(phase: int, configs: list[SubnetConfig]) -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 5:  # the first step of epoch 3, after epoch 2's checkpoint
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_supernet(
+            first,
+            data,
+            config,
+            KD,
+            checkpoint_dir=tmp_path,
+            progress=False,
+            on_step=stop_in_third_epoch,
+        )
+    state = (tmp_path / "state.json").read_text()
+    assert '"epochs_done": 2' in state
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "optim-0002.safetensors",
+        "state.json",
+        "supernet-0002.safetensors",
+    ]
+
+    torch.manual_seed(1)  # other initial weights: the checkpoint must replace them all
+    resumed = Supernet(space, kernel_transform=True)
+    records = train_supernet(
+        resumed, data, config, KD, checkpoint_dir=tmp_path, resume=True, progress=False
+    )
+    assert [(r.phase, r.epoch) for r in records] == [("all", 3)]
+    expected, got = _state(straight), _state(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+    other = OFATrainConfig(phases=phases, batch_size=4, random_subnets=1, lr=1e-2)
+    with pytest.raises(ValueError, match="written by another schedule or config"):
+        train_supernet(
+            Supernet(space, kernel_transform=True),
+            data,
+            other,
+            KD,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+    with pytest.raises(ValueError, match="does not fit this supernet"):
+        train_supernet(Supernet(space), data, config, KD, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="resume needs a checkpoint in checkpoint_dir"):
+        train_supernet(
+            Supernet(space), data, config, KD, checkpoint_dir=tmp_path / "none", resume=True
+        )
+
+
+def test_bn_recalibration_sets_a_subnets_statistics_from_its_own_batches() -> None:
+    space = tiny_space()
+    net = Supernet(space).eval()
+    plain = extract(net, space.smallest())
+    batches = [torch.randn(16, 1, 8, 8) * 3 + 1 for _ in range(3)]
+    recalibrate_bn(plain, batches)
+    stem = plain[0]
+    assert isinstance(stem, nn.Sequential)
+    conv, stem_bn = stem[0], stem[1]
+    assert isinstance(stem_bn, nn.BatchNorm2d) and stem_bn.running_mean is not None
+    assert not plain.training and stem_bn.momentum == 0.1
+    # The stem's BN: the mean over the batches of each batch's per-channel mean.
+    with torch.no_grad():
+        means = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x in batches]).mean(0)
+    torch.testing.assert_close(stem_bn.running_mean, means, atol=1e-5, rtol=0)
+    # The supernet's own statistics are untouched.
+    supernet_bn = net.stem[1]
+    assert isinstance(supernet_bn, nn.BatchNorm2d) and supernet_bn.running_mean is not None
+    assert torch.equal(supernet_bn.running_mean, torch.zeros(space.config.stem_channels))
+    accuracy = evaluate_subnet(
+        net, space.smallest(), tiny_data(8), tiny_data(8, 1), batches=2, batch_size=4
+    )
+    assert 0.0 <= accuracy <= 1.0
+    with pytest.raises(ValueError, match="no batches given"):
+        recalibrate_bn(plain, [])
