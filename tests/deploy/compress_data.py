@@ -40,11 +40,14 @@ class PausedDigits(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return self.digits[i]
 
     def _inside(self) -> bool:
-        if self.paused.exists() or not self.checkpoint.is_file():
+        if self.paused.exists():
             return False
         try:
             state = json.loads(self.checkpoint.read_text())
-        except json.JSONDecodeError:  # the rename is atomic; a partial file is never read
+        # Absent before the first checkpoint, and for a moment at each swap (checkpoint/ is
+        # renamed to checkpoint.old/ before checkpoint.tmp/ takes its place); the file is
+        # written whole, so a partial one is never read.
+        except FileNotFoundError:
             return False
         return bool(state["step"] == self.at_step and state["position"] > 0)
 

@@ -87,6 +87,11 @@ def _finish(proc: subprocess.Popen[bytes]) -> str:
     return text
 
 
+def _exited(proc: subprocess.Popen[bytes]) -> str:
+    out = proc.stdout.read().decode() if proc.stdout is not None else ""
+    return f"exited {proc.returncode}:\n{out[-4000:]}"
+
+
 def _tensors(program: Path) -> dict[str, torch.Tensor]:
     exported = load_int8(program)
     found = {**exported.state_dict, **exported.constants}
@@ -109,7 +114,7 @@ def test_killed_inside_the_qat_window_and_resumed_it_ends_equal(tmp_path: Path) 
         wait_until(
             lambda: (tmp_path / "paused").exists(),
             "the run blocked with a checkpoint inside the QAT window",
-            gave_up=lambda: None if proc.poll() is None else f"exited {proc.returncode}",
+            gave_up=lambda: None if proc.poll() is None else _exited(proc),
         )
         state = json.loads((tmp_path / "cut/checkpoint/state.json").read_text())
         assert state["step"] == QAT_EPOCH_STEP and state["position"] > 0
