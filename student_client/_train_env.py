@@ -8,6 +8,7 @@ all stop at the same batch.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -72,9 +73,16 @@ class Distributed:
         in step (a finished or collectively halted run), so they first wait for each other:
         a rank that tears gloo down while another still writes its checkpoint was seen to
         abort ("terminate called without an active exception") under load. After an error
-        on this rank alone, the others may be stuck in a collective: no barrier then."""
+        on this rank alone, the others may be stuck in a collective: no barrier then.
+
+        The run's DDP module holds the group, so a module still referenced from a reference
+        cycle (a caught exception's traceback and its frames) keeps gloo alive past
+        `destroy_process_group`; gloo is then torn down during interpreter finalization and
+        the process aborts after a clean run (SIGABRT, "terminate called without an active
+        exception"). Collecting first frees such a module while the interpreter is whole."""
         if not self.owns_group:
             return
+        gc.collect()
         if together:
             dist.barrier()
         dist.destroy_process_group()

@@ -31,6 +31,7 @@ the error's text and the others' results name that rank.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,10 @@ def train(
     env = Distributed(config.device)
     try:
         result = _run(config, env, resume, on_step)
-    except BaseException:
+    except BaseException as exc:
+        # The traceback's frames hold the run (its DDP module, and through it the process
+        # group): cleared, so that the group is destroyed here rather than at exit.
+        traceback.clear_frames(exc.__traceback__)
         env.close(together=False)
         raise
     env.close(together=True)

@@ -1,9 +1,11 @@
 """Run by test_trainer_processes under torchrun: rank 1 alone is stopped (by a SIGTERM it
 sends itself at step 3, or by its teacher failing after a few batches); every rank records
-how its run ended."""
+how its run ended, and how many DDP modules were alive when its process group was destroyed
+(one kept alive keeps gloo running into interpreter exit, where it aborts the process)."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from lyceum.student_client.sources import OfflineTeacher, TeacherUnavailableError
 from lyceum.student_client.trainer import StepInfo, train
@@ -33,8 +37,20 @@ def _fail_after(requests: int) -> None:
     OfflineTeacher.submit = failing  # type: ignore[method-assign]
 
 
+def _count_ddp_at_destroy(counted: list[int]) -> None:
+    destroy = dist.destroy_process_group
+
+    def counting(*args: Any, **kwargs: Any) -> None:
+        counted.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        destroy(*args, **kwargs)
+
+    dist.destroy_process_group = counting
+
+
 def main(config: str, out_dir: str, mode: str) -> None:
     rank = int(os.environ["RANK"])
+    ddp_at_destroy: list[int] = []
+    _count_ddp_at_destroy(ddp_at_destroy)
     if rank == 1 and mode == "teacher":
         _fail_after(8)
 
@@ -48,6 +64,7 @@ def main(config: str, out_dir: str, mode: str) -> None:
         "signum": result.signum,
         "stopped_at": result.stopped_at,
         "error": result.error,
+        "ddp_at_destroy": ddp_at_destroy,
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
 

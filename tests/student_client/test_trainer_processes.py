@@ -198,6 +198,8 @@ def test_ddp_ranks_stop_at_the_same_batch_when_one_rank_is_stopped(
     assert proc.returncode == 0, (written, output[-4000:])
     ranks = [yaml.safe_load((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    # Nothing of the run (its DDP module holds the group) outlives the group's destruction.
+    assert [r["ddp_at_destroy"] for r in ranks] == [[0], [0]]
     epoch, done = ranks[0]["stopped_at"]
     assert ranks[1]["stopped_at"] == [epoch, done] and epoch == 0 and 1 <= done < 10
     assert state["loader"] == {"epoch": 0, "seed": 3, "position": done}
