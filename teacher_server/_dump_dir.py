@@ -166,8 +166,13 @@ def _with_shards(header: Manifest, shards: dict[int, ShardInfo]) -> Manifest:
 
 
 def _refuse_foreign(directory: Path) -> None:
-    """A directory that is neither empty nor a dump (nor ranks starting one) is refused."""
-    if any(p.name != RANKS_DIR for p in directory.iterdir()):
+    """A directory that is neither empty nor a dump (nor ranks starting one) is refused.
+
+    A rank that was killed while writing the first manifest left its temp file: that is a dump
+    starting, not a foreign directory.
+    """
+    starting = {RANKS_DIR, MANIFEST_NAME + TMP_SUFFIX}
+    if any(p.name not in starting for p in directory.iterdir()):
         raise ValueError(
             f"{str(directory)!r} is not empty and has no {MANIFEST_NAME}: it is not a "
             f"knowledge dump; choose an empty or new --out directory"
@@ -257,8 +262,6 @@ class DumpDirectory:
 
     def _open_rank(self, fresh: Manifest) -> None:
         directory = self.directory
-        if not (directory / MANIFEST_NAME).exists():
-            _refuse_foreign(directory)
         self._take(
             directory,
             fcntl.LOCK_SH,
@@ -266,6 +269,7 @@ class DumpDirectory:
             f"dump elsewhere",
         )
         ranks = directory / RANKS_DIR
+        made_ranks = not ranks.is_dir()
         ranks.mkdir(exist_ok=True)
         mine = ranks / rank_dir_name(self.rank, self.world_size)
         with _holding(ranks):
@@ -274,6 +278,15 @@ class DumpDirectory:
                 _refuse_incompatible(directory, existing, fresh)
                 self.header = existing
             else:
+                # Checked under the lock: outside it, a rank that starts with another would see
+                # the other's manifest temp file (or its first shards) and refuse the directory.
+                try:
+                    _refuse_foreign(directory)
+                except ValueError:
+                    if made_ranks:
+                        with contextlib.suppress(OSError):  # another refused rank removed it
+                            ranks.rmdir()
+                    raise
                 fresh.write(directory)
                 self.header = fresh
             mine.mkdir(exist_ok=True)

@@ -3,6 +3,7 @@ manifest, a killed rank resumes its part, and the result is a one-process dump, 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -10,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,71 @@ def test_refusals_while_ranks_run_change_nothing(tmp_path: Path, model: torch.nn
         assert _files(tmp_path) == before
     finally:
         running.close()
+
+
+def test_a_rank_refuses_a_foreign_directory_and_leaves_it_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a dump")
+    header = Manifest.read(_started_dump(tmp_path / "header"))
+    with pytest.raises(ValueError, match=r"is not empty and has no manifest\.json"):
+        DumpDirectory(tmp_path, header, 1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["header", "notes.txt"]
+
+
+def _started_dump(directory: Path) -> Path:
+    """A directory holding a fresh dump's header only, to open ranks with."""
+    data = digits("test")
+    torch.manual_seed(0)
+    cnn = teacher_cnn(width=8)
+    engine = TeacherEngine(cnn, EngineConfig(), data[0][0])
+    dump_knowledge(engine, data, directory, _rank(CONFIG, 0, 2), model_identity("cnn", cnn))
+    return directory
+
+
+def _waiting_for_lock(path: Path) -> bool:
+    """Some process is blocked in flock on `path` (its inode has a waiter in /proc/locks)."""
+    st = os.stat(path)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    return any(
+        "->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+def test_a_rank_starting_while_another_writes_the_first_manifest_joins_it(tmp_path: Path) -> None:
+    """Rank 0 holds ranks/ and has written only the manifest's temp file: rank 1, starting now,
+    waits for the manifest instead of refusing a directory that is not empty (CI saw that)."""
+    header = Manifest.read(_started_dump(tmp_path / "header")).model_copy(update={"shards": ()})
+    out = tmp_path / "out"
+    (out / "ranks").mkdir(parents=True)
+    fd = os.open(out / "ranks", os.O_RDONLY)
+    opened: list[DumpDirectory | BaseException] = []
+
+    def _open() -> None:
+        try:
+            opened.append(DumpDirectory(out, header, 1, 2))
+        except BaseException as exc:  # handed to the test's thread
+            opened.append(exc)
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        (out / (MANIFEST_NAME + ".tmp")).write_text("{")  # rank 0, midway through its write
+        thread = threading.Thread(target=_open, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not opened and not _waiting_for_lock(out / "ranks"):
+            assert time.monotonic() < deadline, "rank 1 neither refused nor waited for the lock"
+            time.sleep(0.01)
+        header.write(out)  # rank 0's write completes
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    thread.join(timeout=60)
+    assert len(opened) == 1
+    rank = opened[0]
+    assert isinstance(rank, DumpDirectory), rank
+    try:
+        assert rank.todo() == [1, 3, 5, 7]
+    finally:
+        rank.close()
 
 
 def test_a_rank_out_of_range_is_refused() -> None:
