@@ -32,6 +32,7 @@ from .config import (
 )
 from .export import (
     compile_int8,
+    exact_int8_kernels,
     export_onnx,
     export_program,
     fused_int8_layers,
@@ -67,6 +68,7 @@ __all__ = [
     "export_program",
     "export_onnx",
     "compile_int8",
+    "exact_int8_kernels",
     # PaddleSlim's schemes and the observers and quantizer behind them
     "WEIGHT_SCHEMES",
     "ACTIVATION_SCHEMES",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from torch import nn
 from torch.export.pt2_archive import constants as _pt2
 
 from .api import as_tuple, export_dynamic_batch
+
+_log = logging.getLogger("lyceum.compression")
 
 
 def export_program(
@@ -116,24 +119,58 @@ def load_int8(path: str | Path) -> torch.export.ExportedProgram:
     return torch.export.load(path)
 
 
-def compile_int8(module: nn.Module | torch.export.ExportedProgram) -> Callable[..., Any]:
-    """`torch.compile` for x86 CPU inference with freezing, which lowers int8 to oneDNN kernels.
+# CPU features with which oneDNN multiplies uint8 activations by int8 weights exactly (int32
+# dot products). Without them (AVX2, AVX-512 before VNNI) it uses vpmaddubsw, whose int16 pair
+# sums saturate: 255 * 127 * 2 > 32767. On an AVX2 EPYC that put a small CNN's compiled int8
+# logits 0.058 from the converted model's (outputs of magnitude 0.16), where the reference
+# path is 0.001 from fp32; oneDNN's guide describes it under "Nuances of int8 computations".
+_EXACT_INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def exact_int8_kernels() -> bool:
+    """Whether this CPU runs oneDNN's uint8 x int8 kernels without saturating (VNNI or AMX)."""
+    caps = torch.cpu.get_capabilities()
+    return any(bool(caps.get(feature, False)) for feature in _EXACT_INT8_FEATURES)
+
+
+def compile_int8(
+    module: nn.Module | torch.export.ExportedProgram, *, int8_kernels: bool | None = None
+) -> Callable[..., Any]:
+    """`torch.compile` for x86 CPU inference; with freezing, int8 lowers to oneDNN kernels.
 
     Inductor's quantization fusion (dequantize + conv/linear -> `onednn.qconv_pointwise` /
     `onednn.qlinear_pointwise`, weights prepacked) runs in the freezing passes, which only
-    apply under `no_grad`; without freezing the int8 graph compiles to dequantize + float conv.
+    apply under `no_grad`; without freezing the int8 graph compiles to dequantize + float conv,
+    which computes what the converted model computes.
+
+    `int8_kernels`: None (default) uses oneDNN's int8 kernels where the CPU computes them
+    exactly (`exact_int8_kernels()`: VNNI or AMX) and compiles the dequantize + float graph
+    elsewhere, with a warning, since there they saturate and return wrong outputs; True
+    forces them, False never uses them.
+
     Freezing is set with `torch._inductor.config.patch` around each call (compilation happens
     lazily inside the first call) rather than `torch.compile(options={"freezing": True})`:
     with the options dict, torch 2.13 fails on dynamic-activation linears
     ("UnsupportedOperatorException: onednn.qlinear_prepack"), with the patch it works.
-    The returned callable is for inference only (it runs under `torch.no_grad`).
+    The returned callable is for inference only (it runs under `torch.no_grad`). Dynamo's cache
+    does not key on freezing: between two compiles of one module with different `int8_kernels`,
+    call `torch._dynamo.reset()`.
     """
+    if int8_kernels is None:
+        int8_kernels = exact_int8_kernels()
+        if not int8_kernels:
+            _log.warning(
+                "this CPU (%s) has no VNNI or AMX: oneDNN's int8 kernels saturate on it and "
+                "return wrong outputs, so compile_int8 compiles the int8 program as dequantize "
+                "+ float ops (correct, slower); measure int8 latency where it will be served",
+                torch.cpu.get_capabilities().get("cpu_name", "unknown"),
+            )
     if isinstance(module, torch.export.ExportedProgram):
         module = module.module()
     compiled = torch.compile(module)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        with torch._inductor.config.patch(freezing=int8_kernels), torch.no_grad():
             return compiled(*args, **kwargs)
 
     return run
@@ -178,17 +215,19 @@ def export_onnx(
 def fused_int8_layers(
     module: nn.Module | torch.export.ExportedProgram,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    int8_kernels: bool | None = None,
 ) -> int:
     """How many conv/linear layers inductor lowered to oneDNN int8 kernels (weight prepack).
 
-    Compiles `module` afresh with `compile_int8` and reads inductor's pattern-matcher counters;
-    a layer that is not counted runs as dequantize + float op.
+    Compiles `module` afresh with `compile_int8(module, int8_kernels=...)` and reads inductor's
+    pattern-matcher counters; a layer that is not counted runs as dequantize + float op.
     """
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = compile_int8(module)
+    compiled = compile_int8(module, int8_kernels=int8_kernels)
     with torch.no_grad():
         compiled(*as_tuple(example_inputs))
     inductor = counters["inductor"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lyceum.compression.quantization import (
     calibrate,
     compile_int8,
     convert,
+    exact_int8_kernels,
     fused_int8_layers,
     load_int8,
     quantize,
@@ -161,23 +163,50 @@ def test_load_refuses_pickled_entries(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_int8_matches_and_uses_onednn_kernels() -> None:
+def test_compiled_int8_lowers_to_onednn_kernels_where_they_are_exact() -> None:
     torch.manual_seed(0)
     model = _TinyNet().eval()
     x = torch.rand(8, 1, 8, 8)
+    # By default oneDNN's int8 kernels are used only where this CPU computes them exactly.
+    fused_by_default = 3 if exact_int8_kernels() else 0
     for weights in WEIGHT_SCHEMES:
         prepared = quantize(model, PTQ(weights=weights), x)  # type: ignore[arg-type]  # WEIGHT_SCHEMES: str
         calibrate(prepared, [x])
         converted = convert(prepared)
         # Static activations: all three layers (per-tensor weights included) lower to oneDNN.
-        assert fused_int8_layers(converted, x) == 3
+        assert fused_int8_layers(converted, x, int8_kernels=True) == 3
+        assert fused_int8_layers(converted, x) == fused_by_default
         torch.testing.assert_close(compile_int8(converted)(x), converted(x), rtol=0, atol=1e-5)
+        torch._dynamo.reset()  # dynamo's cache does not key on the freezing setting
+        reference = compile_int8(converted, int8_kernels=False)(x)
+        torch.testing.assert_close(reference, converted(x), rtol=0, atol=1e-5)
     dynamic = quantize(model, PTQ(activations="abs_max"), x)
     calibrate(dynamic, [x])
     converted = convert(dynamic)
     # Dynamic activations: inductor fuses only the linear layer (dynamic qlinear).
-    assert fused_int8_layers(converted, x) == 1
+    assert fused_int8_layers(converted, x, int8_kernels=True) == 1
+    torch._dynamo.reset()
     torch.testing.assert_close(compile_int8(converted)(x), converted(x), rtol=0, atol=1e-5)
+
+
+def test_a_cpu_without_vnni_gets_the_exact_graph_and_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On AVX2 (no VNNI, no AMX) oneDNN's uint8 x int8 products saturate in int16: there the
+    default compile must not use them, and says so."""
+    caps = {**torch.cpu.get_capabilities(), "avx512_vnni": False, "avx_vnni": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**caps, "amx_int8": False})
+    assert not exact_int8_kernels()
+    model = _TinyNet().eval()
+    x = torch.rand(4, 1, 8, 8)
+    prepared = quantize(model, PTQ(), x)
+    calibrate(prepared, [x])
+    converted = convert(prepared)
+    with caplog.at_level(logging.WARNING, logger="lyceum.compression"):
+        assert fused_int8_layers(converted, x) == 0
+    assert "oneDNN's int8 kernels saturate on it" in caplog.text
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**caps, "avx512_vnni": True})
+    assert exact_int8_kernels()
 
 
 def test_distillation_loss_callable_drives_qat() -> None:
