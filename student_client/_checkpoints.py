@@ -5,8 +5,9 @@ A checkpoint is a plain state dict (`torch.save` of tensors, numbers and strings
 with `weights_only=True`, never unpickled): the model, the optimizer, the LR schedule, the
 losses' learned adapters, the loader's `{epoch, seed, position}`, the finished epochs'
 figures, when it was written, and the run's identity: the config values a resume must keep
-(model spec, data, batch size, seed, ranks, optimizer, schedule, loss terms), so resuming
-with another model is refused by name instead of failing on a tensor shape.
+(model spec, data, batch size and accumulation, seed, ranks, optimizer, schedule, loss
+terms), so resuming with another model is refused by name instead of failing on a tensor
+shape.
 
 Files: `epoch-NNN.pt` after every epoch and `last.pt` (what `--resume` reads) after every
 epoch and whenever a run stops early; beside them, at the same moments, `model.safetensors`:
@@ -60,6 +61,8 @@ _PATTERNS = (
     WEIGHTS,
     "model.tmp",
 )
+# What a checkpoint written before an identity key existed implies for it.
+_IMPLIED = {"accumulate": "1"}
 _START_OVER = (
     "resume with the config it was written with, or start a new run: without --resume and "
     "with --overwrite (removes that run's checkpoints), or with another checkpoint_dir"
@@ -90,6 +93,7 @@ def run_identity(config: TrainConfig, world: int) -> dict[str, str]:
         "model": str(config.model_spec()),
         "training dataset": str(config.dataset.train_spec()),
         "batch_size": str(config.batch_size),
+        "accumulate": str(config.accumulate),
         "seed": str(config.seed),
         "DDP ranks": str(world),
         "optimizer": config.optimizer.model_dump_json(),
@@ -275,7 +279,7 @@ def read(path: Path) -> dict[str, Any]:
 
 def check_identity(path: Path, state: Mapping[str, Any], identity: Mapping[str, str]) -> None:
     """Refuse to resume from a checkpoint written with other identifying config values."""
-    saved: Mapping[str, str] = state.get("run", {})
+    saved: Mapping[str, str] = {**_IMPLIED, **state.get("run", {})}
     differ = [
         f"{key} {saved.get(key)!r} there, {value!r} in this config"
         for key, value in identity.items()

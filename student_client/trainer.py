@@ -47,7 +47,7 @@ from lyceum.student_client._lm_task import CausalLMTask, masked_objective, model
 from lyceum.student_client._module_paths import StudentFeatures, student_features
 from lyceum.student_client._train_env import Distributed, StopSignals, rank_from_env
 from lyceum.student_client._train_log import log_teachers
-from lyceum.student_client._train_loop import Run
+from lyceum.student_client._train_loop import Run, steps_per_epoch
 from lyceum.student_client._train_optim import build_optimizer, build_scheduler
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.inprocess import InProcessTeacher
@@ -288,7 +288,10 @@ def _run(
             objective=objective,
             optimizer=optimizer,
             scheduler=build_scheduler(
-                config.schedule, optimizer, epochs=config.epochs, batches_per_epoch=len(loader)
+                config.schedule,
+                optimizer,
+                epochs=config.epochs,
+                steps_per_epoch=steps_per_epoch(len(loader), config.accumulate),
             ),
             loader=loader,
             val_set=val_set,
