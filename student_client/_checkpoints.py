@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -217,9 +217,14 @@ def save(path: Path, state: Mapping[str, Any]) -> None:
     _write_atomically(path, write)
 
 
-def save_weights(path: Path, model: nn.Module, metadata: Mapping[str, str] | None = None) -> None:
-    """Write `model`'s state dict to `path` as safetensors, atomically as `save` does, with
-    `metadata` in its header (`format: pt`, or the derived format of a pruned student).
+def save_weights(
+    path: Path,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write `model`'s state dict (or the state dict given) to `path` as safetensors,
+    atomically as `save` does, with `metadata` in its header (`format: pt`, or the derived
+    format of a pruned student).
 
     Tensors that share memory (tied weights) are stored as copies: safetensors refuses shared
     tensors, and a strict `load_state_dict` needs every key."""
@@ -227,7 +232,8 @@ def save_weights(path: Path, model: nn.Module, metadata: Mapping[str, str] | Non
 
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for name, value in model.state_dict().items():
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    for name, value in state.items():
         tensor = value.detach().cpu()
         storage = tensor.untyped_storage().data_ptr()
         if storage in storages:
@@ -293,15 +299,11 @@ def check_identity(path: Path, state: Mapping[str, Any], identity: Mapping[str, 
         )
 
 
-class _Stateful(Protocol):
-    def load_state_dict(self, state: Any) -> Any: ...
-
-
-def restore(path: Path, what: str, target: _Stateful, state: Any) -> None:
-    """`target.load_state_dict(state)`, a mismatch named with the checkpoint and the fix."""
+def restore(path: Path, what: str, load: Callable[[Any], object], state: Any) -> None:
+    """`load(state)` (a `load_state_dict`), a mismatch named with the checkpoint and the fix."""
     try:
-        target.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as exc:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
         detail = " ".join(str(exc).split())
         raise ValueError(
             f"--resume: the {what} saved in checkpoint {str(path)!r} does not fit this "

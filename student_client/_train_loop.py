@@ -38,6 +38,7 @@ from lyceum.student_client import _checkpoints as checkpoints
 from lyceum.student_client._lm_task import CausalLMTask, LMValidation
 from lyceum.student_client._train_env import Distributed, StopSignals
 from lyceum.student_client._train_log import epoch_line, epoch_progress, log, log_resume
+from lyceum.student_client._train_parallel import ModelStates, gradient_sync, total_norm
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.losses import DistillObjective
@@ -99,6 +100,7 @@ class Run:
     net: nn.Module
     objective: DistillObjective | None  # None: supervised, the task loss alone
     optimizer: torch.optim.Optimizer
+    states: ModelStates  # the model's and optimizer's state dicts, whole under FSDP too
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     loader: DistillLoader
     val_set: torch.utils.data.Dataset | None
@@ -117,13 +119,15 @@ class Run:
         path = self.config.checkpoint_dir / checkpoints.LAST
         state = checkpoints.read(path)
         checkpoints.check_identity(path, state, self.identity)
-        checkpoints.restore(path, "model", self.model, state["model"])
+        checkpoints.restore(path, "model", self.states.load_model, state["model"])
         if self.objective is not None:
-            checkpoints.restore(path, "losses' adapters", self.objective, state["objective"])
-        checkpoints.restore(path, "optimizer state", self.optimizer, state["optimizer"])
+            adapters = self.objective.load_state_dict
+            checkpoints.restore(path, "losses' adapters", adapters, state["objective"])
+        checkpoints.restore(path, "optimizer state", self.states.load_optimizer, state["optimizer"])
         if self.scheduler is not None:
-            checkpoints.restore(path, "LR schedule", self.scheduler, state["scheduler"])
-        checkpoints.restore(path, "loader position", self.loader, state["loader"])
+            schedule = self.scheduler.load_state_dict
+            checkpoints.restore(path, "LR schedule", schedule, state["scheduler"])
+        checkpoints.restore(path, "loader position", self.loader.load_state_dict, state["loader"])
         self.result.epochs = [EpochResult(**e) for e in state["epochs"]]
         self.result.checkpoint = path
         weights = self.config.checkpoint_dir / checkpoints.WEIGHTS
@@ -137,23 +141,22 @@ class Run:
         ckpt_dir = self.config.checkpoint_dir
         if ckpt_dir is None:
             return
+        model, optimizer = self.states.model_state(), self.states.optimizer_state()
         if self.env.rank == 0:
             state = {
                 "version": checkpoints.VERSION,
                 "run": self.identity,
                 "written": written,
-                "model": self.model.state_dict(),
+                "model": model,
                 "objective": self.objective.state_dict() if self.objective is not None else {},
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
                 "loader": loader,
                 "epochs": [asdict(e) for e in self.result.epochs],
             }
             for name in names:
                 checkpoints.save(ckpt_dir / name, state)
-            checkpoints.save_weights(
-                ckpt_dir / checkpoints.WEIGHTS, self.model, self.weights_metadata
-            )
+            checkpoints.save_weights(ckpt_dir / checkpoints.WEIGHTS, model, self.weights_metadata)
         self.result.checkpoint = ckpt_dir / checkpoints.LAST
         self.result.weights = ckpt_dir / checkpoints.WEIGHTS
 
@@ -174,18 +177,12 @@ class Run:
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _sync(self, last: bool) -> contextlib.AbstractContextManager[object]:
-        """DDP all-reduces the gradients in the backward of a group's last batch only."""
-        if last or not isinstance(self.net, nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.net.no_sync()
-
     def _clip(self) -> float | None:
         """Clip the gradients to `clip_grad_norm`; their total norm before it (None: off)."""
         if self.config.clip_grad_norm is None:
             return None
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        return float(nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm))
+        return total_norm(nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm))
 
     def step(
         self,
@@ -201,7 +198,7 @@ class Run:
         last = groups.last(index)
         if index == groups.start(index):
             self.optimizer.zero_grad(set_to_none=True)
-        with self._sync(last):
+        with gradient_sync(self.net, self.model, last):
             with self._precision():  # the backward runs outside autocast, as torch advises
                 total = self._loss(inputs, labels, knowledge)
             (total * groups.share(index)).backward()

@@ -49,6 +49,7 @@ from lyceum.student_client._train_env import Distributed, StopSignals, rank_from
 from lyceum.student_client._train_log import log_teachers
 from lyceum.student_client._train_loop import Run, steps_per_epoch
 from lyceum.student_client._train_optim import build_optimizer, build_scheduler
+from lyceum.student_client._train_parallel import ModelStates, distribute
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.inprocess import InProcessTeacher
 from lyceum.student_client.loader import DistillLoader
@@ -272,13 +273,18 @@ def _run(
         )
         if objective is not None and lm is not None:
             objective = masked_objective(objective)
-        net: nn.Module = model if features is None else features
-        if env.enabled:
-            cuda = env.device.type == "cuda"
-            net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[env.device.index] if cuda else None
-            )
         adapters = [] if objective is None else list(objective.parameters())
+        if adapters and env.enabled and config.parallel == "fsdp":
+            assert objective is not None  # adapters are its parameters
+            learned = [
+                n for n, t in objective.losses.items() if next(t.parameters(), None) is not None
+            ]
+            raise ValueError(
+                f"config key 'parallel': fsdp shards the student, not the learned adapters of "
+                f"losses.terms {learned}; use parallel: ddp, or terms without learned "
+                f"parameters (mse without student_channels, no hint)"
+            )
+        net = distribute(model if features is None else features, model, env, config.parallel)
         optimizer = build_optimizer(config.optimizer, [*model.parameters(), *adapters])
         run = Run(
             config=config,
@@ -287,6 +293,7 @@ def _run(
             net=net,
             objective=objective,
             optimizer=optimizer,
+            states=ModelStates(model, optimizer),
             scheduler=build_scheduler(
                 config.schedule,
                 optimizer,

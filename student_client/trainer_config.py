@@ -287,6 +287,13 @@ class TrainConfig(BaseModel):
         "checkpoints unless resumed (--resume) or overwritten (--overwrite).",
     )
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N (DDP: the local rank's).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Under torchrun (WORLD_SIZE > 1): ddp, a whole model per rank; fsdp, the "
+        "student's parameters, gradients and optimizer state sharded over the ranks (FSDP2 "
+        "fully_shard, per block), for a student that does not fit one device. Checkpoints "
+        "hold the full state either way (the same files). One process: ignored.",
+    )
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers for the inputs.")
     progress: bool = Field(
         default=True,
