@@ -38,7 +38,7 @@ from lyceum.student_client import _checkpoints as checkpoints
 from lyceum.student_client._lm_task import CausalLMTask, LMValidation
 from lyceum.student_client._train_env import Distributed, StopSignals
 from lyceum.student_client._train_log import epoch_line, epoch_progress, log, log_resume
-from lyceum.student_client._train_parallel import ModelStates, gradient_sync, total_norm
+from lyceum.student_client._train_parallel import Placement
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.losses import DistillObjective
@@ -100,7 +100,7 @@ class Run:
     net: nn.Module
     objective: DistillObjective | None  # None: supervised, the task loss alone
     optimizer: torch.optim.Optimizer
-    states: ModelStates  # the model's and optimizer's state dicts, whole under FSDP too
+    placement: Placement  # state dicts (whole under FSDP too), gradient sync, their norm
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     loader: DistillLoader
     val_set: torch.utils.data.Dataset | None
@@ -119,11 +119,13 @@ class Run:
         path = self.config.checkpoint_dir / checkpoints.LAST
         state = checkpoints.read(path)
         checkpoints.check_identity(path, state, self.identity)
-        checkpoints.restore(path, "model", self.states.load_model, state["model"])
+        checkpoints.restore(path, "model", self.placement.load_model, state["model"])
         if self.objective is not None:
             adapters = self.objective.load_state_dict
             checkpoints.restore(path, "losses' adapters", adapters, state["objective"])
-        checkpoints.restore(path, "optimizer state", self.states.load_optimizer, state["optimizer"])
+        checkpoints.restore(
+            path, "optimizer state", self.placement.load_optimizer, state["optimizer"]
+        )
         if self.scheduler is not None:
             schedule = self.scheduler.load_state_dict
             checkpoints.restore(path, "LR schedule", schedule, state["scheduler"])
@@ -141,7 +143,7 @@ class Run:
         ckpt_dir = self.config.checkpoint_dir
         if ckpt_dir is None:
             return
-        model, optimizer = self.states.model_state(), self.states.optimizer_state()
+        model, optimizer = self.placement.model_state(), self.placement.optimizer_state()
         if self.env.rank == 0:
             state = {
                 "version": checkpoints.VERSION,
@@ -182,7 +184,9 @@ class Run:
         if self.config.clip_grad_norm is None:
             return None
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        return total_norm(nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm))
+        return self.placement.total_norm(
+            nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)
+        )
 
     def step(
         self,
@@ -198,7 +202,7 @@ class Run:
         last = groups.last(index)
         if index == groups.start(index):
             self.optimizer.zero_grad(set_to_none=True)
-        with gradient_sync(self.net, self.model, last):
+        with self.placement.gradient_sync(last):
             with self._precision():  # the backward runs outside autocast, as torch advises
                 total = self._loss(inputs, labels, knowledge)
             (total * groups.share(index)).backward()

@@ -19,6 +19,11 @@ A new run refuses a `checkpoint_dir` that holds another run's checkpoints, unles
 writes rewrites `model.safetensors` (rank 0): the student's weights alone, the file every
 command's `--checkpoint` takes.
 
+Under torchrun, `parallel: fsdp` shards the student instead (FSDP2, `_train_parallel`);
+checkpoints hold the full state either way. `precision: bf16` autocasts the forward,
+`accumulate: N` steps once per N batches, `clip_grad_norm` clips before each step
+(`_train_loop`).
+
 A config without teachers is plain supervised training (how a user makes a teacher): the
 same loop, checkpoints, resume, DDP and signals, with the task loss alone.
 
@@ -49,7 +54,7 @@ from lyceum.student_client._train_env import Distributed, StopSignals, rank_from
 from lyceum.student_client._train_log import log_teachers
 from lyceum.student_client._train_loop import Run, steps_per_epoch
 from lyceum.student_client._train_optim import build_optimizer, build_scheduler
-from lyceum.student_client._train_parallel import ModelStates, distribute
+from lyceum.student_client._train_parallel import Placement, distribute
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.inprocess import InProcessTeacher
 from lyceum.student_client.loader import DistillLoader
@@ -192,7 +197,8 @@ def train(
     `checkpoint_dir/last.pt` (mid-epoch if the run stopped early). `overwrite`: start a new
     run in a `checkpoint_dir` that holds another run's checkpoints, removing them (`last.pt`,
     `epoch-*.pt`; nothing else); without `resume` or `overwrite` such a directory is refused.
-    `on_step` is called after every optimizer step (logging, tests).
+    `on_step` is called after every loader batch (`StepInfo.stepped`: the optimizer stepped
+    after it; every batch unless `accumulate` > 1) for logging and tests.
 
     Returns how the run ended (`TrainResult.ended`: finished, stopped by a signal, teachers
     unavailable). Raises `TeacherUnavailableError` if the teachers are unavailable before the
@@ -273,18 +279,9 @@ def _run(
         )
         if objective is not None and lm is not None:
             objective = masked_objective(objective)
+        student = model if features is None else features
+        net = distribute(student, model, env, config.parallel, objective)
         adapters = [] if objective is None else list(objective.parameters())
-        if adapters and env.enabled and config.parallel == "fsdp":
-            assert objective is not None  # adapters are its parameters
-            learned = [
-                n for n, t in objective.losses.items() if next(t.parameters(), None) is not None
-            ]
-            raise ValueError(
-                f"config key 'parallel': fsdp shards the student, not the learned adapters of "
-                f"losses.terms {learned}; use parallel: ddp, or terms without learned "
-                f"parameters (mse without student_channels, no hint)"
-            )
-        net = distribute(model if features is None else features, model, env, config.parallel)
         optimizer = build_optimizer(config.optimizer, [*model.parameters(), *adapters])
         run = Run(
             config=config,
@@ -293,7 +290,7 @@ def _run(
             net=net,
             objective=objective,
             optimizer=optimizer,
-            states=ModelStates(model, optimizer),
+            placement=Placement(net, model, optimizer, env.enabled and config.parallel == "fsdp"),
             scheduler=build_scheduler(
                 config.schedule,
                 optimizer,

@@ -28,16 +28,17 @@ def main(config: str, out_dir: str) -> None:
         train({**raw, "parallel": parallel, "checkpoint_dir": str(out / name)}, **flags)
 
     dist.init_process_group("gloo")
-    try:
-        run("ddp", "ddp")
-        run("fsdp", "fsdp")
-        if int(os.environ["RANK"]) == 0:
-            (out / "resumed").mkdir()
-            shutil.copy(out / "ddp" / "epoch-001.pt", out / "resumed" / "last.pt")
-        dist.barrier()
-        run("resumed", "fsdp", resume=True)
-    finally:
-        dist.destroy_process_group()
+    run("ddp", "ddp")
+    run("fsdp", "fsdp")
+    if int(os.environ["RANK"]) == 0:
+        (out / "resumed").mkdir()
+        shutil.copy(out / "ddp" / "epoch-001.pt", out / "resumed" / "last.pt")
+    dist.barrier()
+    run("resumed", "fsdp", resume=True)
+    # As Distributed.close does: gloo torn down while rank 0 still writes its checkpoint was
+    # seen to abort.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ a group resumes to the unbroken weights), `clip_grad_norm` clips and reports the
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from lyceum.deploy.examples import digits, student_mlp
 from lyceum.student_client.trainer import StepInfo, train
-from lyceum.student_client.trainer_config import validate_config
+from lyceum.student_client.trainer_config import load_config, validate_config
 from tests._support.students import supervised_config
 
 SEED = 3  # supervised_config's
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path: Path, name: str, **extra: Any) -> dict[str, Any]:
@@ -208,3 +211,18 @@ def test_without_clipping_no_norm_is_reported(tmp_path: Path) -> None:
     steps: list[StepInfo] = []
     train(_config(tmp_path, "ckpt", dataset=_limited(128), epochs=1), on_step=steps.append)
     assert [(s.stepped, s.grad_norm) for s in steps] == [(True, None), (True, None)]
+
+
+def test_the_readmes_scale_keys_and_the_example_config_are_valid(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "parallel:" in b]
+    keys = yaml.safe_load(block)
+    config = validate_config({**_config(tmp_path, "ckpt"), **keys})
+    assert (config.precision, config.accumulate, config.clip_grad_norm, config.parallel) == (
+        "bf16",
+        4,
+        1.0,
+        "fsdp",
+    )
+    shipped = load_config(ROOT / "deploy" / "configs" / "student.yaml")
+    assert (shipped.accumulate, shipped.precision, shipped.clip_grad_norm) == (1, "fp32", None)
