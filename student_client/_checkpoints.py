@@ -5,8 +5,9 @@ A checkpoint is a plain state dict (`torch.save` of tensors, numbers and strings
 with `weights_only=True`, never unpickled): the model, the optimizer, the LR schedule, the
 losses' learned adapters, the loader's `{epoch, seed, position}`, the finished epochs'
 figures, when it was written, and the run's identity: the config values a resume must keep
-(model spec, data, batch size, seed, ranks, optimizer, schedule, loss terms), so resuming
-with another model is refused by name instead of failing on a tensor shape.
+(model spec, data, batch size and accumulation, seed, ranks, optimizer, schedule, loss
+terms), so resuming with another model is refused by name instead of failing on a tensor
+shape.
 
 Files: `epoch-NNN.pt` after every epoch and `last.pt` (what `--resume` reads) after every
 epoch and whenever a run stops early; beside them, at the same moments, `model.safetensors`:
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -60,6 +61,8 @@ _PATTERNS = (
     WEIGHTS,
     "model.tmp",
 )
+# What a checkpoint written before an identity key existed implies for it.
+_IMPLIED = {"accumulate": "1"}
 _START_OVER = (
     "resume with the config it was written with, or start a new run: without --resume and "
     "with --overwrite (removes that run's checkpoints), or with another checkpoint_dir"
@@ -90,6 +93,7 @@ def run_identity(config: TrainConfig, world: int) -> dict[str, str]:
         "model": str(config.model_spec()),
         "training dataset": str(config.dataset.train_spec()),
         "batch_size": str(config.batch_size),
+        "accumulate": str(config.accumulate),
         "seed": str(config.seed),
         "DDP ranks": str(world),
         "optimizer": config.optimizer.model_dump_json(),
@@ -213,9 +217,14 @@ def save(path: Path, state: Mapping[str, Any]) -> None:
     _write_atomically(path, write)
 
 
-def save_weights(path: Path, model: nn.Module, metadata: Mapping[str, str] | None = None) -> None:
-    """Write `model`'s state dict to `path` as safetensors, atomically as `save` does, with
-    `metadata` in its header (`format: pt`, or the derived format of a pruned student).
+def save_weights(
+    path: Path,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write `model`'s state dict (or the state dict given) to `path` as safetensors,
+    atomically as `save` does, with `metadata` in its header (`format: pt`, or the derived
+    format of a pruned student).
 
     Tensors that share memory (tied weights) are stored as copies: safetensors refuses shared
     tensors, and a strict `load_state_dict` needs every key."""
@@ -223,7 +232,8 @@ def save_weights(path: Path, model: nn.Module, metadata: Mapping[str, str] | Non
 
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for name, value in model.state_dict().items():
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    for name, value in state.items():
         tensor = value.detach().cpu()
         storage = tensor.untyped_storage().data_ptr()
         if storage in storages:
@@ -275,7 +285,7 @@ def read(path: Path) -> dict[str, Any]:
 
 def check_identity(path: Path, state: Mapping[str, Any], identity: Mapping[str, str]) -> None:
     """Refuse to resume from a checkpoint written with other identifying config values."""
-    saved: Mapping[str, str] = state.get("run", {})
+    saved: Mapping[str, str] = {**_IMPLIED, **state.get("run", {})}
     differ = [
         f"{key} {saved.get(key)!r} there, {value!r} in this config"
         for key, value in identity.items()
@@ -289,15 +299,11 @@ def check_identity(path: Path, state: Mapping[str, Any], identity: Mapping[str, 
         )
 
 
-class _Stateful(Protocol):
-    def load_state_dict(self, state: Any) -> Any: ...
-
-
-def restore(path: Path, what: str, target: _Stateful, state: Any) -> None:
-    """`target.load_state_dict(state)`, a mismatch named with the checkpoint and the fix."""
+def restore(path: Path, what: str, load: Callable[[Any], object], state: Any) -> None:
+    """`load(state)` (a `load_state_dict`), a mismatch named with the checkpoint and the fix."""
     try:
-        target.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as exc:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
         detail = " ".join(str(exc).split())
         raise ValueError(
             f"--resume: the {what} saved in checkpoint {str(path)!r} does not fit this "

@@ -8,10 +8,20 @@ Every checkpoint also rewrites `model.safetensors`, the student's weights alone.
 
 Without teachers (`objective` None) the same loop trains on the task loss alone: the
 loader's knowledge then holds only the batch's `sample_id`, which keeps its position.
+
+One optimizer step per `accumulate` batches (`Accumulation`): groups start at multiples of
+`accumulate` within each epoch, and the epoch's last group may be shorter. Each batch's loss
+is scaled by its share of its group's samples, so the group's gradient is that of one batch
+of all its samples (a causal LM's per-token mean loss is weighted by samples too, not by
+tokens). Under DDP the first batches of a group run under `no_sync`: only the group's last
+backward all-reduces. A run stopped inside a group saves the position where that group
+began: the group's gradients are not saved, its batches run again on resume, so a resumed
+run ends with the weights of an unbroken one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -28,6 +38,7 @@ from lyceum.student_client import _checkpoints as checkpoints
 from lyceum.student_client._lm_task import CausalLMTask, LMValidation
 from lyceum.student_client._train_env import Distributed, StopSignals
 from lyceum.student_client._train_log import epoch_line, epoch_progress, log, log_resume
+from lyceum.student_client._train_parallel import Placement
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.losses import DistillObjective
@@ -38,13 +49,45 @@ __all__ = ["Run"]
 
 
 def _task_loss(logits: Tensor, labels: Tensor, ids: Tensor, labeled: int | None) -> Tensor:
-    """Cross-entropy over the batch's labelled samples (all of them unless `labeled`)."""
+    """Cross-entropy over the batch's labelled samples (all of them unless `labeled`), in
+    float32 (bf16 logits under autocast)."""
+    logits = logits.float()
     if labeled is None:
         return nn.functional.cross_entropy(logits, labels)
     keep = ids.to(logits.device) < labeled
     if not bool(keep.any()):
         return logits.sum() * 0.0  # no label in this batch: a zero that keeps the graph
     return nn.functional.cross_entropy(logits[keep], labels[keep])
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """An epoch's batches in groups of `every`, one optimizer step per group."""
+
+    sizes: tuple[int, ...]  # samples of each batch of the epoch
+    every: int
+
+    def start(self, index: int) -> int:
+        """The first batch of the group that batch `index` (from 0) is in."""
+        return index - index % self.every
+
+    def last(self, index: int) -> bool:
+        """Whether the optimizer steps after batch `index`: its group's last batch."""
+        return (index + 1) % self.every == 0 or index + 1 == len(self.sizes)
+
+    def share(self, index: int) -> float:
+        """Batch `index`'s part of its group's samples: the scale of its loss (1.0 alone)."""
+        start = self.start(index)
+        return self.sizes[index] / sum(self.sizes[start : start + self.every])
+
+    def kept(self, done: int) -> int:
+        """Of `done` batches, those whose group stepped: where a stopped run resumes."""
+        return done if done >= len(self.sizes) else self.start(done)
+
+
+def steps_per_epoch(batches: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of `batches` batches (a last, shorter group steps too)."""
+    return -(-batches // accumulate)
 
 
 @dataclass
@@ -57,6 +100,7 @@ class Run:
     net: nn.Module
     objective: DistillObjective | None  # None: supervised, the task loss alone
     optimizer: torch.optim.Optimizer
+    placement: Placement  # state dicts (whole under FSDP too), gradient sync, their norm
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     loader: DistillLoader
     val_set: torch.utils.data.Dataset | None
@@ -75,13 +119,17 @@ class Run:
         path = self.config.checkpoint_dir / checkpoints.LAST
         state = checkpoints.read(path)
         checkpoints.check_identity(path, state, self.identity)
-        checkpoints.restore(path, "model", self.model, state["model"])
+        checkpoints.restore(path, "model", self.placement.load_model, state["model"])
         if self.objective is not None:
-            checkpoints.restore(path, "losses' adapters", self.objective, state["objective"])
-        checkpoints.restore(path, "optimizer state", self.optimizer, state["optimizer"])
+            adapters = self.objective.load_state_dict
+            checkpoints.restore(path, "losses' adapters", adapters, state["objective"])
+        checkpoints.restore(
+            path, "optimizer state", self.placement.load_optimizer, state["optimizer"]
+        )
         if self.scheduler is not None:
-            checkpoints.restore(path, "LR schedule", self.scheduler, state["scheduler"])
-        checkpoints.restore(path, "loader position", self.loader, state["loader"])
+            schedule = self.scheduler.load_state_dict
+            checkpoints.restore(path, "LR schedule", schedule, state["scheduler"])
+        checkpoints.restore(path, "loader position", self.loader.load_state_dict, state["loader"])
         self.result.epochs = [EpochResult(**e) for e in state["epochs"]]
         self.result.checkpoint = path
         weights = self.config.checkpoint_dir / checkpoints.WEIGHTS
@@ -95,23 +143,22 @@ class Run:
         ckpt_dir = self.config.checkpoint_dir
         if ckpt_dir is None:
             return
+        model, optimizer = self.placement.model_state(), self.placement.optimizer_state()
         if self.env.rank == 0:
             state = {
                 "version": checkpoints.VERSION,
                 "run": self.identity,
                 "written": written,
-                "model": self.model.state_dict(),
+                "model": model,
                 "objective": self.objective.state_dict() if self.objective is not None else {},
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
                 "loader": loader,
                 "epochs": [asdict(e) for e in self.result.epochs],
             }
             for name in names:
                 checkpoints.save(ckpt_dir / name, state)
-            checkpoints.save_weights(
-                ckpt_dir / checkpoints.WEIGHTS, self.model, self.weights_metadata
-            )
+            checkpoints.save_weights(ckpt_dir / checkpoints.WEIGHTS, model, self.weights_metadata)
         self.result.checkpoint = ckpt_dir / checkpoints.LAST
         self.result.weights = ckpt_dir / checkpoints.WEIGHTS
 
@@ -127,15 +174,46 @@ class Run:
             return self.config.losses.task_weight * task
         return self.objective(student, knowledge, task_loss=task).total
 
-    def step(self, inputs: Any, labels: Any, knowledge: dict[str, Tensor]) -> float:
-        total = self._loss(inputs, labels, knowledge)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.steps += 1
-        return float(total.detach())
+    def _precision(self) -> contextlib.AbstractContextManager[object]:
+        if self.config.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _clip(self) -> float | None:
+        """Clip the gradients to `clip_grad_norm`; their total norm before it (None: off)."""
+        if self.config.clip_grad_norm is None:
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return self.placement.total_norm(
+            nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)
+        )
+
+    def step(
+        self,
+        inputs: Any,
+        labels: Any,
+        knowledge: dict[str, Tensor],
+        index: int,
+        groups: Accumulation,
+    ) -> tuple[float, float | None]:
+        """Batch `index` of the epoch forward and backward, its loss scaled by its share of
+        its group; the optimizer steps after the group's last batch. Returns the batch's loss
+        and, if it stepped with clipping on, the gradients' norm before clipping."""
+        last = groups.last(index)
+        if index == groups.start(index):
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.placement.gradient_sync(last):
+            with self._precision():  # the backward runs outside autocast, as torch advises
+                total = self._loss(inputs, labels, knowledge)
+            (total * groups.share(index)).backward()
+        norm = None
+        if last:
+            norm = self._clip()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.steps += 1
+        return float(total.detach()), norm
 
     def epochs(self, stop: StopSignals, on_step: Callable[[StepInfo], None] | None) -> TrainResult:
         """Every remaining epoch; returns early (`halt`) on a signal or unavailable teachers."""
@@ -166,6 +244,7 @@ class Run:
             enabled=config.progress and env.rank == 0,
             every_s=config.log_every_s,
         )
+        groups = Accumulation(tuple(len(b) for b in loader.batches()), config.accumulate)
         pending = iter(loader)
         try:
             while True:
@@ -178,8 +257,9 @@ class Run:
                     error = exc
                 signum, failed = env.halt(stop.signum, error is not None)
                 if signum is not None or failed is not None:
-                    return self.halt(signum, failed, error, done)
-                loss = self.step(inputs, labels, knowledge)
+                    kept = groups.kept(done)
+                    return self.halt(signum, failed, error, kept, redone=done - kept)
+                loss, norm = self.step(inputs, labels, knowledge, done, groups)
                 total_loss, batches, done = total_loss + loss, batches + 1, done + 1
                 elapsed = time.perf_counter() - started
                 bar.update(
@@ -189,7 +269,9 @@ class Run:
                     wait_s=f"{loader.stats.wait_s - stats.wait_s:.2f}",
                 )
                 if on_step is not None:
-                    on_step(StepInfo(epoch, done, knowledge[SAMPLE_ID].cpu(), loss))
+                    stepped = groups.last(done - 1)
+                    ids = knowledge[SAMPLE_ID].cpu()
+                    on_step(StepInfo(epoch, done, ids, loss, stepped=stepped, grad_norm=norm))
         finally:
             pending.close()  # stops the loader's producer before anything else runs
             bar.close()
@@ -235,9 +317,11 @@ class Run:
         error: TeacherUnavailableError | None,
         done: int,
         epoch: int | None = None,
+        redone: int = 0,
     ) -> TrainResult:
         """End the run after `done` batches of the epoch, on every rank: rank 0 saves them
-        (a run that took no step has nothing new: its last checkpoint, if any, stands)."""
+        (a run that took no step has nothing new: its last checkpoint, if any, stands).
+        `redone`: batches after those of an accumulation group that did not step."""
         result, loader = self.result, self.loader
         epoch = loader.epoch if epoch is None else epoch
         result.stopped_at = (epoch, done)
@@ -257,11 +341,15 @@ class Run:
         if self.steps and done < len(loader):
             if self.env.rank == 0 and self.config.checkpoint_dir is not None:
                 log.info(
-                    "stopping %s: writing the checkpoint of epoch %d, batch %d/%d%s",
+                    "stopping %s: writing the checkpoint of epoch %d, batch %d/%d%s%s",
                     written,
                     epoch + 1,
                     done,
                     len(loader),
+                    f" (the {redone} batches of the unfinished accumulation group after it run "
+                    f"again on resume)"
+                    if redone
+                    else "",
                     " (a second signal aborts without it)" if signum is not None else "",
                 )
             self.checkpoint(

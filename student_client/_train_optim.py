@@ -1,9 +1,9 @@
 """The trainer's optimizer and learning-rate schedule, built from their config sections.
 
 The optimizer takes the student's parameters and the losses' learned adapters (`FeatureMSE`
-adapters, hint regressors) together. The schedule is stepped after every batch, so its
-lengths are in optimizer steps: `epochs * batches_per_epoch` for cosine, `step_epochs *
-batches_per_epoch` between step decays.
+adapters, hint regressors) together. The schedule is stepped after every optimizer step
+(every `accumulate` batches), so its lengths are in optimizer steps: `epochs *
+steps_per_epoch` for cosine, `step_epochs * steps_per_epoch` between step decays.
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
     epochs: int,
-    batches_per_epoch: int,
+    steps_per_epoch: int,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The schedule `config` names for a run of `epochs`; None for a constant rate."""
     if config.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=epochs * batches_per_epoch
-        )
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     if config.name == "step":
         return torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=config.step_epochs * batches_per_epoch, gamma=config.gamma
+            optimizer, step_size=config.step_epochs * steps_per_epoch, gamma=config.gamma
         )
     return None

@@ -21,12 +21,16 @@ Ended = Literal["finished", "signal", "teachers_unavailable"]
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What `on_step` callbacks see after each optimizer step."""
+    """What `on_step` callbacks see after each loader batch: `stepped` when the optimizer
+    stepped after it (every batch unless `accumulate` > 1: the last of each group), then
+    `grad_norm`, the gradients' total norm before clipping, when `clip_grad_norm` is set."""
 
     epoch: int
     step: int  # batches done in this epoch, this one included
     sample_ids: Tensor
     loss: float
+    stepped: bool = True
+    grad_norm: float | None = None
 
 
 @dataclass(frozen=True)

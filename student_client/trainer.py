@@ -19,6 +19,11 @@ A new run refuses a `checkpoint_dir` that holds another run's checkpoints, unles
 writes rewrites `model.safetensors` (rank 0): the student's weights alone, the file every
 command's `--checkpoint` takes.
 
+Under torchrun, `parallel: fsdp` shards the student instead (FSDP2, `_train_parallel`);
+checkpoints hold the full state either way. `precision: bf16` autocasts the forward,
+`accumulate: N` steps once per N batches, `clip_grad_norm` clips before each step
+(`_train_loop`).
+
 A config without teachers is plain supervised training (how a user makes a teacher): the
 same loop, checkpoints, resume, DDP and signals, with the task loss alone.
 
@@ -48,8 +53,9 @@ from lyceum.student_client._lm_task import CausalLMTask, masked_objective, model
 from lyceum.student_client._module_paths import StudentFeatures, student_features
 from lyceum.student_client._train_env import Distributed, StopSignals, rank_from_env
 from lyceum.student_client._train_log import log_teachers
-from lyceum.student_client._train_loop import Run
+from lyceum.student_client._train_loop import Run, steps_per_epoch
 from lyceum.student_client._train_optim import build_optimizer, build_scheduler
+from lyceum.student_client._train_parallel import Placement, distribute
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.inprocess import InProcessTeacher
 from lyceum.student_client.loader import DistillLoader
@@ -192,7 +198,8 @@ def train(
     `checkpoint_dir/last.pt` (mid-epoch if the run stopped early). `overwrite`: start a new
     run in a `checkpoint_dir` that holds another run's checkpoints, removing them (`last.pt`,
     `epoch-*.pt`; nothing else); without `resume` or `overwrite` such a directory is refused.
-    `on_step` is called after every optimizer step (logging, tests).
+    `on_step` is called after every loader batch (`StepInfo.stepped`: the optimizer stepped
+    after it; every batch unless `accumulate` > 1) for logging and tests.
 
     Returns how the run ended (`TrainResult.ended`: finished, stopped by a signal, teachers
     unavailable). Raises `TeacherUnavailableError` if the teachers are unavailable before the
@@ -276,12 +283,8 @@ def _run(
         )
         if objective is not None and lm is not None:
             objective = masked_objective(objective)
-        net: nn.Module = model if features is None else features
-        if env.enabled:
-            cuda = env.device.type == "cuda"
-            net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[env.device.index] if cuda else None
-            )
+        student = model if features is None else features
+        net = distribute(student, model, env, config.parallel, objective)
         adapters = [] if objective is None else list(objective.parameters())
         optimizer = build_optimizer(config.optimizer, [*model.parameters(), *adapters])
         run = Run(
@@ -291,8 +294,12 @@ def _run(
             net=net,
             objective=objective,
             optimizer=optimizer,
+            placement=Placement(net, model, optimizer, env.enabled and config.parallel == "fsdp"),
             scheduler=build_scheduler(
-                config.schedule, optimizer, epochs=config.epochs, batches_per_epoch=len(loader)
+                config.schedule,
+                optimizer,
+                epochs=config.epochs,
+                steps_per_epoch=steps_per_epoch(len(loader), config.accumulate),
             ),
             loader=loader,
             val_set=val_set,

@@ -259,6 +259,25 @@ class TrainConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="LR schedule.")
     epochs: int = Field(gt=0, description="Passes over the training set.")
     batch_size: int = Field(default=64, gt=0, description="Samples per batch and rank.")
+    accumulate: int = Field(
+        default=1,
+        gt=0,
+        description="Loader batches per optimizer step (gradient accumulation): each batch's "
+        "loss weighted by its share of the group's samples, so accumulate: 2 at batch_size 16 "
+        "steps as batch_size 32 does; an epoch's last, shorter group steps too. The LR "
+        "schedule counts optimizer steps.",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="fp32; bf16: the student's forward under bfloat16 autocast on the run's "
+        "device (losses and softmaxes in float32, weights and optimizer state in float32).",
+    )
+    clip_grad_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="Clip the gradients' total L2 norm to this before each optimizer step "
+        "(the norm before clipping is StepInfo.grad_norm). None: no clipping.",
+    )
     window: int = Field(default=4, ge=0, description="Batches of knowledge requested ahead.")
     seed: int = Field(default=0, ge=0, description="Seeds the model init and the shuffle.")
     checkpoint_dir: Path | None = Field(
@@ -268,6 +287,13 @@ class TrainConfig(BaseModel):
         "checkpoints unless resumed (--resume) or overwritten (--overwrite).",
     )
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N (DDP: the local rank's).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Under torchrun (WORLD_SIZE > 1): ddp, a whole model per rank; fsdp, the "
+        "student's parameters, gradients and optimizer state sharded over the ranks (FSDP2 "
+        "fully_shard, per block), for a student that does not fit one device. Checkpoints "
+        "hold the full state either way (the same files). One process: ignored.",
+    )
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers for the inputs.")
     progress: bool = Field(
         default=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 from tests._support.teachers import ENV
 from tests._support.waiting import wait_until
 
-__all__ = ["TRAINER_HANG_GUARD_S", "TrainerProcess", "run_trainer", "write_config"]
+__all__ = ["TRAINER_HANG_GUARD_S", "TrainerProcess", "run_trainer", "torchrun", "write_config"]
 
 TRAINER_HANG_GUARD_S = 180.0
 """Far past a two-epoch run on a loaded two-core machine; only a hung trainer reaches it."""
@@ -71,3 +72,30 @@ def run_trainer(config: Path, *flags: str, name: str) -> TrainerProcess:
     with TrainerProcess(config, *flags, name=name) as run:
         assert run.wait() == 0, run.stderr()[-4000:]
     return run
+
+
+def torchrun(script: Path, *args: str, ranks: int = 2) -> tuple[int, str]:
+    """`script args` on `ranks` ranks under torchrun (one thread each): its exit status and
+    its output, stdout and stderr together. A run past `TRAINER_HANG_GUARD_S` is killed with
+    its ranks."""
+    # torchrun as a module of this interpreter: a console script's shebang may name another.
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+        str(ranks), str(script), *args,
+    ]  # fmt: skip
+    # A new session: on a timeout the whole group (torchrun and its ranks) is killed.
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=TRAINER_HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output

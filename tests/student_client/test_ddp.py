@@ -1,19 +1,21 @@
-"""DDP with two ranks under torchrun (gloo): each rank draws its own shard of ids."""
+"""DDP and FSDP with two ranks under torchrun (gloo): each rank draws its own shard of ids;
+FSDP trains as DDP does and the two read each other's checkpoints."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from lyceum.deploy.examples import digits
+from tests._support.students import supervised_config
 from tests._support.teachers import make_dump
+from tests._support.trainers import torchrun, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -43,33 +45,10 @@ def test_two_ranks_see_each_id_once_per_epoch(tmp_path: Path) -> None:
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        str(torchrun),
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(Path(__file__).with_name("ddp_worker.py")),
-        str(path),
-        str(tmp_path),
-    ]
-    # A new session: on a timeout the whole group (torchrun and its ranks) is killed.
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    returncode, output = torchrun(
+        Path(__file__).with_name("ddp_worker.py"), str(path), str(tmp_path)
     )
-    try:
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output[-4000:]
+    assert returncode == 0, output[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
         per_rank = [[i for e, ids in r["seen"] if e == epoch for i in ids] for r in ranks]
@@ -79,3 +58,49 @@ def test_two_ranks_see_each_id_once_per_epoch(tmp_path: Path) -> None:
     # The ranks trained one model: DDP kept their weights equal, so their accuracy is equal.
     assert ranks[0]["accuracy"] == ranks[1]["accuracy"]
     assert (tmp_path / "ckpt" / "epoch-002.pt").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_ddp_and_resumes_its_checkpoints(tmp_path: Path) -> None:
+    """Two ranks, each 10 batches of 32 an epoch, in groups of 3 (the last of 1), clipped:
+    FSDP's weights and optimizer state (gathered, keyed as DDP's) equal DDP's, epoch by
+    epoch, and FSDP resuming DDP's first epoch ends where DDP did."""
+    config = {
+        **supervised_config(tmp_path / "unused"),
+        "dataset": {
+            "train": "lyceum.deploy.examples:digits",
+            "train_kwargs": TRAIN_KWARGS,
+            "validation": "lyceum.deploy.examples:digits",
+            "validation_kwargs": {"split": "val"},
+        },
+        "batch_size": 32,
+        "accumulate": 3,
+        "clip_grad_norm": 0.5,
+        "schedule": {"name": "cosine"},
+    }
+    path = write_config(tmp_path / "cfg.yaml", config)
+    worker = Path(__file__).with_name("fsdp_worker.py")
+    returncode, output = torchrun(worker, str(path), str(tmp_path))
+    assert returncode == 0, output[-4000:]
+
+    def read(run: str, name: str) -> dict[str, Any]:
+        state: dict[str, Any] = torch.load(tmp_path / run / name, weights_only=True)
+        return state
+
+    for name in ("epoch-001.pt", "last.pt"):
+        want = read("ddp", name)
+        for run in ("fsdp", "resumed") if name == "last.pt" else ("fsdp",):
+            got = read(run, name)
+            assert got["loader"] == want["loader"]
+            assert got["scheduler"] == want["scheduler"]
+            torch.testing.assert_close(got["model"], want["model"], rtol=1e-5, atol=1e-6)
+            assert got["optimizer"]["param_groups"] == want["optimizer"]["param_groups"]
+            torch.testing.assert_close(
+                got["optimizer"]["state"], want["optimizer"]["state"], rtol=1e-5, atol=1e-6
+            )
+    ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    for run in ("fsdp", "resumed"):
+        weights = load_file(str(tmp_path / run / "model.safetensors"))
+        torch.testing.assert_close(weights, ddp, rtol=1e-5, atol=1e-6)
+    # 10 batches in groups of 3: 4 optimizer steps an epoch.
+    assert read("ddp", "last.pt")["scheduler"]["last_epoch"] == 8

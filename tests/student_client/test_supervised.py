@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -22,31 +21,11 @@ from lyceum.student_client import load_config, validate_config
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.trainer import train
 from tests._support.models import GO, REACHED
+from tests._support.students import MLP, supervised_config
 from tests._support.trainers import TrainerProcess, run_trainer, write_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "configs"
-MLP = "lyceum.deploy.examples:student_mlp"
 BATCHES = 20  # the digits' training split in batches of 64
-
-
-def supervised_config(checkpoint_dir: Path, **extra: Any) -> dict[str, Any]:
-    """The demo's student MLP trained on every label of the digits' training split: no
-    teachers, no losses, two epochs of 20 batches."""
-    return {
-        "model": MLP,
-        "model_kwargs": {"hidden": 32},
-        "dataset": {
-            "train": "lyceum.deploy.examples:digits",
-            "validation": "lyceum.deploy.examples:digits",
-            "validation_kwargs": {"split": "val"},
-        },
-        "epochs": 2,
-        "batch_size": 64,
-        "seed": 3,
-        "checkpoint_dir": str(checkpoint_dir),
-        "progress": False,
-        **extra,
-    }
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The trainer's optimizer and LR schedule builders: what each config name gives, and the
-schedule's lengths counted in batches."""
+schedule's lengths counted in optimizer steps."""
 
 from __future__ import annotations
 
@@ -48,12 +48,12 @@ def test_each_optimizer_name_builds_that_optimizer_with_its_settings(
     assert [id(p) for p in built["params"]] == [id(p) for p in params]
 
 
-def _lrs(schedule: ScheduleConfig, epochs: int, batches: int) -> list[float]:
+def _lrs(schedule: ScheduleConfig, epochs: int, steps: int) -> list[float]:
     optimizer = torch.optim.SGD(_params(), lr=1.0)
-    scheduler = build_scheduler(schedule, optimizer, epochs=epochs, batches_per_epoch=batches)
+    scheduler = build_scheduler(schedule, optimizer, epochs=epochs, steps_per_epoch=steps)
     assert scheduler is not None
     lrs = []
-    for _ in range(epochs * batches):
+    for _ in range(epochs * steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
@@ -62,19 +62,19 @@ def _lrs(schedule: ScheduleConfig, epochs: int, batches: int) -> list[float]:
 
 def test_a_constant_rate_has_no_scheduler() -> None:
     optimizer = torch.optim.SGD(_params(), lr=1.0)
-    assert build_scheduler(ScheduleConfig(), optimizer, epochs=3, batches_per_epoch=4) is None
+    assert build_scheduler(ScheduleConfig(), optimizer, epochs=3, steps_per_epoch=4) is None
 
 
-def test_cosine_goes_to_zero_over_every_batch_of_the_run() -> None:
-    lrs = _lrs(ScheduleConfig(name="cosine"), epochs=3, batches=4)
+def test_cosine_goes_to_zero_over_every_step_of_the_run() -> None:
+    lrs = _lrs(ScheduleConfig(name="cosine"), epochs=3, steps=4)
     assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert lrs[6] == pytest.approx(0.5)  # half-way through the 12 steps
     assert lrs[3] == pytest.approx((1 + math.cos(math.pi * 3 / 12)) / 2)
 
 
 def test_step_decays_by_gamma_every_step_epochs() -> None:
-    lrs = _lrs(ScheduleConfig(name="step", step_epochs=2, gamma=0.5), epochs=5, batches=3)
-    # 3 batches an epoch: the rate halves after batches 6 and 12, not before.
+    lrs = _lrs(ScheduleConfig(name="step", step_epochs=2, gamma=0.5), epochs=5, steps=3)
+    # 3 steps an epoch: the rate halves after steps 6 and 12, not before.
     assert lrs[:6] == [1.0] * 6
     assert lrs[6:12] == pytest.approx([0.5] * 6)
     assert lrs[12:] == pytest.approx([0.25] * 4)

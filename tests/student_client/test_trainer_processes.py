@@ -4,10 +4,7 @@ weights of an uninterrupted run. Its stderr, a file, holds log lines, not tqdm's
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from lyceum.deploy.launcher import start_teacher
 from tests._support.models import GO, REACHED
 from tests._support.students import trainer_config
 from tests._support.teachers import DIGITS, make_dump, save_checkpoint
-from tests._support.trainers import TRAINER_HANG_GUARD_S, TrainerProcess, write_config
+from tests._support.trainers import TrainerProcess, torchrun, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -174,28 +171,10 @@ def test_ddp_ranks_stop_at_the_same_batch_when_one_rank_is_stopped(
     assert isinstance(dataset, dict)
     raw["dataset"] = {**dataset, "train_kwargs": {"split": "train", "limit": 640}}
     path = write_config(tmp_path / "cfg.yaml", raw)
-    # torchrun as a module of this interpreter: a console script's shebang may name another.
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(Path(__file__).with_name("ddp_stop_worker.py")), str(path), str(tmp_path), mode,
-    ]  # fmt: skip
-    # A new session: on a timeout the whole group (torchrun and its ranks) is killed.
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=TRAINER_HANG_GUARD_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    worker = Path(__file__).with_name("ddp_stop_worker.py")
+    returncode, output = torchrun(worker, str(path), str(tmp_path), mode)
     written = sorted(p.name for p in tmp_path.glob("rank*.json"))
-    assert proc.returncode == 0, (written, output[-4000:])
+    assert returncode == 0, (written, output[-4000:])
     ranks = [yaml.safe_load((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     # Nothing of the run (its DDP module holds the group) outlives the group's destruction.
