@@ -180,19 +180,15 @@ def _check_field(schema: KnowledgeSchema, config: OnPolicyConfig, where: str) ->
     return spec
 
 
-def _check_inputs(schema: KnowledgeSchema | None, config: OnPolicyConfig, where: str) -> None:
-    """The teacher must take token rows this loop can send (and score_ids to score)."""
+def _check_inputs(schema: KnowledgeSchema | None, where: str) -> None:
+    """The teacher must take token rows this loop can send (a scoring one takes score_ids
+    too: its scored field was checked already)."""
     names = set(schema.names) if schema is not None else set()
     if not {"input_ids", "attention_mask"} <= names or names - set(_SENT):
         raise ValueError(
             f"on-policy distillation sends input_ids and attention_mask (and position_ids, "
             f"score_ids if taken); {where} takes {sorted(names)}: serve it with dict inputs "
             f"of those keys (a dataset of such items, e.g. token_documents)"
-        )
-    if config.estimator == "sampled" and "score_ids" not in names:
-        raise ValueError(
-            f"on_policy estimator 'sampled': {where} takes no score_ids, so it cannot score "
-            f"the sampled tokens; serve it with --score NAME on items that carry score_ids"
         )
 
 
@@ -249,7 +245,7 @@ class OnPolicyDistiller:
         info = teacher.describe()
         where = f"teacher {teacher.name!r}"
         self.spec = _check_field(info.schema, self.config, where)
-        _check_inputs(info.input_schema, self.config, where)
+        _check_inputs(info.input_schema, where)
         self._sent = [n for n in _SENT if info.input_schema and n in info.input_schema.names]
         self.vocab = info.schema.vocab
         self.student, self.teacher, self.optimizer = student, teacher, optimizer
