@@ -28,9 +28,11 @@ Two estimators, by what the teacher serves (`estimator`):
   r_t = log q(y_t) - log p(y_t), r_t is a one-sample estimate of the position's reverse KL
   and r_t * grad log q(y_t) an unbiased estimate of its gradient: grad KL(q || p) =
   E_q[(log q - log p) grad log q], since E_q[grad log q] = 0 (the score-function, REINFORCE
-  identity). The loss's value is the mean r_t, its gradient the mean of r_t grad log q(y_t)
-  with r_t held constant. Each token answers for its own position only (no reward-to-go
-  over later tokens): the objective of `topk`, estimated from the one sampled id.
+  identity). The loss's value is the mean r_t, its gradient the mean of (r_t - b_t) grad
+  log q(y_t) with r_t held constant and b_t the mean of the batch's other r (a leave-one-out
+  baseline, which keeps it unbiased and lowers its variance). Each token answers for its
+  own position only (no reward-to-go over later tokens): the objective of `topk`, estimated
+  from the one sampled id. Far noisier than `topk`: see the README for figures.
 
 Both need q itself, so sampling is at temperature 1 with no top-k or top-p cut.
 
