@@ -11,9 +11,10 @@ method (a Hugging Face causal LM) samples with it; any other model that `CausalL
 plain loop over its logits at the last position, one full forward per new token (no KV
 cache: meant for small students). Both draw from the student's own distribution,
 softmax(logits) at temperature 1 with no top-k or top-p cut: the on-policy estimators need
-samples of q itself. A response ends at its first `eos_token_id` (kept: ending is learnt
-too) or after `max_new_tokens`. Samples come from torch's global generator
-(`torch.manual_seed` makes them reproducible).
+samples of q itself (other processors a model's `generation_config` may set, such as a
+repetition penalty, change q too: clear them). A response ends at its first `eos_token_id`
+(kept: ending is learnt too) or after `max_new_tokens`. Samples come from torch's global
+generator (`torch.manual_seed` makes them reproducible).
 """
 
 from __future__ import annotations

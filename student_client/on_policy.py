@@ -65,7 +65,7 @@ from lyceum.proto.codec import KnowledgeBatch
 from lyceum.proto.schema import FieldSpec, KnowledgeSchema, TopK
 from lyceum.proto.vocab import align_logits
 from lyceum.student_client._lm_config import LMConfig
-from lyceum.student_client._lm_task import CausalLMTask
+from lyceum.student_client._lm_task import CausalLMTask, model_vocabulary
 from lyceum.student_client._rollouts import Rollout, prompt_and_reference, sample_rollout
 from lyceum.student_client.losses import topk_kd
 from lyceum.student_client.online import OnlineTeacher
@@ -250,6 +250,13 @@ class OnPolicyDistiller:
         _check_inputs(info.input_schema, where)
         self._sent = [n for n in _SENT if info.input_schema and n in info.input_schema.names]
         self.vocab = info.schema.vocab
+        own = model_vocabulary(student)
+        if own is not None and self.vocab is not None and own.size > self.vocab.size:
+            raise ValueError(
+                f"the student has {own.size} token ids, {where} {self.vocab.size}: sampling "
+                f"would draw ids the teacher cannot read (its padding ids); give the student "
+                f"the teacher's vocabulary size"
+            )
         self.student, self.teacher, self.optimizer = student, teacher, optimizer
         self.task = CausalLMTask(LMConfig(logits=self.config.logits), student)
         self._draw = random.Random(self.config.seed)

@@ -237,6 +237,10 @@ def test_a_short_on_policy_run_lowers_the_reverse_kl_on_held_out_prompts(
         steps = distiller.train(train, steps=15, batch_size=8)
         torch.manual_seed(0)
         after = _full_reverse_kl(distiller.student, teacher_model, distiller.sample(held_out))
+        torch.manual_seed(0)  # the same samples again: evaluate's one batch of 8
+        estimate = distiller.evaluate(held_out, batch_size=8)
+    # The top-k estimate merges the ids outside the teacher's top 8: a lower bound.
+    assert 0 < estimate <= after
     assert [s.on_policy for s in steps] == [True] * 15
     assert all((s.prompts, s.tokens) == (8, 64) for s in steps)  # no eos: 8 tokens each
     # About 7 nats before; about a third of that after 15 steps (measured: 6.97 -> 2.49).
@@ -346,3 +350,6 @@ def test_teachers_that_cannot_serve_the_estimator_are_refused(server: TeacherSer
         wrong = SAMPLED.model_copy(update={"field": "logits"})
         with pytest.raises(ValueError, match="one log-prob per position of the sampled tokens"):
             OnPolicyDistiller(student, query, optimizer, wrong)
+        padded = tiny_llama(vocab=VOCAB + 8, layers=1, hidden=16, heads=2)
+        with pytest.raises(ValueError, match=r"the student has 72 token ids, teacher .* 64"):
+            OnPolicyDistiller(padded, query, optimizer, TOPK)
