@@ -193,7 +193,7 @@ def test_sampled_gradient_is_unbiased_by_enumerating_every_token() -> None:
     for y in range(6):
         lq = torch.log_softmax(logits, dim=-1)
         loss, _ = _sampled_reverse_kl(lq[y : y + 1], lp[y : y + 1])
-        assert float(loss) == pytest.approx(float(lq[y] - lp[y]))  # the value: r_y
+        assert float(loss.detach()) == pytest.approx(float(lq[y] - lp[y]))  # the value: r_y
         (grad,) = torch.autograd.grad(loss, logits)
         expected += float(lq[y].exp()) * grad
     assert torch.allclose(expected, exact, atol=1e-12, rtol=0)
@@ -204,7 +204,7 @@ def test_the_baseline_leaves_the_value_and_drops_the_mean_ratio() -> None:
     teacher_lp = torch.tensor([-2.0, -2.0, -1.0])
     loss, ratio = _sampled_reverse_kl(student_lp, teacher_lp)
     assert ratio.tolist() == [1.0, 0.0, -2.0]
-    assert float(loss) == pytest.approx(-1 / 3)
+    assert float(loss.detach()) == pytest.approx(-1 / 3)
     (grad,) = torch.autograd.grad(loss, student_lp)
     # (r_i - mean of the others) / 3: (1 - (-1)) / 3, (0 - (-0.5)) / 3, (-2 - 0.5) / 3
     assert torch.allclose(grad, torch.tensor([2 / 3, 0.5 / 3, -2.5 / 3]))
@@ -276,6 +276,26 @@ def test_the_plain_sampling_loop_stops_each_response_at_its_eos() -> None:
     got = sample_rollout(model, task, prompts, max_new_tokens=50, eos_token_id=5, pad_token_id=0)
     assert got.sequences.tolist() == [[4, 5, 0], [3, 4, 5]]
     assert model.calls == 2  # every row had ended: no 48 more forwards
+
+
+def test_generate_samples_are_cut_at_their_first_eos() -> None:
+    student = _student()
+    task = CausalLMTask(LMConfig(), student)
+    prompts = [torch.arange(1, 1 + n) for n in (3, 5, 2, 4)]
+    kwargs = {"max_new_tokens": 8, "pad_token_id": 0}
+    torch.manual_seed(1)
+    free = sample_rollout(student, task, prompts, eos_token_id=None, **kwargs)
+    responses = [free.sequences[r][free.response[r]] for r in range(4)]
+    assert [r.numel() for r in responses] == [8] * 4
+    eos = int(responses[0][2])
+    torch.manual_seed(1)  # the same draws up to each row's eos
+    cut = sample_rollout(student, task, prompts, eos_token_id=eos, **kwargs)
+    for row, free_response in enumerate(responses):
+        ends = torch.nonzero(free_response == eos).flatten()
+        want = free_response[: int(ends[0]) + 1] if ends.numel() else free_response
+        assert cut.sequences[row][cut.response[row]].tolist() == want.tolist()
+        assert int(cut.attention_mask[row].sum()) == prompts[row].numel() + want.numel()
+    assert int(cut.response[0].sum()) <= 3  # row 0 samples eos at its third token at the latest
 
 
 def test_rollout_rows_masks_and_flat_targets_by_hand() -> None:
