@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lyceum.deploy.examples import tiny_llama, token_documents
+from lyceum.proto.items import item_inputs
 from lyceum.student_client import (
     OnlineTeacher,
     OnPolicyConfig,
@@ -193,9 +194,9 @@ def test_sampled_gradient_is_unbiased_by_enumerating_every_token() -> None:
     for y in range(6):
         lq = torch.log_softmax(logits, dim=-1)
         loss, _ = _sampled_reverse_kl(lq[y : y + 1], lp[y : y + 1])
-        assert float(loss.detach()) == pytest.approx(float(lq[y] - lp[y]))  # the value: r_y
+        assert float(loss.detach()) == pytest.approx((lq[y] - lp[y]).item())  # the value: r_y
         (grad,) = torch.autograd.grad(loss, logits)
-        expected += float(lq[y].exp()) * grad
+        expected += lq[y].exp().item() * grad
     assert torch.allclose(expected, exact, atol=1e-12, rtol=0)
 
 
@@ -313,6 +314,14 @@ def test_rollout_rows_masks_and_flat_targets_by_hand() -> None:
     assert targets[learnt].tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match=r"prompts \[0\] are empty"):
         Rollout.of([torch.tensor([], dtype=torch.long)], [torch.tensor([1])])
+
+
+def test_token_documents_can_carry_the_ids_a_scoring_teacher_learns_from() -> None:
+    item = token_documents(n=2, vocab=VOCAB, max_len=9, padding="left", score_ids=True)[1]
+    ids = item["input_ids"]
+    assert item["score_ids"].tolist() == [*ids[1:].tolist(), 0]
+    assert sorted(item_inputs(item)) == ["attention_mask", "input_ids", "score_ids"]
+    assert "score_ids" not in token_documents(n=2, vocab=VOCAB)[1]
 
 
 def test_prompt_items_and_their_reference_responses() -> None:
