@@ -324,7 +324,10 @@ class TokenDocuments(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     padded with token 0 to `max_len`, the mask 0 there, as `generate` and padding collates
     leave them), "packed" (two documents per item, `position_ids` restarting at 0 for the
     second). Every item has `labels` (the next tokens, -100 at the end), which a teacher
-    ignores. `documents(i)` gives item i's documents unpadded, for checks."""
+    ignores. `score_ids=True` adds the next tokens as `score_ids` too (0 at the end), the input
+    a teacher that scores tokens learns its inputs from (`teacher serve --score NAME`: the
+    teacher of on-policy distillation's sampled estimator). `documents(i)` gives item i's
+    documents unpadded, for checks."""
 
     def __init__(
         self,
@@ -334,9 +337,10 @@ class TokenDocuments(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         max_len: int = 24,
         padding: Padding = "none",
         seed: int = 0,
+        score_ids: bool = False,
     ) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.padding, self.max_len = padding, max_len
+        self.padding, self.max_len, self.score_ids = padding, max_len, score_ids
         per_item = 2 if padding == "packed" else 1
         lengths = torch.randint(min_len, max_len + 1, (n, per_item), generator=g)
         self.docs = [
@@ -361,6 +365,8 @@ class TokenDocuments(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             mask = torch.cat([pad, mask] if first else [mask, pad])
         if self.padding == "packed":
             item["position_ids"] = torch.cat([torch.arange(d.numel()) for d in docs])
+        if self.score_ids:
+            item["score_ids"] = torch.cat([ids[1:], torch.tensor([0])])
         labels = torch.cat([ids[1:], torch.tensor([-100])])
         return {"input_ids": ids, "attention_mask": mask, **item, "labels": labels}
 
@@ -372,5 +378,6 @@ def token_documents(
     max_len: int = 24,
     padding: Padding = "none",
     seed: int = 0,
+    score_ids: bool = False,
 ) -> TokenDocuments:
-    return TokenDocuments(n, vocab, min_len, max_len, padding, seed)
+    return TokenDocuments(n, vocab, min_len, max_len, padding, seed, score_ids)

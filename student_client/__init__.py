@@ -4,6 +4,7 @@ from lyceum.student_client._connections import TeacherError
 from lyceum.student_client._credentials import CredentialOptions
 from lyceum.student_client._lm_collate import IGNORE_INDEX, LMCollate
 from lyceum.student_client._lm_task import CausalLMTask, LMValidation
+from lyceum.student_client._rollouts import Rollout
 from lyceum.student_client._teacher_checks import TeacherInfo
 from lyceum.student_client.export import ExportResult, export_knowledge
 from lyceum.student_client.inprocess import InProcessTeacher
@@ -46,6 +47,13 @@ from lyceum.student_client.offline import (
     OfflineKnowledge,
     VerifyMode,
     verify_knowledge,
+)
+from lyceum.student_client.on_policy import (
+    Estimator,
+    OnPolicyConfig,
+    OnPolicyDistiller,
+    OnPolicyLoss,
+    OnPolicyStep,
 )
 from lyceum.student_client.online import TeacherTimeouts
 from lyceum.student_client.sources import (
@@ -143,4 +151,11 @@ __all__ = [
     "IGNORE_INDEX",
     "CausalLMTask",
     "LMValidation",
+    # on-policy distillation of language models: the student's samples, scored by a teacher
+    "OnPolicyDistiller",
+    "OnPolicyConfig",
+    "OnPolicyStep",
+    "OnPolicyLoss",
+    "Estimator",
+    "Rollout",
 ]

@@ -170,6 +170,11 @@ class CausalLMTask:
 
     def logits(self, net: nn.Module, inputs: Mapping[str, Tensor], packed: bool) -> Tensor:
         """`[N, V]`: the student's logits of the batch's real positions, in item order."""
+        return self.row_logits(net, inputs, packed)[inputs["attention_mask"].bool()]
+
+    def row_logits(self, net: nn.Module, inputs: Mapping[str, Tensor], packed: bool) -> Tensor:
+        """`[R, L, V]`: the student's logits of every position of the batch's rows (padding
+        included), the model run with the mask and position ids its forward takes."""
         real = inputs["attention_mask"]
         kwargs: dict[str, Tensor] = {"input_ids": inputs["input_ids"]}
         if packed:
@@ -200,7 +205,7 @@ class CausalLMTask:
                 f"the student's logits must be [rows, tokens, vocab] = [{real.shape[0]}, "
                 f"{real.shape[1]}, V]; got {getattr(out, 'shape', type(out).__name__)}"
             )
-        return out[real.bool()]
+        return out
 
     def _targets(
         self, inputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], ids: Tensor
