@@ -30,6 +30,7 @@ from lyceum.compression.search.study import (
     CACHED_ATTR,
     DUPLICATE_ATTR,
     ERROR_ATTR,
+    SURPLUS_ATTR,
     SearchResult,
     open_study,
     run_search,
@@ -65,4 +66,5 @@ __all__ = [
     "DUPLICATE_ATTR",
     "ERROR_ATTR",
     "STALE_ATTR",
+    "SURPLUS_ATTR",
 ]

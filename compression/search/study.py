@@ -11,7 +11,9 @@ before each trial:
    elsewhere (one of them may still die and need a retry);
 4. after drawing, looks for a twin: a candidate another trial completed is not trained again
    (its reward is copied into this trial, `CACHED_ATTR`), and one a lower-numbered trial is
-   training now is left to it (this trial fails as `DUPLICATE_ATTR`).
+   training now is left to it (this trial fails as `DUPLICATE_ATTR`);
+5. fails its trial as `SURPLUS_ATTR` when the lower-numbered trials completed or live already
+   make the study's count (two workers that finished together and both saw one missing).
 
 A trial whose objective raised is failed with `ERROR_ATTR` and the error propagates: a bug or a
 bad input does not get retried for ever.
@@ -47,6 +49,7 @@ __all__ = [
     "CACHED_ATTR",
     "DUPLICATE_ATTR",
     "ERROR_ATTR",
+    "SURPLUS_ATTR",
     "SearchResult",
     "open_study",
     "run_search",
@@ -58,6 +61,7 @@ _log = logging.getLogger("lyceum.search")
 
 CACHED_ATTR = "lyceum:cached_from"
 DUPLICATE_ATTR = "lyceum:duplicate_of"
+SURPLUS_ATTR = "lyceum:surplus"
 ERROR_ATTR = "lyceum:error"
 _TABLE_ATTR = "lyceum:range_table"
 _CHAIN_ATTR = "lyceum:chain"
@@ -132,7 +136,7 @@ def _orphan(trials: Sequence[FrozenTrial], table: list[int]) -> list[int] | None
     for t in trials:
         if t.state != TrialState.FAIL or ERROR_ATTR in t.system_attrs:
             continue
-        if DUPLICATE_ATTR in t.system_attrs:
+        if DUPLICATE_ATTR in t.system_attrs or SURPLUS_ATTR in t.system_attrs:
             continue
         tokens = trial_tokens(t, table)
         if tokens is not None and tuple(tokens) not in covered:
@@ -215,9 +219,10 @@ def run_search(
             elif done + sum(t.state in _LIVE for t in trials) >= target:
                 time.sleep(poll)  # others are on the last trials; one may die and need a retry
                 continue
-            best = max((t.value for t in trials if t.state == TrialState.COMPLETE), default=None)
+            values = [t.value for t in trials if t.value is not None]
+            best = max(values) if values else None
             chosen.prefetch(trials)  # the draw replays this listing: one listing less
-            told = _one_trial(opt, objective, table, names, study_config, best)
+            told = _one_trial(opt, objective, table, names, study_config, best, target)
             if told is not None:
                 if on_trial is not None:
                     on_trial(told[0])
@@ -237,9 +242,11 @@ def _one_trial(
     names: list[str],
     config: StudyConfig,
     best: float | None,
+    target: int,
 ) -> tuple[dict[str, Any], float] | None:
     """Ask, evaluate (or copy a twin's reward) and tell one trial: its history entry and the
-    study's best reward (`best` before this trial, or this one's); None for a duplicate."""
+    study's best reward (`best` before this trial, or this one's); None for a duplicate or a
+    surplus trial (the study has `target` trials completed or under way before it)."""
     trial = study.ask()
     storage, trial_id = study._storage, trial._trial_id
     try:
@@ -247,6 +254,14 @@ def _one_trial(
             # The sampler draws here, and writes the candidate once (`DRAW_ATTR`).
             tokens = [int(trial.relative_params[n]) for n in names]
             trials = study.get_trials(deepcopy=False)
+            ahead = sum(
+                t.number < trial.number and (t.state == TrialState.COMPLETE or t.state in _LIVE)
+                for t in trials
+            )
+            if ahead >= target:
+                storage.set_trial_system_attr(trial_id, SURPLUS_ATTR, ahead)
+                study.tell(trial, state=TrialState.FAIL)
+                return None
             twin = _twin(trials, trial.number, tokens, table)
             if twin is not None and twin.state == TrialState.RUNNING:
                 storage.set_trial_system_attr(trial_id, DUPLICATE_ATTR, twin.number)
