@@ -16,7 +16,8 @@ Sections (each prints one table and the machine's load average next to it):
   -30% FLOPs budget: best reward reached, median over seeds.
 - overhead: seconds per trial spent outside the objective (sampler + storage: the chain
   replayed from the study, the heartbeat, ask/tell) when the SQLite study already holds 10,
-  100 and 1,000 finished trials; median of `--repeats` trials at each size.
+  100 and 1,000 finished trials; median of `--repeats` trials at each size, with the
+  process's CPU time and the SQL statements sent per trial (which the load does not move).
 - workers: trials per hour of one worker process against two on one SQLite study (same
   reward, same number of trials).
 - table: the Light-NAS table on digits. The space's initial architecture (MobileNetV2) against
@@ -171,6 +172,16 @@ class _Toy:
 
 
 def bench_overhead(sizes: Sequence[int], repeats: int) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    statements = [0]
+
+    def count(*_: object) -> None:
+        statements[0] += 1
+
+    # Every SQL statement any storage engine sends: the figure the load does not move.
+    event.listen(Engine, "before_cursor_execute", count)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         study = StudyConfig(storage=str(Path(tmp) / "overhead.db"), study="overhead")
@@ -182,18 +193,26 @@ def bench_overhead(sizes: Sequence[int], repeats: int) -> None:
                 _Toy(), lambda t: -float(sum(t)), SAConfig(max_iterations=size - 1),
                 study=study, progress=False,
             )  # fmt: skip
-            stamps: list[float] = []
+            stamps: list[tuple[float, float, int]] = []
+
+            def stamp(_: object, s: list[tuple[float, float, int]] = stamps) -> None:
+                s.append((time.perf_counter(), time.process_time(), statements[0]))
+
             run_search(
                 _Toy(), lambda t: -float(sum(t)), SAConfig(max_iterations=size + repeats),
-                study=study, progress=False, on_trial=lambda _, s=stamps: s.append(time.perf_counter()),
+                study=study, progress=False, on_trial=stamp,
             )  # fmt: skip
-            gaps = [b - a for a, b in itertools.pairwise(stamps)]
-            rows.append((size, statistics.median(gaps), min(gaps), max(gaps)))
+            gaps = [[b[k] - a[k] for a, b in itertools.pairwise(stamps)] for k in range(3)]
+            rows.append((size, *(statistics.median(g) for g in gaps), min(gaps[0]), max(gaps[0])))
+    event.remove(Engine, "before_cursor_execute", count)
     print(f"\n## sampler + storage overhead per trial, SQLite ({_load()})")
-    print("| finished trials | median ms/trial | min | max |")
-    print("|---|---|---|---|")
-    for size, med, lo, hi in rows:
-        print(f"| {size:,} | {1000 * med:.1f} | {1000 * lo:.1f} | {1000 * hi:.1f} |")
+    print("| finished trials | median ms/trial | min | max | CPU ms/trial | SQL statements/trial |")
+    print("|---|---|---|---|---|---|")
+    for size, wall, cpu, sql, lo, hi in rows:
+        print(
+            f"| {size:,} | {1000 * wall:.1f} | {1000 * lo:.1f} | {1000 * hi:.1f} | "
+            f"{1000 * cpu:.1f} | {sql:.0f} |"
+        )
 
 
 _WORKER = """
