@@ -16,9 +16,16 @@ Sections (each prints one table and the machine's load average next to it):
   -30% FLOPs budget: best reward reached, median over seeds.
 - overhead: seconds per trial spent outside the objective (sampler + storage: the chain
   replayed from the study, the heartbeat, ask/tell) when the SQLite study already holds 10,
-  100 and 1,000 finished trials; median of `--repeats` trials at each size.
+  100 and 1,000 finished trials; median of `--repeats` trials at each size, with the
+  process's CPU time and the SQL statements sent per trial (which the load does not move).
 - workers: trials per hour of one worker process against two on one SQLite study (same
   reward, same number of trials).
+- table: the Light-NAS table on digits. The space's initial architecture (MobileNetV2) against
+  the best found by SA under a -30% FLOPs budget and under a -20% latency budget (the latency
+  table's prediction, built first on this CPU), each trained `--final-epochs` on the train
+  split with `--final-seeds` seeds: MACs, parameters, predicted and measured latency (thread
+  clock, batch 1, one thread) and test accuracy per seed. `--rows` and `--lut` split it
+  over processes that share one latency table.
 """
 
 from __future__ import annotations
@@ -39,13 +46,17 @@ import optuna
 import torch
 
 from lyceum.compression.nas import (
+    Architecture,
     Budget,
     BudgetedSpace,
+    FinalTraining,
+    LatencyTable,
     TrainingReward,
     build_latency_table,
     lightnas_space,
     measure_network,
     search_architecture,
+    train_architecture,
 )
 from lyceum.compression.search import SAConfig, StudyConfig, run_search
 from lyceum.deploy.examples import digits
@@ -161,6 +172,16 @@ class _Toy:
 
 
 def bench_overhead(sizes: Sequence[int], repeats: int) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    statements = [0]
+
+    def count(*_: object) -> None:
+        statements[0] += 1
+
+    # Every SQL statement any storage engine sends: the figure the load does not move.
+    event.listen(Engine, "before_cursor_execute", count)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         study = StudyConfig(storage=str(Path(tmp) / "overhead.db"), study="overhead")
@@ -172,18 +193,26 @@ def bench_overhead(sizes: Sequence[int], repeats: int) -> None:
                 _Toy(), lambda t: -float(sum(t)), SAConfig(max_iterations=size - 1),
                 study=study, progress=False,
             )  # fmt: skip
-            stamps: list[float] = []
+            stamps: list[tuple[float, float, int]] = []
+
+            def stamp(_: object, s: list[tuple[float, float, int]] = stamps) -> None:
+                s.append((time.perf_counter(), time.process_time(), statements[0]))
+
             run_search(
                 _Toy(), lambda t: -float(sum(t)), SAConfig(max_iterations=size + repeats),
-                study=study, progress=False, on_trial=lambda _, s=stamps: s.append(time.perf_counter()),
+                study=study, progress=False, on_trial=stamp,
             )  # fmt: skip
-            gaps = [b - a for a, b in itertools.pairwise(stamps)]
-            rows.append((size, statistics.median(gaps), min(gaps), max(gaps)))
+            gaps = [[b[k] - a[k] for a, b in itertools.pairwise(stamps)] for k in range(3)]
+            rows.append((size, *(statistics.median(g) for g in gaps), min(gaps[0]), max(gaps[0])))
+    event.remove(Engine, "before_cursor_execute", count)
     print(f"\n## sampler + storage overhead per trial, SQLite ({_load()})")
-    print("| finished trials | median ms/trial | min | max |")
-    print("|---|---|---|---|")
-    for size, med, lo, hi in rows:
-        print(f"| {size:,} | {1000 * med:.1f} | {1000 * lo:.1f} | {1000 * hi:.1f} |")
+    print("| finished trials | median ms/trial | min | max | CPU ms/trial | SQL statements/trial |")
+    print("|---|---|---|---|---|---|")
+    for size, wall, cpu, sql, lo, hi in rows:
+        print(
+            f"| {size:,} | {1000 * wall:.1f} | {1000 * lo:.1f} | {1000 * hi:.1f} | "
+            f"{1000 * cpu:.1f} | {sql:.0f} |"
+        )
 
 
 _WORKER = """
@@ -226,11 +255,112 @@ def bench_workers(trials: int, train_limit: int, epochs: int) -> None:
         print(f"| {workers} | {elapsed:.0f} | {rate:.0f} | {rate / rows[0][2]:.2f}x |")
 
 
+def _final(
+    tokens: list[int], seeds: int, epochs: int, table: LatencyTable, out: Path
+) -> tuple[list[float], float]:
+    """Test accuracies of `tokens` trained with each seed, and its measured latency in ms."""
+    space = lightnas_space(input_size=8)
+    accuracies = []
+    for seed in range(seeds):
+        config = FinalTraining(
+            epochs=epochs, seed=seed, out_dir=out / f"seed{seed}", progress=False, latency_runs=1
+        )
+        report = train_architecture(
+            Architecture(tokens=tokens),
+            config,
+            train_data=digits("train"),
+            test_data=digits("test"),
+        )
+        accuracies.append(report.accuracy)
+        print(f"  seed {seed}: test accuracy {report.accuracy:.4f} ({_load()})", flush=True)
+    return accuracies, measure_network(space, tokens, table, runs=30, warmup=5)
+
+
+_ROWS = {
+    "initial": "initial (MobileNetV2 tokens)",
+    "flops": "best under -30% FLOPs",
+    "latency": "best under -20% latency",
+}
+
+
+def _latency_table(path: Path | None, runs: int) -> LatencyTable:
+    """The table at `path` if it exists (one build shared by the processes of a split table
+    run), else a fresh build, saved there."""
+    if path is not None and path.exists():
+        return LatencyTable.load(path)
+    space = lightnas_space(input_size=8)
+    table = build_latency_table(space, runs=runs, warmup=3, clock="thread", progress=False)
+    if path is not None:
+        table.save(path)
+    return table
+
+
+def bench_table(
+    rows: Sequence[str],
+    lut: Path | None,
+    trials: int,
+    train_limit: int,
+    epochs: int,
+    final_epochs: int,
+    final_seeds: int,
+    runs: int,
+) -> None:
+    space = lightnas_space(input_size=8)
+    table = _latency_table(lut, runs)
+    budgeted = BudgetedSpace(space, lut=table)
+    init = space.init_tokens()
+    start = budgeted.figures(init)
+    assert start.latency_ms is not None  # the space has a latency table
+    init_ms = measure_network(space, init, table, runs=30, warmup=5)
+    print(f"latency table ready ({_load()}); initial: {start}, {init_ms:.2f} ms", flush=True)
+    reward = TrainingReward(
+        space, digits("train", limit=train_limit), digits("val"), epochs=epochs,
+        batch_size=64, lr=3e-3,
+    )  # fmt: skip
+    budgets = {
+        "initial": None,
+        "flops": Budget(max_flops=int(0.7 * start.flops)),
+        "latency": Budget(max_latency_ms=0.8 * start.latency_ms),
+    }
+    done = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            tokens, found = init, None
+            budget = budgets[row]
+            if budget is not None:
+                result, _ = search_architecture(
+                    space, reward, budget=budget, lut=table,
+                    search=SAConfig(max_iterations=trials - 1, seed=0), progress=False,
+                )  # fmt: skip
+                tokens, found = result.best_tokens, result.best_reward
+            print(f"{_ROWS[row]}: tokens {tokens}, search reward {found} ({_load()})", flush=True)
+            accuracies, measured = _final(tokens, final_seeds, final_epochs, table, Path(tmp) / row)
+            done.append((_ROWS[row], budgeted.figures(tokens), measured, found, accuracies))
+    print(
+        f"\n## Light-NAS on digits: search {trials} trials (reward: val accuracy after {epochs} "
+        f"epochs on {train_limit} train digits), final training {final_epochs} epochs on the "
+        f"1,257 train digits, test accuracy on 360, {final_seeds} seeds ({_load()})"
+    )
+    print(
+        "| architecture | MACs | params | predicted ms | measured ms | search reward "
+        "| test accuracy per seed | mean |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, f, measured, found, accuracies in done:
+        listed = " / ".join(f"{a:.4f}" for a in accuracies)
+        shown = "-" if found is None else f"{found:.4f}"
+        print(
+            f"| {name} | {f.flops:,} ({f.flops / start.flops - 1:+.0%}) | {f.params:,} | "
+            f"{f.latency_ms:.2f} | {measured:.2f} ({measured / init_ms - 1:+.0%}) | {shown} | "
+            f"{listed} | {statistics.mean(accuracies):.4f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", nargs="*", default=["lut", "samplers", "overhead", "workers"],
-        choices=["lut", "samplers", "overhead", "workers"],
+        "--only", nargs="*", default=["lut", "samplers", "overhead", "workers", "table"],
+        choices=["lut", "samplers", "overhead", "workers", "table"],
     )  # fmt: skip
     parser.add_argument("--networks", type=int, default=50, help="LUT: random networks")
     parser.add_argument("--runs", type=int, default=20, help="LUT: timed passes per op/network")
@@ -240,6 +370,16 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=1257, help="reward: train digits")
     parser.add_argument("--epochs", type=int, default=2, help="reward: training epochs")
     parser.add_argument("--repeats", type=int, default=5, help="overhead: trials timed")
+    parser.add_argument("--final-epochs", type=int, default=30, help="table: final training")
+    parser.add_argument("--final-seeds", type=int, default=3, help="table: final trainings")
+    parser.add_argument(
+        "--rows", nargs="*", default=list(_ROWS), choices=list(_ROWS),
+        help="table: which rows (run several processes on some rows each, one --lut)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lut", type=Path, default=None,
+        help="table: latency table file, built and saved there when absent",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "lut" in args.only:
@@ -250,6 +390,11 @@ def main() -> None:
         bench_samplers(args.trials, args.seeds, args.train_limit, args.epochs)
     if "workers" in args.only:
         bench_workers(args.trials, args.train_limit, args.epochs)
+    if "table" in args.only:
+        bench_table(
+            args.rows, args.lut, args.trials, args.train_limit, args.epochs, args.final_epochs,
+            args.final_seeds, args.runs,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,16 +5,18 @@ result = run_search(space, objective, SAConfig(max_iterations=50, seed=0),
 
 Any number of workers (processes, machines) run `run_search` against one storage and extend one
 annealing chain, rebuilt from the storage at every draw; a search resumes from the storage alone.
+A trial's candidate is one system attribute (`DRAW_ATTR`; `trial_tokens` reads it).
 """
 
 from lyceum.compression.search.base import Objective, SearchSpace
 from lyceum.compression.search.chain import SAChain
 from lyceum.compression.search.config import SAConfig, StudyConfig
 from lyceum.compression.search.sampler import (
-    REDRAWS_ATTR,
+    DRAW_ATTR,
     FeasibleSampler,
     InfeasibleSearchError,
     SASampler,
+    draw_attr,
     param_names,
     trial_tokens,
 )
@@ -28,6 +30,7 @@ from lyceum.compression.search.study import (
     CACHED_ATTR,
     DUPLICATE_ATTR,
     ERROR_ATTR,
+    SURPLUS_ATTR,
     SearchResult,
     open_study,
     run_search,
@@ -57,9 +60,11 @@ __all__ = [
     "Heartbeat",
     "param_names",
     "trial_tokens",
-    "REDRAWS_ATTR",
+    "draw_attr",
+    "DRAW_ATTR",
     "CACHED_ATTR",
     "DUPLICATE_ATTR",
     "ERROR_ATTR",
     "STALE_ATTR",
+    "SURPLUS_ATTR",
 ]

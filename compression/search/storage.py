@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -100,14 +101,18 @@ def _last_beat(trial: FrozenTrial) -> float:
     beat = trial.system_attrs.get(HEARTBEAT_ATTR)
     if isinstance(beat, int | float):
         return float(beat)
-    # Not beaten yet (the worker died while sampling): its start time stands in.
+    # Not beaten yet (just started, or its worker died before the first beat): its start
+    # time stands in.
     start = trial.datetime_start
     return start.timestamp() if start is not None else time.time()
 
 
-def fail_stale_trials(study: optuna.Study, grace_period: float) -> list[int]:
+def fail_stale_trials(
+    study: optuna.Study, grace_period: float, trials: Sequence[FrozenTrial] | None = None
+) -> list[int]:
     """Fail the running trials whose last heartbeat is older than `grace_period` seconds.
 
+    `trials`: the study's trials if the caller has just listed them (saves a listing).
     Returns the numbers of the trials this call failed (another worker may fail one first).
     """
     from optuna.exceptions import UpdateFinishedTrialError
@@ -115,8 +120,10 @@ def fail_stale_trials(study: optuna.Study, grace_period: float) -> list[int]:
 
     now = time.time()
     failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if now - _last_beat(trial) <= grace_period:
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in trials:
+        if trial.state != TrialState.RUNNING or now - _last_beat(trial) <= grace_period:
             continue
         try:
             study._storage.set_trial_system_attr(trial._trial_id, STALE_ATTR, now)
@@ -128,10 +135,11 @@ def fail_stale_trials(study: optuna.Study, grace_period: float) -> list[int]:
 
 
 class Heartbeat:
-    """`with Heartbeat(storage, trial_id, interval):` beats from entry until exit.
+    """`with Heartbeat(storage, trial_id, interval):` beats every `interval` s until exit.
 
-    The first beat is written before `__enter__` returns, so a trial is never judged by its
-    start time once its worker is evaluating it.
+    The first beat comes `interval` after entry: until then a trial is judged by its start
+    time, which the trial's worker wrote when it created the trial just before (a beat at entry
+    would say the same, at the cost of a write per trial).
     """
 
     def __init__(self, storage: BaseStorage, trial_id: int, interval: float) -> None:
@@ -154,7 +162,6 @@ class Heartbeat:
                 return  # failed as stale by another worker (this one was too slow to beat)
 
     def __enter__(self) -> Heartbeat:
-        self._beat()
         self._thread.start()
         return self
 

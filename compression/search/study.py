@@ -11,7 +11,9 @@ before each trial:
    elsewhere (one of them may still die and need a retry);
 4. after drawing, looks for a twin: a candidate another trial completed is not trained again
    (its reward is copied into this trial, `CACHED_ATTR`), and one a lower-numbered trial is
-   training now is left to it (this trial fails as `DUPLICATE_ATTR`).
+   training now is left to it (this trial fails as `DUPLICATE_ATTR`);
+5. fails its trial as `SURPLUS_ATTR` when the lower-numbered trials completed or live already
+   make the study's count (two workers that finished together and both saw one missing).
 
 A trial whose objective raised is failed with `ERROR_ATTR` and the error propagates: a bug or a
 bad input does not get retried for ever.
@@ -33,9 +35,10 @@ from lyceum.compression.search.base import Objective, SearchSpace
 from lyceum.compression.search.chain import check_tokens
 from lyceum.compression.search.config import SAConfig, StudyConfig
 from lyceum.compression.search.sampler import (
-    REDRAWS_ATTR,
+    DRAW_ATTR,
     FeasibleSampler,
     SASampler,
+    draw_attr,
     param_names,
     trial_tokens,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "CACHED_ATTR",
     "DUPLICATE_ATTR",
     "ERROR_ATTR",
+    "SURPLUS_ATTR",
     "SearchResult",
     "open_study",
     "run_search",
@@ -57,6 +61,7 @@ _log = logging.getLogger("lyceum.search")
 
 CACHED_ATTR = "lyceum:cached_from"
 DUPLICATE_ATTR = "lyceum:duplicate_of"
+SURPLUS_ATTR = "lyceum:surplus"
 ERROR_ATTR = "lyceum:error"
 _TABLE_ATTR = "lyceum:range_table"
 _CHAIN_ATTR = "lyceum:chain"
@@ -131,7 +136,7 @@ def _orphan(trials: Sequence[FrozenTrial], table: list[int]) -> list[int] | None
     for t in trials:
         if t.state != TrialState.FAIL or ERROR_ATTR in t.system_attrs:
             continue
-        if DUPLICATE_ATTR in t.system_attrs:
+        if DUPLICATE_ATTR in t.system_attrs or SURPLUS_ATTR in t.system_attrs:
             continue
         tokens = trial_tokens(t, table)
         if tokens is not None and tuple(tokens) not in covered:
@@ -179,7 +184,7 @@ def run_search(
     if init_tokens is not None:
         init_tokens = check_tokens(init_tokens, table, "init_tokens")
     if sampler is None:
-        chosen: optuna.samplers.BaseSampler = SASampler(space, config, init_tokens=init_tokens)
+        chosen: SASampler | FeasibleSampler = SASampler(space, config, init_tokens=init_tokens)
         chain = config.model_dump(exclude={"max_iterations"})
     else:
         chosen = FeasibleSampler(sampler, space, config.max_resample, config.seed)
@@ -194,8 +199,11 @@ def run_search(
         total=target, desc=worker, unit="trial", initial=min(done, target), enabled=progress
     ) as bar:
         while True:
-            fail_stale_trials(opt, study_config.grace_period)
+            # One listing of the trials per trial: the storage re-reads only the trials that
+            # were unfinished or new at its previous listing.
             trials = opt.get_trials(deepcopy=False)
+            if fail_stale_trials(opt, study_config.grace_period, trials):
+                trials = opt.get_trials(deepcopy=False)
             done = sum(t.state == TrialState.COMPLETE for t in trials)
             if done > bar.n:
                 bar.update(min(done, target) - bar.n)
@@ -203,16 +211,22 @@ def run_search(
                 break
             orphan = _orphan(trials, table)
             if orphan is not None:
-                opt.enqueue_trial(dict(zip(names, orphan, strict=True)))
+                opt.add_trial(
+                    optuna.trial.create_trial(
+                        state=TrialState.WAITING, system_attrs={DRAW_ATTR: draw_attr(orphan, 0)}
+                    )
+                )
             elif done + sum(t.state in _LIVE for t in trials) >= target:
                 time.sleep(poll)  # others are on the last trials; one may die and need a retry
                 continue
-            entry = _one_trial(opt, objective, table, names, study_config)
-            if entry is not None and on_trial is not None:
-                on_trial(entry)
-            if entry is not None:
-                best = opt.best_value
-                bar.update(0, best=f"{best:.4f}")
+            values = [t.value for t in trials if t.value is not None]
+            best = max(values) if values else None
+            chosen.prefetch(trials)  # the draw replays this listing: one listing less
+            told = _one_trial(opt, objective, table, names, study_config, best, target)
+            if told is not None:
+                if on_trial is not None:
+                    on_trial(told[0])
+                bar.update(0, best=f"{told[1]:.4f}")
     result = search_result(opt, table, config if sampler is None else None, init_tokens)
     return result
 
@@ -227,14 +241,28 @@ def _one_trial(
     table: list[int],
     names: list[str],
     config: StudyConfig,
-) -> dict[str, Any] | None:
-    """Ask, evaluate (or copy a twin's reward) and tell one trial; its history entry."""
+    best: float | None,
+    target: int,
+) -> tuple[dict[str, Any], float] | None:
+    """Ask, evaluate (or copy a twin's reward) and tell one trial: its history entry and the
+    study's best reward (`best` before this trial, or this one's); None for a duplicate or a
+    surplus trial (the study has `target` trials completed or under way before it)."""
     trial = study.ask()
     storage, trial_id = study._storage, trial._trial_id
     try:
         with Heartbeat(storage, trial_id, config.heartbeat_interval):
-            tokens = [trial.suggest_int(n, 0, k - 1) for n, k in zip(names, table, strict=True)]
-            twin = _twin(study.get_trials(deepcopy=False), trial.number, tokens, table)
+            # The sampler draws here, and writes the candidate once (`DRAW_ATTR`).
+            tokens = [int(trial.relative_params[n]) for n in names]
+            trials = study.get_trials(deepcopy=False)
+            ahead = sum(
+                t.number < trial.number and (t.state == TrialState.COMPLETE or t.state in _LIVE)
+                for t in trials
+            )
+            if ahead >= target:
+                storage.set_trial_system_attr(trial_id, SURPLUS_ATTR, ahead)
+                study.tell(trial, state=TrialState.FAIL)
+                return None
+            twin = _twin(trials, trial.number, tokens, table)
             if twin is not None and twin.state == TrialState.RUNNING:
                 storage.set_trial_system_attr(trial_id, DUPLICATE_ATTR, twin.number)
                 study.tell(trial, state=TrialState.FAIL)
@@ -255,19 +283,32 @@ def _one_trial(
         # Interrupted (Ctrl-C, SIGTERM): failed, and its candidate handed out again on resume.
         study.tell(trial, state=TrialState.FAIL)
         raise
-    study.tell(trial, reward)
-    frozen = study._storage.get_trial(trial_id)
-    entry = _entry(frozen, table, None)
+    # This trial as the twin search listed it (with its draw): Optuna's `tell` would re-read
+    # it first, some 12 queries on a relational storage.
+    mine = next(t for t in reversed(trials) if t.number == trial.number)
+    _complete(study, mine, reward)
+    cached_from = None if twin is None else twin.number
+    entry = _entry(mine, table, None) | {"reward": reward, "cached_from": cached_from}
+    best = reward if best is None else max(best, reward)
     _log.info(
         "trial %d: reward %.4f%s, tokens %s, %d redraws; best %.4f",
-        frozen.number,
+        trial.number,
         reward,
         f" (copied from trial {twin.number})" if twin is not None else "",
         ",".join(map(str, tokens)),
         entry["redraws"],
-        study.best_value,
+        best,
     )
-    return entry
+    return entry, best
+
+
+def _complete(study: optuna.Study, trial: FrozenTrial, reward: float) -> None:
+    """`study.tell(trial, reward)` for the running `trial` just listed: what Optuna's tell does
+    for a finite single value (the sampler's `after_trial`, then the state and value)."""
+    try:
+        study.sampler.after_trial(study, trial, TrialState.COMPLETE, [reward])
+    finally:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [reward])
 
 
 def _entry(trial: FrozenTrial, table: list[int], accepted: bool | None) -> dict[str, Any]:
@@ -276,7 +317,7 @@ def _entry(trial: FrozenTrial, table: list[int], accepted: bool | None) -> dict[
         "tokens": trial_tokens(trial, table),
         "reward": trial.value,
         "accepted": accepted,
-        "redraws": int(trial.system_attrs.get(REDRAWS_ATTR, 0)),
+        "redraws": int(trial.system_attrs.get(DRAW_ATTR, {}).get("redraws", 0)),
         "cached_from": trial.system_attrs.get(CACHED_ATTR),
         "user_attrs": dict(trial.user_attrs),
     }

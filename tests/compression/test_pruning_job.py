@@ -24,7 +24,7 @@ from lyceum.compression.pruning import (
     load_pruned,
     run_prune_job,
 )
-from lyceum.compression.search import StudyConfig, open_study
+from lyceum.compression.search import DRAW_ATTR, StudyConfig, open_study
 from lyceum.deploy import _cli_prune, cli
 from lyceum.deploy.examples import digits, student_cnn, train_classifier
 from lyceum.proto.evaluation import top1_accuracy
@@ -137,7 +137,7 @@ def test_auto_job_writes_study_and_best_tokens(tmp_path: Path) -> None:
         StudyConfig(storage=str(tmp_path / "out" / "search.db"), study="auto-pruning")
     )
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
-    assert report.best_tokens == [v for _, v in sorted(study.best_trial.params.items())]
+    assert report.best_tokens == study.best_trial.system_attrs[DRAW_ATTR]["tokens"]
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["best_tokens"] == report.best_tokens
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+import lyceum.compression.search.study as search_study
 from lyceum.compression.search import (
     CACHED_ATTR,
-    REDRAWS_ATTR,
+    DRAW_ATTR,
     InfeasibleSearchError,
     SAChain,
     SAConfig,
@@ -225,7 +228,7 @@ def test_a_trial_without_heartbeat_is_failed_and_its_candidate_retried(tmp_path:
     sampler = SASampler(_Space(), config)
     study = open_study(study_config, sampler)
     dead = study.ask()
-    tokens = [dead.suggest_int(n, 0, 9) for n in param_names([10] * 6)]
+    tokens = [int(dead.relative_params[n]) for n in param_names([10] * 6)]
     assert fail_stale_trials(study, grace_period=3600) == []
     failed = wait_until(
         lambda: fail_stale_trials(study, grace_period=0.5), "the dead trial judged stale"
@@ -309,7 +312,8 @@ def test_an_objective_error_fails_the_trial_and_propagates(tmp_path: Path) -> No
     [trial] = open_study(study).trials
     assert trial.state == TrialState.FAIL
     assert trial.system_attrs["lyceum:error"] == "RuntimeError: no data"
-    assert CACHED_ATTR not in trial.system_attrs and REDRAWS_ATTR in trial.system_attrs
+    assert CACHED_ATTR not in trial.system_attrs
+    assert trial.system_attrs[DRAW_ATTR] == {"tokens": [0] * 6, "redraws": 0}
 
 
 def test_progress_counts_the_studys_trials_and_resumes_from_storage(
@@ -326,3 +330,87 @@ def test_progress_counts_the_studys_trials_and_resumes_from_storage(
     summaries = [line for line in progress_lines() if line.startswith("trial ")]
     assert len(summaries) == 9
     assert summaries[0].startswith("trial 0: reward -152.0000, tokens 0,0,0,0,0,0, 0 redraws;")
+
+
+class _CountingStorage(optuna.storages.InMemoryStorage):
+    """An in-memory storage that counts the calls a search makes of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def get_all_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        self.calls["get_all_trials"] += 1
+        return super().get_all_trials(*args, **kwargs)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        self.calls["get_trial"] += 1
+        return super().get_trial(trial_id)
+
+    def set_trial_param(self, *args: Any, **kwargs: Any) -> None:
+        self.calls["set_trial_param"] += 1
+        super().set_trial_param(*args, **kwargs)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.calls[f"set_trial_system_attr {key}"] += 1
+        super().set_trial_system_attr(trial_id, key, value)
+
+
+def _calls(trials: int, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    storage = _CountingStorage()
+    monkeypatch.setattr(search_study, "open_storage", lambda url: storage)
+    # All-zero rewards: no candidate is ever revisited, so no trial copies a twin's reward.
+    run_search(_Space(), lambda tokens: 0.0, SAConfig(max_iterations=trials - 1), progress=False)
+    return storage.calls
+
+
+def test_a_trial_writes_its_candidate_once_and_lists_the_study_three_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The difference between 20 trials and 10 is what 10 trials cost, whatever a search's
+    # fixed cost (opening, the result) is. Before: 6 parameter writes + a redraws attribute
+    # per trial (30 + 1 on the Light-NAS space) and 6 listings.
+    per_10 = _calls(20, monkeypatch) - _calls(10, monkeypatch)
+    assert per_10 == Counter(
+        {
+            f"set_trial_system_attr {DRAW_ATTR}": 10,  # the candidate, one write
+            "get_all_trials": 30,  # the loop's (the draw replays it), ask's, the twin check's
+            "get_trial": 10,  # optuna.Trial's own, at ask
+        }
+    )
+
+
+def test_a_study_written_with_per_token_params_resumes_identically(tmp_path: Path) -> None:
+    # Studies of the code before DRAW_ATTR hold each token as an Optuna parameter.
+    config = SAConfig(max_iterations=15, seed=3)
+    reference = run_search(_Space(), _Objective(), config, progress=False)
+    study_config = StudyConfig(storage=str(tmp_path / "old.db"), study="toy")
+    old = open_study(study_config)
+    names = param_names([10] * 6)
+    for h in reference.history[:8]:
+        old.add_trial(
+            optuna.trial.create_trial(
+                params=dict(zip(names, h["tokens"], strict=True)),
+                distributions={n: optuna.distributions.IntDistribution(0, 9) for n in names},
+                value=h["reward"],
+            )
+        )
+    resumed = run_search(_Space(), _Objective(), config, study=study_config, progress=False)
+    keys = ("number", "tokens", "reward", "accepted")
+    assert [[h[k] for k in keys] for h in resumed.history] == [
+        [h[k] for k in keys] for h in reference.history
+    ]
+    assert resumed.best_tokens == reference.best_tokens
+
+
+def test_other_samplers_also_write_per_token_params_to_learn_from(tmp_path: Path) -> None:
+    study = StudyConfig(storage=str(tmp_path / "tpe.db"), study="tpe")
+    run_search(
+        _Space(), _Objective(), SAConfig(max_iterations=4), study=study,
+        sampler=optuna.samplers.TPESampler(seed=0), progress=False,
+    )  # fmt: skip
+    names = param_names([10] * 6)
+    for trial in open_study(study).get_trials(states=(TrialState.COMPLETE,)):
+        tokens = trial.system_attrs[DRAW_ATTR]["tokens"]
+        assert trial.params == dict(zip(names, tokens, strict=True))
+        assert trial_tokens(trial, [10] * 6) == tokens
