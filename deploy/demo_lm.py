@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from lyceum.deploy.stdlib_text import TextSplit, stdlib_text, train_tokenizer
@@ -37,11 +37,13 @@ from lyceum.teacher_server.dump import DumpConfig, dump_knowledge
 from lyceum.teacher_server.engine import EngineConfig, OutputSpec, TeacherEngine
 
 __all__ = [
+    "CE_ONLY",
     "LMDemoConfig",
     "LMDemoResult",
     "LMRow",
     "LMTeacher",
     "StudentRecipe",
+    "demo_rows",
     "lm_table",
     "prepare_teacher",
     "run_lm_demo",
@@ -65,8 +67,14 @@ class LMDemoConfig(BaseModel):
     )
     vocab: int = Field(default=1024, ge=258, description="Ids of the BPE trained on the text.")
     seq_len: int = Field(default=64, gt=1, description="Tokens per sequence (sample).")
+    teacher_sequences: int = Field(
+        default=6144, gt=0, description="Sequences the teacher trains on (the text's first ones)."
+    )
     train_sequences: int = Field(
-        default=1024, gt=0, description="Training sequences (the teacher's and the transfer set)."
+        default=1024,
+        gt=0,
+        description="Sequences every student trains on, the first of the teacher's: the "
+        "transfer set its knowledge is dumped for.",
     )
     val_sequences: int = Field(
         default=128, gt=0, description="Held-out sequences, from held-out stdlib modules."
@@ -74,15 +82,25 @@ class LMDemoConfig(BaseModel):
     batch_size: int = Field(default=32, gt=0, description="Sequences per optimizer step.")
     teacher_hidden: int = Field(default=64, gt=0, description="Teacher width (hidden size).")
     teacher_layers: int = Field(default=2, gt=0, description="Teacher transformer layers.")
-    teacher_epochs: int = Field(default=8, gt=0, description="Teacher training epochs.")
+    teacher_epochs: int = Field(default=1, gt=0, description="Teacher training epochs.")
     student_hidden: int = Field(default=32, gt=0, description="Student width (hidden size).")
     student_layers: int = Field(default=1, gt=0, description="Student transformer layers.")
-    student_epochs: int = Field(default=3, gt=0, description="Epochs of every student run.")
-    lr: float = Field(default=3e-3, gt=0, description="Adam learning rate (cosine to 0).")
+    student_epochs: int = Field(default=2, gt=0, description="Epochs of every student run.")
+    lr: float = Field(default=1e-2, gt=0, description="Adam learning rate (cosine to 0).")
     topk: int = Field(default=32, gt=0, description="Top-k log-probs the teacher dumps.")
     workdir: Path | None = Field(
         default=None, description="Where the tokenizer, dumps and runs go (a temp dir)."
     )
+
+    @model_validator(mode="after")
+    def _students_text_is_the_teachers(self) -> LMDemoConfig:
+        if self.train_sequences > self.teacher_sequences:
+            raise ValueError(
+                f"train_sequences {self.train_sequences} > teacher_sequences "
+                f"{self.teacher_sequences}: the students' text is the first of the teacher's; "
+                f"raise teacher_sequences or lower train_sequences"
+            )
+        return self
 
 
 class StudentRecipe(BaseModel):
@@ -177,7 +195,7 @@ class LMTeacher:
         """A student's `lyceum student train` config: `recipe` with seed `seed`."""
         c = self.config
         raw: dict[str, Any] = {
-            **_lm_run(c, self.tokenizer, c.student_hidden, c.student_layers, c.student_epochs, seed),
+            **_lm_run(c, self.tokenizer, seed),
             "lm": {"validation_teacher": str(self.val_dump)},
         }
         if recipe.kd_weight > 0:
@@ -231,13 +249,18 @@ def tiny_llama_from(config: TrainConfig) -> nn.Module:
     return tiny_llama(**config.model_kwargs)
 
 
-def _data(config: LMDemoConfig, tokenizer: Path, split: TextSplit) -> dict[str, Any]:
-    n = config.train_sequences if split == "train" else config.val_sequences
+def _data(
+    config: LMDemoConfig, tokenizer: Path, split: TextSplit, teacher: bool = False
+) -> dict[str, Any]:
+    """The `stdlib_text` kwargs of a split (training: the teacher's, or the students')."""
+    n = config.val_sequences
+    if split == "train":
+        n = config.teacher_sequences if teacher else config.train_sequences
     return {"tokenizer": str(tokenizer), "split": split, "n": n, "seq_len": config.seq_len}
 
 
 def _lm_run(
-    c: LMDemoConfig, tokenizer: Path, hidden: int, layers: int, epochs: int, seed: int
+    c: LMDemoConfig, tokenizer: Path, seed: int, *, teacher: bool = False
 ) -> dict[str, Any]:
     """The keys a teacher's and a student's training configs share."""
     return {
@@ -245,20 +268,20 @@ def _lm_run(
         "model": _LLAMA,
         "model_kwargs": {
             "vocab": c.vocab,
-            "layers": layers,
-            "hidden": hidden,
+            "layers": c.teacher_layers if teacher else c.student_layers,
+            "hidden": c.teacher_hidden if teacher else c.student_hidden,
             "heads": 4,
             "seed": seed,
         },
         "dataset": {
             "train": _TEXT,
-            "train_kwargs": _data(c, tokenizer, "train"),
+            "train_kwargs": _data(c, tokenizer, "train", teacher),
             "validation": _TEXT,
             "validation_kwargs": _data(c, tokenizer, "val"),
         },
         "optimizer": {"name": "adam", "lr": c.lr},
         "schedule": {"name": "cosine"},
-        "epochs": epochs,
+        "epochs": c.teacher_epochs if teacher else c.student_epochs,
         "batch_size": c.batch_size,
         "seed": seed,
         "progress": False,
@@ -304,12 +327,10 @@ def prepare_teacher(
     tokenizer = train_tokenizer(workdir / "tokenizer.json", config.vocab)
     log(
         f"training the teacher Llama (hidden {config.teacher_hidden}, {config.teacher_layers} "
-        f"layers) for {config.teacher_epochs} epochs of {config.train_sequences} sequences of "
+        f"layers) for {config.teacher_epochs} epoch(s) of {config.teacher_sequences} sequences of "
         f"{config.seq_len} tokens"
     )
-    raw = _lm_run(
-        config, tokenizer, config.teacher_hidden, config.teacher_layers, config.teacher_epochs, 0
-    )
+    raw = _lm_run(config, tokenizer, 0, teacher=True)
     result = train(validate_config(raw, "the demo's teacher"))
     model = result.model.eval()
     log(f"dumping its log-probs: held-out (every id) and training set (top-{config.topk})")
@@ -329,35 +350,37 @@ class LMDemoResult:
         return f"{lm_table(self.rows)}\n\nwall time: {self.seconds:.1f} s"
 
 
-def run_lm_demo(config: LMDemoConfig, log: Callable[[str], None] = _stderr) -> LMDemoResult:
-    """Train the teacher and the students (CE only; CE + top-k KD), return the table's rows."""
-    start = time.perf_counter()
+def demo_rows(teacher: LMTeacher, log: Callable[[str], None] = _stderr) -> list[LMRow]:
+    """The demo's rows: the teacher, untrained students, CE-only and CE + top-k KD students."""
+    config, seeds = teacher.config, teacher.config.seeds
     kd = StudentRecipe(name=f"CE + top-{config.topk} KD (forward KL, tail)", kd_weight=1.0)
-    with tempfile.TemporaryDirectory(prefix="lyceum-demo-lm-") as tmp:
-        workdir = config.workdir or Path(tmp)
-        teacher = prepare_teacher(config, workdir, log)
-        seeds = config.seeds
-        rows = [
-            LMRow(
-                f"teacher (hidden {config.teacher_hidden}, {config.teacher_layers} layers)",
-                (0,),
-                [teacher.perplexity],
-                [0.0],
-            )
-        ]
-        untrained = [teacher.untrained(s) for s in seeds]
-        rows.append(
-            LMRow("student, untrained", seeds, [p for p, _ in untrained], [k for _, k in untrained])
+    rows = [
+        LMRow(
+            f"teacher (hidden {config.teacher_hidden}, {config.teacher_layers} layers)",
+            (0,),
+            [teacher.perplexity],
+            [None],  # the reference the others' KL is measured to
         )
-        for recipe in (CE_ONLY, kd):
-            log(f"training students: {recipe.name}, seeds {list(seeds)}")
-            figures = [teacher.train_student(recipe, s) for s in seeds]
-            rows.append(
-                LMRow(
-                    f"student, {recipe.name}",
-                    seeds,
-                    [p for p, _ in figures],
-                    [k for _, k in figures],
-                )
+    ]
+    untrained = [teacher.untrained(s) for s in seeds]
+    rows.append(
+        LMRow("student, untrained", seeds, [p for p, _ in untrained], [k for _, k in untrained])
+    )
+    for recipe in (CE_ONLY, kd):
+        log(f"training students: {recipe.name}, seeds {list(seeds)}")
+        figures = [teacher.train_student(recipe, s) for s in seeds]
+        rows.append(
+            LMRow(
+                f"student, {recipe.name}", seeds, [p for p, _ in figures], [k for _, k in figures]
             )
+        )
+    return rows
+
+
+def run_lm_demo(config: LMDemoConfig, log: Callable[[str], None] = _stderr) -> LMDemoResult:
+    """Train the tokenizer, the teacher and the students; the table's rows and the wall time."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lyceum-demo-lm-") as tmp:
+        teacher = prepare_teacher(config, config.workdir or Path(tmp), log)
+        rows = demo_rows(teacher, log)
     return LMDemoResult(rows, time.perf_counter() - start)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from lyceum.proto.vocab import tokenizer_sha256
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -76,9 +78,12 @@ def train_tokenizer(path: str | Path, vocab_size: int = 1024) -> Path:
 
 
 @cache
-def _token_stream(tokenizer_path: str, split: TextSplit, tokens: int) -> torch.Tensor:
+def _token_stream(
+    tokenizer_path: str, vocabulary: str, split: TextSplit, tokens: int
+) -> torch.Tensor:
     """The split's files tokenized and joined by `END_OF_FILE`, until `tokens` ids or the
-    split's end; cached per process (the trainer builds its datasets once per run)."""
+    split's end; cached per process and vocabulary (`vocabulary`: its sha256, so a file
+    rewritten with another tokenizer is read again), since every run builds its datasets."""
     _require_tokenizers()
     from tokenizers import Tokenizer
 
@@ -116,7 +121,7 @@ class StdlibText(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
                 f"stdlib text: tokenizer {path} is not a file; make one with "
                 f"lyceum.deploy.stdlib_text.train_tokenizer"
             )
-        stream = _token_stream(str(path.resolve()), split, n * seq_len)
+        stream = _token_stream(str(path.resolve()), tokenizer_sha256(path), split, n * seq_len)
         if stream.numel() < n * seq_len:
             raise ValueError(
                 f"stdlib text: the {split} split has {stream.numel()} tokens, "
