@@ -1,11 +1,11 @@
-# One command each on a fresh machine: `make demo`, `make test`.
+# One command each on a fresh machine: `make demo` (`make demo-lm`), `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PKG_DIRS := proto teacher_server student_client compression deploy
 
-.PHONY: install demo test lint typecheck unit proto bench clean
+.PHONY: install demo demo-lm test lint typecheck unit proto bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lyceum demo
+
+# The language-model demo: a tiny Llama on the stdlib's sources, CE vs top-k KD students.
+demo-lm: $(STAMP)
+	$(VENV)/bin/lyceum demo --lm
 
 # mypy resolves modules by path; the `lyceum.*` names exist only through the
 # package-dir mapping, so type-check a symlinked view of that mapping.
