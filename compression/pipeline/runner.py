@@ -50,10 +50,12 @@ from lyceum.compression.pipeline.state import (
     write_checkpoint,
 )
 from lyceum.proto.display import Progress, plural
+from lyceum.proto.schema import SAMPLE_ID
 from lyceum.proto.specs import WEIGHTS_FILE, load_dataset, load_model, parse_spec
 from lyceum.student_client._checkpoints import save_weights
 from lyceum.student_client._train_optim import build_optimizer
 from lyceum.student_client.loader import DistillLoader
+from lyceum.student_client.losses import labeled_cross_entropy
 
 __all__ = ["CompressResult", "compress"]
 
@@ -357,11 +359,11 @@ class _Run:
     ) -> float:
         assert self.optimizer is not None
         out = self.model(inputs)
-        if knowledge is not None:
-            loss = knowledge.loss(out, inputs, labels, batch)
-        else:
-            logits = out["logits"] if isinstance(out, Mapping) else out
-            loss = nn.functional.cross_entropy(logits, labels)
+        student = dict(out) if isinstance(out, Mapping) else {"logits": out}
+        task = labeled_cross_entropy(
+            student["logits"], labels, batch[SAMPLE_ID], self.config.labeled
+        )
+        loss = task if knowledge is None else knowledge.loss(student, inputs, labels, task, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
