@@ -19,7 +19,9 @@ weights and figures as one that was not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ from lyceum.compression.pipeline.schema import (
     validate_pipeline,
 )
 from lyceum.compression.pipeline.state import (
+    CHECKPOINT,
     RunState,
     find_checkpoint,
     load_model_tensors,
@@ -53,6 +56,7 @@ from lyceum.proto.display import Progress, plural
 from lyceum.proto.schema import SAMPLE_ID
 from lyceum.proto.specs import WEIGHTS_FILE, load_dataset, load_model, parse_spec
 from lyceum.student_client._checkpoints import save_weights
+from lyceum.student_client._train_env import StopSignals
 from lyceum.student_client._train_optim import build_optimizer
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.losses import labeled_cross_entropy
@@ -71,6 +75,11 @@ class CompressResult:
     report: str  # the Markdown table, also in out_dir/report.md
     epochs: list[dict[str, Any]]  # per epoch: its number, mean loss and open stages
     out_dir: Path
+    signum: int | None = None  # the signal that stopped the run (its checkpoint written)
+
+    @property
+    def finished(self) -> bool:
+        return self.signum is None
 
 
 def compress(
@@ -87,6 +96,11 @@ def compress(
     `on_checkpoint(folder, state)` is called after each checkpoint is written (tests).
     A new run is refused where another run's checkpoint is; `ValueError` for what the user
     must fix, `OSError` with its path when a file cannot be written.
+
+    SIGINT and SIGTERM (in the main thread) stop the run gracefully: the batch in progress,
+    or the stage boundary (a prune, a conversion), finishes, a checkpoint is written there
+    and the result comes back with `signum` set and no report; `resume=True` continues. A
+    second signal means now (the last checkpoint stands).
     """
     if isinstance(config, str | Path):
         config = load_pipeline(config)
@@ -94,11 +108,12 @@ def compress(
         config = validate_pipeline(config)
     if out_dir is not None:
         config = config.model_copy(update={"out_dir": Path(out_dir)})
-    run = _Run(config, on_checkpoint)
-    try:
-        return run.run(resume)
-    finally:
-        run.close()
+    with StopSignals() as stop:
+        run = _Run(config, on_checkpoint, stop)
+        try:
+            return run.run(resume)
+        finally:
+            run.close()
 
 
 def _epochs_label(start: int, end: int | None) -> str:
@@ -107,10 +122,14 @@ def _epochs_label(start: int, end: int | None) -> str:
 
 class _Run:
     def __init__(
-        self, config: PipelineConfig, on_checkpoint: Callable[[Path, RunState], None] | None
+        self,
+        config: PipelineConfig,
+        on_checkpoint: Callable[[Path, RunState], None] | None,
+        stop: StopSignals,
     ) -> None:
         self.config = config
         self.on_checkpoint = on_checkpoint
+        self.stop = stop
         self.out = Path(config.out_dir)
         self.stages_dir = self.out / "stages"
         self.plan = build_plan(config)
@@ -177,8 +196,12 @@ class _Run:
             )
         _log.info("%s", self.describe())
         while not self.state.finished:
+            if self.stop.signum is not None:
+                return self._stopped(self.stop.signum)
             step = self.plan[self.state.step]
-            self._run_step(step)
+            if not self._run_step(step):
+                assert self.stop.signum is not None  # an epoch stops early on a signal only
+                return self._stopped(self.stop.signum)
             self.state.step += 1
             self.state.position, self.state.loss_sum = 0, 0.0
             self.state.finished = self.state.step >= len(self.plan)
@@ -197,10 +220,25 @@ class _Run:
             f"pipeline: {plural(self.total, 'epoch')}; {'; '.join(parts)}; out {self.out} ({where})"
         )
 
-    def _run_step(self, step: Step) -> None:
+    def _stopped(self, signum: int) -> CompressResult:
+        """The result of a run stopped by `signum`, its checkpoint written where it stood."""
+        step = self.plan[self.state.step]
+        where = f"plan step {self.state.step + 1}/{len(self.plan)}"
+        if step.kind == "epoch" and self.state.position:
+            where += f", epoch {step.epoch + 1} after batch {self.state.position}"
+        _log.warning(
+            "stopped on %s: checkpoint in %s at %s; --resume continues from it",
+            signal.Signals(signum).name,
+            self.out / CHECKPOINT,
+            where,
+        )
+        rows = [StageRow(**r) for r in self.state.rows]
+        return CompressResult(self.model, rows, "", self.state.epochs, self.out, signum=signum)
+
+    def _run_step(self, step: Step) -> bool:
+        """Run one step of the plan; False where a signal stopped its epoch early."""
         if step.kind == "epoch":
-            self._epoch(step.epoch)
-            return
+            return self._epoch(step.epoch)
         # Boundaries see the model in eval mode, whether the run trained up to here or was
         # resumed here: a traced pass in train mode would move BN statistics. (A mode change
         # of a fake-quantized graph rewrites it, seconds each: only epochs and boundaries do.)
@@ -211,6 +249,7 @@ class _Run:
             self._start(step.stage, stage)
         else:
             self._end(step.stage, stage)
+        return True
 
     def _start(self, index: int, stage: TrainStage | PruneStage | QuantizeStage) -> None:
         out = self.stages_dir / stage.name
@@ -313,7 +352,9 @@ class _Run:
                 return i
         return None
 
-    def _epoch(self, epoch: int) -> None:
+    def _epoch(self, epoch: int) -> bool:
+        """Train epoch `epoch` (the rest of it, resumed); False where a signal stopped it
+        at a batch boundary, that boundary checkpointed."""
         assert self.optimizer is not None  # the plan covers every epoch with a training stage
         active = self._active_train_stage(epoch)
         knowledge = self.knowledge.get(active) if active is not None else None
@@ -331,24 +372,33 @@ class _Run:
         )
         names = [self.config.stages[i].name for i in open_stages(self.plan, self.state.step)]
         self.model.train()
-        with Progress(
-            total=len(loader),
-            initial=self.state.position,
-            desc=f"epoch {epoch + 1}/{self.total} ({', '.join(names)})",
-            unit="batch",
-            enabled=self.config.progress,
-        ) as bar:
-            for inputs, labels, batch in loader:
+        with (
+            Progress(
+                total=len(loader),
+                initial=self.state.position,
+                desc=f"epoch {epoch + 1}/{self.total} ({', '.join(names)})",
+                unit="batch",
+                enabled=self.config.progress,
+            ) as bar,
+            contextlib.closing(iter(loader)) as batches,
+        ):
+            # Closed on a stop too: the loader's producer ends before the checkpoint.
+            for inputs, labels, batch in batches:
                 loss = self._train_step(knowledge, inputs, labels, batch)
                 self.state.loss_sum += loss
                 self.state.position += 1
                 bar.update(1, loss=f"{loss:.4f}")
+                inside = self.state.position < len(loader)
                 every = self.config.checkpoint_every
-                if every and self.state.position % every == 0 and self.state.position < len(loader):
+                if inside and self.stop.signum is not None:
+                    self._checkpoint()
+                    return False
+                if inside and every and self.state.position % every == 0:
                     self._checkpoint()
         self.state.epochs.append(
             {"epoch": epoch, "loss": self.state.loss_sum / len(loader), "stages": names}
         )
+        return True
 
     def _train_step(
         self,
