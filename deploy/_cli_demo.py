@@ -22,7 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a teacher on digits, dump its knowledge, distil a student from it",
         description="Train a teacher CNN on scikit-learn's digits, dump its knowledge to "
         "Arrow shards, and train a small student from scratch and distilled from that "
-        "knowledge with the same steps and seeds; prints a table of the results.",
+        "knowledge with the same steps and seeds; then `lyceum compress` runs the pipelines "
+        "deploy/configs/demo_distill_quant.yaml and demo_prune_quant.yaml on the first seed's "
+        "scratch student (PaddleSlim's hybrid table: distilled, int8, pruned -50% FLOPs, "
+        "pruned + int8, each with its size on disk); prints the tables of the results.",
     )
     p.add_argument(
         "--seeds",

@@ -57,8 +57,8 @@ def test_demo_distillation_beats_scratch(tmp_path):
     assert base.accuracy == acc["student MLP, scratch"]
     # Measured: distilled ~0.98 and within a point of it for the others.
     assert distilled.accuracy > base.accuracy + 0.02, rows
-    for row in (int8, pruned, pruned_int8):
-        assert row.accuracy > distilled.accuracy - 0.03, rows
+    for compressed in (int8, pruned, pruned_int8):
+        assert compressed.accuracy > distilled.accuracy - 0.03, rows
     # MLP 64-32-10: 2,368 weights and 42 biases in float32; -50% FLOPs halves the hidden layer.
     assert [r.flops for r in result.hybrid] == [2368, 2368, 2368, 1184, 1184]
     assert base.tensor_bytes == distilled.tensor_bytes == 4 * (2368 + 42)
@@ -67,9 +67,8 @@ def test_demo_distillation_beats_scratch(tmp_path):
     assert 2368 < int8.tensor_bytes < distilled.tensor_bytes / 3
     assert 1184 < pruned_int8.tensor_bytes < pruned.tensor_bytes / 2.5
     # On disk, float weights are safetensors (the tensors plus a header) ...
-    for row in (base, distilled):
-        assert row.tensor_bytes < row.size_bytes < row.tensor_bytes + 1024
-    assert pruned.tensor_bytes < pruned.size_bytes < pruned.tensor_bytes + 1024
+    for float_row in (base, distilled, pruned):
+        assert float_row.tensor_bytes < float_row.size_bytes < float_row.tensor_bytes + 1024
     # ... and int8 models torch.export archives, their code and metadata ~20 KiB here.
     assert pruned_int8.size_bytes < int8.size_bytes
 
