@@ -8,7 +8,9 @@ torch-pruning and torchao, which building the parser must not.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,11 @@ _EXIT_CODES = "\n".join(
         (_exit_codes.UNAVAILABLE, "a train stage's teachers stayed unavailable: --resume later"),
         (
             _exit_codes.signal_exit(signal.SIGINT),
-            "SIGINT: the last checkpoint stands; --resume continues from it",
+            "SIGINT, after the batch (or stage boundary) in progress and its checkpoint:\n"
+            "       --resume continues from it (a second signal stops at once; the last\n"
+            "       checkpoint stands)",
         ),
+        (_exit_codes.signal_exit(signal.SIGTERM), "SIGTERM, the same"),
     )
 )
 
@@ -52,7 +57,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "epoch window, while a distillation window goes on; or PTQ), one after the other\n"
         "(each stage's 'epochs') or in windows over one run ('start_epoch'/'end_epoch').\n"
         "A checkpoint (state dicts + JSON, no pickle) is written to out_dir/checkpoint after\n"
-        "every epoch, at every stage boundary and every checkpoint_every batches; each\n"
+        "every epoch, at every stage boundary, every checkpoint_every batches and, on\n"
+        "SIGINT or SIGTERM, after the batch in progress (then it exits 130 or 143); each\n"
         "stage's model goes to out_dir/stages/NAME; the report (accuracy, size on disk,\n"
         "MACs, CPU latency per stage) to out_dir/report.md and report.json, and is printed.\n"
         "Python: lyceum.compression.pipeline.compress.\n\nexit codes:\n" + _EXIT_CODES,
@@ -91,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_pipeline(args.config)
     result = compress(config, resume=args.resume, out_dir=args.out)
+    if result.signum is not None:
+        command = f"lyceum compress {shlex.quote(str(args.config))} --resume"
+        if args.out is not None:
+            command += f" --out {shlex.quote(str(args.out))}"
+        name = signal.Signals(result.signum).name
+        print(f"lyceum: compress stopped on {name}; continue with: {command}", file=sys.stderr)
+        return _exit_codes.signal_exit(result.signum)
     print(result.report)
     print(
         f"report: {result.out_dir / 'report.md'} and report.json; stage models in "

@@ -29,7 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "distil a student from it",
         description="Train a teacher CNN on scikit-learn's digits, dump its knowledge to "
         "Arrow shards, and train a small student from scratch and distilled from that "
-        "knowledge with the same steps and seeds; prints a table of the results. With --lm: "
+        "knowledge with the same steps and seeds; then `lyceum compress` runs the pipelines "
+        "deploy/configs/demo_distill_quant.yaml and demo_prune_quant.yaml on the first seed's "
+        "scratch student (PaddleSlim's hybrid table: distilled, int8, pruned -50% FLOPs, "
+        "pruned + int8, each with its size on disk); prints the tables of the results. "
+        "With --lm: "
         "train a BPE tokenizer and a tiny Llama teacher on the Python standard library's "
         "sources, dump its top-k log-probs, and train a smaller Llama student on "
         "cross-entropy alone and with top-k KD over the seeds; prints each run's held-out "

@@ -5,12 +5,16 @@ files). A small MLP student then trains twice with the same steps and seeds: fro
 the few labels it has, and distilled from the teacher's knowledge, which covers every
 training input (the transfer set). That is the setting where distillation earns its keep: with
 every label available the gain was within noise (-0.8 to +0.8 points) when we measured it.
+
+The compression rows are PaddleSlim's hybrid table (baseline, distilled, distilled + int8,
+pruned -50% FLOPs, pruned + int8, each with its size on disk), made by `lyceum compress`
+from the pipeline configs in `deploy/configs/` (`_demo_pipelines`), starting from the first
+seed's scratch student.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import statistics
 import tempfile
 import time
@@ -23,12 +27,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from lyceum.compression.analysis import count_flops
 from lyceum.compression.training import train_steps
+from lyceum.deploy._demo_pipelines import HybridRow, hybrid_rows
 from lyceum.deploy.examples import Digits, digits, student_mlp, teacher_cnn, train_classifier
 from lyceum.deploy.launcher import start_teacher
 from lyceum.proto.evaluation import top1_accuracy
 from lyceum.proto.manifest import model_identity
+from lyceum.proto.specs import WEIGHTS_FILE
+from lyceum.student_client._checkpoints import save_weights
 from lyceum.student_client.losses import SoftLabelKD
 from lyceum.student_client.offline import OfflineKnowledge
 from lyceum.teacher_server.dump import DumpConfig, dump_knowledge
@@ -54,9 +60,6 @@ class DemoConfig(BaseModel):
     kd_weight: float = Field(default=1.0, ge=0, description="Weight of the KD term.")
     teacher_width: int = Field(default=16, gt=0, description="Teacher CNN width (channels).")
     teacher_epochs: int = Field(default=10, gt=0, description="Teacher training epochs.")
-    finetune_steps: int = Field(
-        default=200, gt=0, description="Fine-tuning steps after pruning or quantization."
-    )
     trainer_epochs: int = Field(
         default=30, gt=0, description="Epochs of the trainer-driven students (ensemble rows)."
     )
@@ -74,6 +77,8 @@ class DemoRow:
 @dataclass
 class DemoResult:
     rows: list[DemoRow]
+    hybrid: list[HybridRow]  # PaddleSlim's hybrid table, from the two demo pipelines
+    seed: int  # the hybrid table's: the first of the seeds
     knowledge_bytes: int
     knowledge_rows: int
     seconds: float
@@ -86,7 +91,15 @@ class DemoResult:
         for r in self.rows:
             seeds = " ".join(f"{a * 100:.1f}" for a in r.per_seed)
             lines.append(f"{r.name:<46} {r.accuracy * 100:>8.1f}%  {seeds:<18} {r.note}".rstrip())
-        lines.append("")
+        lines += [
+            "",
+            f"compression with `lyceum compress` (seed {self.seed}; deploy/configs/"
+            f"demo_distill_quant.yaml, demo_prune_quant.yaml)",
+            f"{'model':<34} {'test acc':>9}  {'size on disk':<28} {'MACs':>6}  from run/stage",
+            f"{'-' * 34} {'-' * 9}  {'-' * 28} {'-' * 6}  {'-' * 20}",
+            *(r.line() for r in self.hybrid),
+            "",
+        ]
         lines.append(
             f"knowledge on disk: {self.knowledge_bytes / 1024:.1f} KiB for {self.knowledge_rows} "
             f"samples ({self.knowledge_bytes / max(self.knowledge_rows, 1):.0f} B/sample)"
@@ -134,15 +147,6 @@ def _train_student(
 
     train_steps(student, batches(), step_loss, lr=lr, total=total, progress=False)
     return student
-
-
-def _finetune(
-    config: DemoConfig, seed: int, labeled: Digits, kd: KDTerm, model: nn.Module
-) -> nn.Module:
-    """Distilled fine-tuning after compression: fewer steps, a lower learning rate."""
-    return _train_student(
-        config, seed, labeled, kd, student=model, steps=config.finetune_steps, lr=3e-3
-    )
 
 
 def demo_student_config(
@@ -317,11 +321,11 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             f"[3/6] training students ({config.steps} steps, {config.labeled} labels, seeds "
             f"{list(config.seeds)}): from scratch and distilled"
         )
-        scratch = [
-            top1_accuracy(_train_student(config, s, labeled, None), test) for s in config.seeds
+        scratch_models = [_train_student(config, s, labeled, None) for s in config.seeds]
+        scratch = [top1_accuracy(m, test) for m in scratch_models]
+        distilled = [
+            top1_accuracy(_train_student(config, s, labeled, kd_term), test) for s in config.seeds
         ]
-        distilled_models = [_train_student(config, s, labeled, kd_term) for s in config.seeds]
-        distilled = [top1_accuracy(m, test) for m in distilled_models]
 
         log(
             "[4/6] training students with `lyceum student train`: from the offline teacher, "
@@ -329,48 +333,25 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
         )
         single, ensemble = _ensemble_rows(config, train, test, knowledge_dir, workdir)
 
-        # Imported here: torch-pruning is heavy and only this step needs it.
-        from lyceum.compression.pruning import prune_to_flops
-
-        log("[5/6] pruning the distilled students to -50% FLOPs and fine-tuning them (distilled)")
-        example = train[0][0].unsqueeze(0)
-        flops_before = count_flops(distilled_models[0], example)
-        pruned = []
-        for seed, model in zip(config.seeds, distilled_models, strict=True):
-            result = prune_to_flops(copy.deepcopy(model), example, 0.5)
-            pruned.append(_finetune(config, seed, labeled, kd_term, result.model))
-        pruned_acc = [top1_accuracy(m, test) for m in pruned]
-        flops_after = count_flops(pruned[0], example)
-
-        log("[6/6] quantization-aware training to int8 (distilled), then conversion")
-        # Imported here: torchao prints load noise to stderr on import.
-        from lyceum.compression.quantization import QAT, convert, quantize
-
-        examples = torch.stack([train[i][0] for i in range(8)])
-        scheme = QAT(weights="channel_wise_abs_max", activations="moving_average_abs_max")
-
-        def qat(seed: int, model: nn.Module) -> nn.Module:
-            prepared = quantize(model, scheme, examples)
-            _finetune(config, seed, labeled, kd_term, prepared)
-            return convert(prepared)
-
-        qat_acc = [
-            top1_accuracy(qat(s, m), test)
-            for s, m in zip(config.seeds, distilled_models, strict=True)
-        ]
-        pruned_qat_acc = [
-            top1_accuracy(qat(s, m), test) for s, m in zip(config.seeds, pruned, strict=True)
-        ]
+        # The hybrid table starts from the first seed's scratch student: its weights file is
+        # the first pipeline's checkpoint.
+        scratch_file = workdir / "scratch" / WEIGHTS_FILE
+        scratch_file.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(scratch_file, scratch_models[0])
+        hybrid = hybrid_rows(
+            workdir,
+            scratch=scratch_file,
+            knowledge_dir=knowledge_dir,
+            labeled=config.labeled,
+            seed=config.seeds[0],
+            log=log,
+        )
         knowledge_bytes = manifest.bytes
         rows = manifest.rows
 
     def row(name: str, accs: list[float], note: str = "") -> DemoRow:
         return DemoRow(name, statistics.mean(accs), accs, note)
 
-    qat_note = (
-        f"int8 weights per channel, static int8 activations; {config.finetune_steps} "
-        f"distilled QAT steps"
-    )
     gain = 100 * (statistics.mean(distilled) - statistics.mean(scratch))
     rows_out = [
         row("teacher CNN (all labels)", [teacher_acc]),
@@ -382,12 +363,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoResu
             ensemble,
             f"ensemble gain {100 * (statistics.mean(ensemble) - statistics.mean(single)):+.1f}",
         ),
-        row(
-            "distilled student, pruned -50% FLOPs",
-            pruned_acc,
-            f"MACs {flops_before} -> {flops_after}, {config.finetune_steps} distilled FT steps",
-        ),
-        row("distilled student, QAT int8", qat_acc, f"{qat_note}"),
-        row("distilled student, pruned -50% + QAT int8", pruned_qat_acc, f"{qat_note}"),
     ]
-    return DemoResult(rows_out, knowledge_bytes, rows, time.perf_counter() - start)
+    return DemoResult(
+        rows_out, hybrid, config.seeds[0], knowledge_bytes, rows, time.perf_counter() - start
+    )

@@ -11,7 +11,24 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+__all__ = ["DistillObjective", "DistillOutput", "DistillTerm", "labeled_cross_entropy"]
+
 TermInput = Tensor | tuple[Tensor, ...]
+
+
+def labeled_cross_entropy(
+    logits: Tensor, labels: Tensor, ids: Tensor, labeled: int | None
+) -> Tensor:
+    """The task loss: cross-entropy over the batch's labelled samples, those with a sample id
+    below `labeled` (all of them where `labeled` is None); the rest learn from teachers alone.
+    In float32, whatever the logits' dtype (bf16 under autocast)."""
+    logits = logits.float()
+    if labeled is None:
+        return nn.functional.cross_entropy(logits, labels)
+    keep = ids.to(logits.device) < labeled
+    if not bool(keep.any()):
+        return logits.sum() * 0.0  # no label in this batch: a zero that keeps the graph
+    return nn.functional.cross_entropy(logits[keep], labels[keep])
 
 
 class DistillTerm(BaseModel):

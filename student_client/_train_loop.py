@@ -41,23 +41,11 @@ from lyceum.student_client._train_log import epoch_line, epoch_progress, log, lo
 from lyceum.student_client._train_parallel import Placement
 from lyceum.student_client._train_results import EpochResult, StepInfo, TrainResult
 from lyceum.student_client.loader import DistillLoader
-from lyceum.student_client.losses import DistillObjective
+from lyceum.student_client.losses import DistillObjective, labeled_cross_entropy
 from lyceum.student_client.sources import TeacherUnavailableError
 from lyceum.student_client.trainer_config import TrainConfig
 
 __all__ = ["Run"]
-
-
-def _task_loss(logits: Tensor, labels: Tensor, ids: Tensor, labeled: int | None) -> Tensor:
-    """Cross-entropy over the batch's labelled samples (all of them unless `labeled`), in
-    float32 (bf16 logits under autocast)."""
-    logits = logits.float()
-    if labeled is None:
-        return nn.functional.cross_entropy(logits, labels)
-    keep = ids.to(logits.device) < labeled
-    if not bool(keep.any()):
-        return logits.sum() * 0.0  # no label in this batch: a zero that keeps the graph
-    return nn.functional.cross_entropy(logits[keep], labels[keep])
 
 
 @dataclass(frozen=True)
@@ -169,7 +157,7 @@ class Run:
         ids = knowledge[SAMPLE_ID]
         out = self.net(inputs)
         student = dict(out) if isinstance(out, Mapping) else {"logits": out}
-        task = _task_loss(student["logits"], labels, ids, self.config.dataset.labeled)
+        task = labeled_cross_entropy(student["logits"], labels, ids, self.config.dataset.labeled)
         if self.objective is None:
             return self.config.losses.task_weight * task
         return self.objective(student, knowledge, task_loss=task).total

@@ -35,7 +35,12 @@ from lyceum.student_client._divergences import (
     divergence_rows,
 )
 from lyceum.student_client._feature_losses import FeatureMSE, FSPLoss, HintLoss, fsp_matrix
-from lyceum.student_client._objective import DistillObjective, DistillOutput, DistillTerm
+from lyceum.student_client._objective import (
+    DistillObjective,
+    DistillOutput,
+    DistillTerm,
+    labeled_cross_entropy,
+)
 from lyceum.student_client._positions import flatten_positions
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "SoftLabelKD",
     "TopKKD",
     "fsp_matrix",
+    "labeled_cross_entropy",
     "soft_label_kd",
     "teacher_log_probs",
     "topk_kd",

@@ -11,7 +11,6 @@ quantization) still import nothing of the service.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lyceum.compression import analysis
 from lyceum.compression._steps import announce
@@ -33,7 +32,7 @@ from lyceum.compression.pipeline.schema import (
 )
 from lyceum.compression.pruning.api import prune
 from lyceum.compression.pruning.config import with_state_in
-from lyceum.compression.pruning.finetune import finetune
+from lyceum.compression.pruning.finetune import candidate_finetune
 from lyceum.compression.pruning.plan import save_pruned
 from lyceum.compression.pruning.sensitivity import plot_sensitivity
 from lyceum.proto.display import format_bytes
@@ -59,17 +58,21 @@ class Knowledge:
     teacher: nn.Module | None = None  # distill_from: an earlier stage's model, in-process
 
     def loss(
-        self, out: Any, inputs: Tensor, labels: Tensor, knowledge: dict[str, Tensor]
+        self,
+        student: dict[str, Tensor],
+        inputs: Tensor,
+        labels: Tensor,
+        task: Tensor,
+        knowledge: dict[str, Tensor],
     ) -> Tensor:
-        student = dict(out) if isinstance(out, Mapping) else {"logits": out}
-        logits = student["logits"]
-        task = nn.functional.cross_entropy(logits, labels)
+        """The stage's loss of a batch, `task` being its task loss (the labelled samples')."""
         if self.objective is not None:
             return self.objective(student, knowledge, task_loss=task).total
         if self.teacher is not None:
+            # The schema refuses `labeled` with distill_from: this mix takes every label.
             kd = partial(soft_label_kd, temperature=self.stage.distillation.temperature)
             mixed = distilled_loss(self.teacher, kd, self.stage.distillation.alpha)
-            return mixed(logits, inputs, labels)
+            return mixed(student["logits"], inputs, labels)
         return self.stage.losses.task_weight * task
 
     def parameters(self) -> list[nn.Parameter]:
@@ -141,23 +144,24 @@ def prune_stage(
     out.mkdir(parents=True, exist_ok=True)
     strategy = with_state_in(stage.strategy, out)
 
-    def candidate_finetune(candidate: nn.Module) -> None:
-        finetune(
-            candidate,
-            train_set,
-            epochs=stage.candidate_finetune_epochs,
-            batch_size=config.batch_size,
-            lr=stage.optimizer.lr,
-            seed=config.seed,
-            progress=False,
-        )
-
+    # With `labeled`, candidates fine-tune on the labelled samples alone: the rest have none.
+    labelled = (
+        train_set
+        if config.labeled is None
+        else Subset(train_set, range(min(config.labeled, len(train_set))))  # type: ignore[arg-type]
+    )
     result = prune(
         model,
         strategy,
         example,
         evaluate=lambda m: top1_accuracy(m, val_set),
-        candidate_finetune=candidate_finetune,
+        candidate_finetune=candidate_finetune(
+            labelled,
+            epochs=stage.candidate_finetune_epochs,
+            batch_size=config.batch_size,
+            lr=stage.optimizer.lr,
+            seed=config.seed,
+        ),
         progress=config.progress,
     )
     if result.sensitivity is not None:

@@ -257,6 +257,13 @@ class PipelineConfig(BaseModel):
     dataset_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of the dataset factory."
     )
+    labeled: int | None = Field(
+        default=None,
+        gt=0,
+        description="Only training samples with id < labeled use their labels (the task loss "
+        "of every stage, auto pruning's candidate fine-tune); the others learn from a train "
+        "stage's teachers alone. None: every label is used.",
+    )
     train_split: str = Field(default="train", description="Split the stages train on.")
     val_split: str = Field(default="val", description="Split scoring pruning candidates.")
     test_split: str = Field(default="test", description="Split of the report's accuracy.")
@@ -291,6 +298,15 @@ class PipelineConfig(BaseModel):
         from lyceum.compression.pipeline._windows import check_windows
 
         check_windows(self)
+        if self.labeled is not None:
+            for i, stage in enumerate(self.stages):
+                if getattr(stage, "distill_from", None) is not None:
+                    raise ValueError(
+                        f"key 'stages.{i}.distill_from' (stage {stage.name!r}): its loss mixes "
+                        f"every label in with the earlier stage's soft labels, but 'labeled' "
+                        f"hides the labels of ids >= {self.labeled}; leave out 'labeled', or "
+                        f"distil from a teacher under 'teachers:'"
+                    )
         return self
 
     def model_spec(self) -> Spec:

@@ -14,7 +14,7 @@ from lyceum.compression.pruning.config import (
     SensitivityPruning,
     UniformPruning,
 )
-from lyceum.compression.pruning.finetune import DistillLoss, finetune
+from lyceum.compression.pruning.finetune import DistillLoss, candidate_finetune, finetune
 from lyceum.compression.pruning.job import (
     ModelFigures,
     PruneJobConfig,
@@ -58,6 +58,7 @@ __all__ = [
     "PlanStep",
     # building blocks: fine-tuning, sensitivity analysis, the one-line uniform prune
     "finetune",
+    "candidate_finetune",
     "DistillLoss",
     "analyze_sensitivity",
     "SensitivityResult",

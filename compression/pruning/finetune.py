@@ -8,13 +8,15 @@ is `lyceum.proto.evaluation.top1_accuracy`, the one the trainer and the demo rep
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from torch.utils.data import Dataset
 
 from lyceum.compression.distillation import DistillLoss, distilled_loss
 from lyceum.compression.training import cross_entropy, train_epochs
 
-__all__ = ["DistillLoss", "finetune"]
+__all__ = ["DistillLoss", "candidate_finetune", "finetune"]
 
 
 def finetune(
@@ -64,3 +66,24 @@ def finetune(
         desc="fine-tune",
     )
     return model
+
+
+def candidate_finetune(
+    dataset: Dataset, *, epochs: int, batch_size: int, lr: float, seed: int
+) -> Callable[[nn.Module], None]:
+    """What a search fine-tunes each pruned candidate with before scoring it: `finetune`
+    with cross-entropy, quietly (the search's own progress counts the candidates; a bar
+    each would drown it)."""
+
+    def run(candidate: nn.Module) -> None:
+        finetune(
+            candidate,
+            dataset,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=False,
+        )
+
+    return run

@@ -32,7 +32,7 @@ from lyceum.compression.pruning.config import (
     UniformPruning,
     with_state_in,
 )
-from lyceum.compression.pruning.finetune import finetune
+from lyceum.compression.pruning.finetune import candidate_finetune, finetune
 from lyceum.compression.pruning.plan import save_pruned
 from lyceum.compression.pruning.sensitivity import plot_sensitivity
 from lyceum.proto.display import plural
@@ -197,24 +197,18 @@ def run_prune_job(
     out.mkdir(parents=True, exist_ok=True)
     strategy = with_state_in(config.strategy, out)
 
-    def candidate_finetune(candidate: nn.Module) -> None:
-        finetune(
-            candidate,
-            train_data,
-            epochs=config.candidate_finetune_epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            seed=config.seed,
-            # The search's own progress counts the candidates; one line each would drown it.
-            progress=False,
-        )
-
     result = prune(
         model,
         strategy,
         example,
         evaluate=lambda m: top1_accuracy(m, val_data),
-        candidate_finetune=candidate_finetune,
+        candidate_finetune=candidate_finetune(
+            train_data,
+            epochs=config.candidate_finetune_epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            seed=config.seed,
+        ),
         progress=config.progress,
     )
     if result.sensitivity is not None:

@@ -152,3 +152,29 @@ def test_distill_from_an_earlier_stage_mixes_its_soft_labels_in(tmp_path: Path) 
     assert distilled.epochs[1]["loss"] != plain.epochs[1]["loss"]
     assert [r.stage for r in distilled.rows] == ["baseline", "float", "pruned", "tune"]
     assert distilled.rows[3].flops == distilled.rows[2].flops  # the tune stage keeps the pruning
+
+
+RELABELLED = "tests.deploy.compress_data:relabelled_digits"
+
+
+@pytest.mark.integration
+def test_labeled_hides_the_labels_of_later_ids(tmp_path: Path) -> None:
+    """With `labeled: 40`, labels of ids >= 40 change nothing: the same run on digits whose
+    later labels are all wrong ends bit for bit equal; without `labeled` it does not."""
+
+    def run(name: str, keep: int, labeled: int | None) -> Any:
+        return compress(
+            _config(
+                tmp_path / name,
+                dataset=RELABELLED,
+                dataset_kwargs={"limit": 128, "keep": keep},  # keep 128: every label right
+                labeled=labeled,
+                stages=[{"name": "float", "kind": "train", "epochs": 1}],
+            )
+        )
+
+    clean, wrong, all_used = run("clean", 128, 40), run("wrong", 40, 40), run("all", 40, None)
+    a, b, c = (r.model.state_dict() for r in (clean, wrong, all_used))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert clean.epochs == wrong.epochs
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -131,3 +131,11 @@ def test_a_stage_reading_an_output_no_earlier_stage_writes_is_refused() -> None:
 def test_windows_that_make_no_sense_are_refused(raw: dict[str, Any], key: str, phrase: str) -> None:
     message = _refusal(raw)
     assert key in message and phrase in message, message
+
+
+def test_labeled_with_distill_from_is_refused() -> None:
+    float_stage = {"name": "float", "kind": "train", "epochs": 1}
+    tune = {"name": "tune", "kind": "train", "epochs": 1, "distill_from": "float"}
+    message = _refusal(_config(float_stage, tune, labeled=100))
+    assert "key 'stages.1.distill_from' (stage 'tune')" in message
+    assert "'labeled' hides the labels of ids >= 100" in message

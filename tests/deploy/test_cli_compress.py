@@ -1,6 +1,6 @@
-"""`lyceum compress`: a distil -> QAT pipeline killed with SIGKILL inside the QAT window and
-resumed ends with the same int8 weights and figures as an uninterrupted run; configs that
-make no sense exit 2 naming the key."""
+"""`lyceum compress`: a distil -> QAT pipeline stopped by SIGTERM inside the QAT window
+checkpoints the batch in progress, exits 143, and resumed ends with the same int8 weights and
+figures as an uninterrupted run; configs that make no sense exit 2 naming the key."""
 
 from __future__ import annotations
 
@@ -33,13 +33,17 @@ def _pipeline(tmp_path: Path, dump: Path) -> dict[str, Any]:
         "dataset_kwargs": {
             "limit": LIMIT,
             "checkpoint": str(tmp_path / "cut/checkpoint/state.json"),
+            # Paused at the first item of the QAT epoch, released once the signal is sent.
             "at_step": QAT_EPOCH_STEP,
+            "after_batches": 0,
             "paused": str(tmp_path / "paused"),
+            "release": str(tmp_path / "release"),
         },
         "epochs": 2,
         "batch_size": 32,
         "window": 2,
-        "checkpoint_every": 1,
+        # No checkpoint inside an epoch but the one the signal asks for.
+        "checkpoint_every": 0,
         "latency": False,
         "progress": False,
         "out_dir": str(tmp_path / "cut"),
@@ -100,12 +104,14 @@ def _tensors(program: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_killed_inside_the_qat_window_and_resumed_it_ends_equal(tmp_path: Path) -> None:
+def test_stopped_by_sigterm_inside_the_qat_window_and_resumed_it_ends_equal(
+    tmp_path: Path,
+) -> None:
     dump = make_dump(tmp_path / "dump", 0, digits("train", limit=LIMIT))
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(_pipeline(tmp_path, dump)))
     # The same config, uninterrupted, elsewhere (its dataset never blocks: the state file it
-    # watches is the killed run's, which does not exist yet).
+    # watches is the stopped run's, which does not exist yet).
     reference = _finish(_compress(config, "--out", str(tmp_path / "whole")))
     assert "| qat | quantize | 1 |" in reference
 
@@ -113,20 +119,25 @@ def test_killed_inside_the_qat_window_and_resumed_it_ends_equal(tmp_path: Path) 
     try:
         wait_until(
             lambda: (tmp_path / "paused").exists(),
-            "the run blocked with a checkpoint inside the QAT window",
+            "the run blocked on the first batch of the QAT window",
             gave_up=lambda: None if proc.poll() is None else _exited(proc),
         )
-        state = json.loads((tmp_path / "cut/checkpoint/state.json").read_text())
-        assert state["step"] == QAT_EPOCH_STEP and state["position"] > 0
-        assert not (tmp_path / "cut/stages/qat").exists()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL
+        proc.send_signal(signal.SIGTERM)
+        (tmp_path / "release").touch()  # the batch in progress completes, then the stop
+        out, _ = proc.communicate(timeout=300)
+        text = out.decode()
+        assert proc.returncode == 143, text
     finally:
         proc.kill()
         proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    assert "stopped on SIGTERM" in text and "epoch 2 after batch 1" in text, text
+    assert f"lyceum compress {config} --resume" in text, text
+    # The checkpoint is the batch boundary after the batch in progress: step 3, batch 1.
+    state = json.loads((tmp_path / "cut/checkpoint/state.json").read_text())
+    assert (state["step"], state["position"], state["finished"]) == (QAT_EPOCH_STEP, 1, False)
+    assert [e["epoch"] for e in state["epochs"]] == [0]
+    assert not (tmp_path / "cut/stages/qat").exists()
+    assert not (tmp_path / "cut/report.json").exists()
 
     resumed = _finish(_compress(config, "--resume"))
     assert "| qat | quantize | 1 |" in resumed

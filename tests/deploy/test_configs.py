@@ -29,3 +29,26 @@ def test_student_example_config_is_valid():
     config = load_config(CONFIGS / "student.yaml")
     assert set(config.teachers) == {"served", "dumped"}
     assert config.dataset.labeled == 100
+
+
+def test_demo_pipeline_configs_are_valid_with_the_demo_paths(tmp_path):
+    from lyceum.deploy._demo_pipelines import DISTILL_QUANT, PRUNE_QUANT, demo_pipeline
+
+    assert DISTILL_QUANT.parent == PRUNE_QUANT.parent == CONFIGS
+    for path, read in ((DISTILL_QUANT, {"distil", "int8"}), (PRUNE_QUANT, {"pruned", "int8"})):
+        config = demo_pipeline(
+            path,
+            out_dir=tmp_path / "run",
+            checkpoint=tmp_path / "model.safetensors",
+            knowledge_dir=tmp_path / "knowledge",
+            labeled=50,
+            seed=3,
+        )
+        assert (config.out_dir, config.checkpoint) == (
+            tmp_path / "run",
+            tmp_path / "model.safetensors",
+        )
+        assert (config.labeled, config.seed) == (50, 3)
+        dirs = [t.dir for s in config.stages for t in getattr(s, "teachers", {}).values()]
+        assert dirs and all(d == tmp_path / "knowledge" for d in dirs)
+        assert read <= {s.name for s in config.stages}  # the rows the demo reads by name
