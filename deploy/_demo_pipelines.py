@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lyceum.compression.pipeline import PipelineConfig, StageRow, compress, validate_pipeline
 from lyceum.proto.configs import read_yaml_mapping
 from lyceum.proto.display import format_bytes
+
+if TYPE_CHECKING:  # the pipeline loads torchao and Torch-Pruning: only the demo's run needs them
+    from lyceum.compression.pipeline import PipelineConfig, StageRow
 
 __all__ = ["DISTILL_QUANT", "PRUNE_QUANT", "HybridRow", "demo_pipeline", "hybrid_rows"]
 
@@ -58,6 +60,8 @@ def demo_pipeline(
 ) -> PipelineConfig:
     """A demo pipeline config with the demo's paths filled in: `checkpoint` (the model it
     starts from), `out_dir`, and the dump of every stage's `dumped` teacher."""
+    from lyceum.compression.pipeline import validate_pipeline
+
     raw: dict[str, Any] = read_yaml_mapping(path, "pipeline")
     stages = []
     for stage in raw.get("stages", []):
@@ -87,6 +91,8 @@ def hybrid_rows(
 ) -> list[HybridRow]:
     """Run both pipelines in `workdir` (from the scratch student's weights `scratch`) and
     return the five rows: baseline, distilled, distilled + int8, pruned, pruned + int8."""
+    from lyceum.compression.pipeline import compress
+
     common: dict[str, Any] = {"knowledge_dir": knowledge_dir, "labeled": labeled, "seed": seed}
     log(f"[5/6] lyceum compress {DISTILL_QUANT.name}: distil the scratch student, QAT int8")
     first = compress(
