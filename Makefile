@@ -45,7 +45,7 @@ unit: $(STAMP)
 	$(PY) -m pytest -m "not integration and not slow"
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25  # the slowest tests in every log, CI's included
 
 proto: $(STAMP)
 	$(PY) -m lyceum.proto.generate
