@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from lyceum.teacher_server._dump_dir import DumpDirectory, rank_dir_name
 from lyceum.teacher_server.dump import DumpConfig, dump_knowledge
 from lyceum.teacher_server.engine import EngineConfig, TeacherEngine
 from tests._support.teachers import ENV
+from tests._support.waiting import wait_until
 
 # 360 samples in shards of 50: 8 shards, the last of 10. Rank 0 of 2 owns 0, 2, 4, 6; rank 1
 # owns 1, 3, 5, 7.
@@ -223,10 +223,10 @@ def test_a_rank_starting_while_another_writes_the_first_manifest_joins_it(tmp_pa
         (out / (MANIFEST_NAME + ".tmp")).write_text("{")  # rank 0, midway through its write
         thread = threading.Thread(target=_open, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 60
-        while not opened and not _waiting_for_lock(out / "ranks"):
-            assert time.monotonic() < deadline, "rank 1 neither refused nor waited for the lock"
-            time.sleep(0.01)
+        wait_until(
+            lambda: opened or _waiting_for_lock(out / "ranks"),
+            "rank 1 to refuse the directory or wait for the lock on ranks/",
+        )
         header.write(out)  # rank 0's write completes
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
