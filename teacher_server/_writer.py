@@ -17,6 +17,7 @@ shared by ranks in `_dump_dir`):
 - Record batches are accumulated to `record_batch_bytes` (default 4 MiB) before being
   written (their bodies zstd-compressed if the manifest says `compression: zstd`): each record batch costs 20-70 us of fixed work to write and to read, which
   dominates at the size of one inference batch.
+- `WriterThread` runs the writes on a thread of their own, off the inference threads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ import torch
 from lyceum.proto._ipc import write_options
 from lyceum.proto.checksum import file_sha256
 from lyceum.proto.codec import arrow_schema, to_record_batch
+from lyceum.proto.display import Progress
 from lyceum.proto.manifest import Manifest, ShardInfo, fsync_directory, shard_file_name
 from lyceum.teacher_server._dump_dir import TMP_SUFFIX, DumpDirectory
 
@@ -237,3 +241,40 @@ def _naming(path: Path) -> Iterator[None]:
         if exc.filename is not None or exc.errno is None:
             raise
         raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+
+
+class WriterThread:
+    """Runs `KnowledgeWriter.write` off the inference threads; re-raises its error on `put`.
+
+    One thread for every engine: the writer's state (open shards, the manifest) has one
+    owner, and writing and hashing release the GIL, so it keeps up with several devices.
+    """
+
+    def __init__(self, writer: KnowledgeWriter, depth: int, bar: Progress) -> None:
+        self.writer = writer
+        self.bar = bar
+        self.queue: queue.Queue[tuple[torch.Tensor, Columns] | None] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="lyceum-dump-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                    self.bar.update(len(item[0]))
+                except BaseException as exc:
+                    # Keep draining so that the producers never block on a full queue.
+                    self.error = exc
+
+    def put(self, ids: torch.Tensor, columns: Columns) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((ids, columns))
+
+    def join(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

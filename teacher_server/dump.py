@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -67,7 +66,7 @@ from lyceum.teacher_server._token_batches import (
     plan_window,
     token_shard_starts,
 )
-from lyceum.teacher_server._writer import Columns, KnowledgeWriter
+from lyceum.teacher_server._writer import Columns, KnowledgeWriter, WriterThread
 from lyceum.teacher_server.engine import TeacherEngine
 
 __all__ = [
@@ -216,43 +215,6 @@ class _Indexed(torch.utils.data.Dataset[tuple[int, Any]]):
         return i, as_numpy_free(item_inputs(self.dataset[i]))
 
 
-class _WriterThread:
-    """Runs `KnowledgeWriter.write` off the inference threads; re-raises its error on `put`.
-
-    One thread for every engine: the writer's state (open shards, the manifest) has one
-    owner, and writing and hashing release the GIL, so it keeps up with several devices.
-    """
-
-    def __init__(self, writer: KnowledgeWriter, depth: int, bar: Progress) -> None:
-        self.writer = writer
-        self.bar = bar
-        self.queue: queue.Queue[tuple[torch.Tensor, Columns] | None] = queue.Queue(depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="lyceum-dump-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write(*item)
-                    self.bar.update(len(item[0]))
-                except BaseException as exc:
-                    # Keep draining so that the producers never block on a full queue.
-                    self.error = exc
-
-    def put(self, ids: torch.Tensor, columns: Columns) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((ids, columns))
-
-    def join(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def dump_knowledge(
     engine: TeacherEngine | Sequence[TeacherEngine],
     dataset: torch.utils.data.Dataset,
@@ -398,7 +360,7 @@ def _run_pipelines(
         enabled=config.progress,
         log=log,
     )
-    sink = _WriterThread(writer, config.queue_depth, bar)
+    sink = WriterThread(writer, config.queue_depth, bar)
     stop = threading.Event()
     errors: list[BaseException] = []
 

@@ -46,6 +46,7 @@ from lyceum.compression.pipeline.schema import (
 from lyceum.compression.pipeline.state import (
     CHECKPOINT,
     RunState,
+    check_same_run,
     find_checkpoint,
     load_model_tensors,
     read_checkpoint,
@@ -418,16 +419,7 @@ class Run:
 
     def _restore(self, folder: Path) -> None:
         state, tensors, train = read_checkpoint(folder)
-        differ = sorted(
-            k
-            for k in set(state.identity) | set(self.state.identity)
-            if state.identity.get(k) != self.state.identity.get(k)
-        )
-        if differ:
-            raise ValueError(
-                f"--resume: the run in {str(self.out)!r} was written with other values of "
-                f"{differ}; resume with the config it was written with, or give another --out"
-            )
+        check_same_run(state.identity, self.state.identity, self.out)
         self.state = state
         if state.finished:
             self.model = self._final_model()

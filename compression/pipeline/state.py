@@ -57,6 +57,16 @@ def run_identity(config: PipelineConfig) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _FREE_KEYS}
 
 
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], out: Path) -> None:
+    """Refuse to resume the run in `out` with a config whose identity differs from `saved`."""
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        raise ValueError(
+            f"--resume: the run in {str(out)!r} was written with other values of "
+            f"{differ}; resume with the config it was written with, or give another --out"
+        )
+
+
 @dataclass
 class RunState:
     """Where a pipeline run stands, as `state.json` holds it."""

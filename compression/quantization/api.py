@@ -24,6 +24,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, 
 
 from lyceum.proto.display import Progress
 
+from . import _pattern_cache
 from .config import PTQ, QAT
 from .quantizer import PaddleSlimQuantizer, check_patterns, quantizable_layers
 
@@ -95,6 +96,7 @@ def quantize(
         raise ValueError(
             f"quantize: config must be QAT(...) or PTQ(...), got {type(config).__name__}"
         )
+    _pattern_cache.install()
     # A copy: the captured graph shares parameter tensors with the module it came from, and
     # QAT training (or BN folding) must not change the caller's float model.
     model = copy.deepcopy(model).train(isinstance(config, QAT))
@@ -165,6 +167,7 @@ def convert(prepared: GraphModule) -> GraphModule:
     quantize/dequantize pairs, dynamic ones a `choose_qparams` per batch. Float weights the
     graph no longer reads (convert leaves them attached) are dropped so they are not exported.
     """
+    _pattern_cache.install()
     move_exported_model_to_eval(prepared)
     layers = quantized_layers(prepared)
     converted = convert_pt2e(prepared)
