@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from lyceum.proto.codec import KnowledgeBatch, from_record_batch, to_record_batch
+from lyceum.proto.codec import from_record_batch, to_record_batch
 from lyceum.proto.items import item_inputs
 from lyceum.proto.schema import KnowledgeSchema
 from lyceum.proto.specs import Spec, load_model
+from lyceum.student_client._answered import AnsweredAtOnce
 from lyceum.student_client._module_paths import find_module
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def parse_outputs(outputs: Sequence[str], where: str) -> tuple[OutputSpec, ...]:
     return tuple(specs)
 
 
-class InProcessTeacher:
+class InProcessTeacher(AnsweredAtOnce):
     """A `KnowledgeSource` that runs `model` in this process (see the module docstring).
 
     `example_input` is one sample's input (`dataset[0][0]`), from which the engine learns the
@@ -109,7 +110,7 @@ class InProcessTeacher:
             EngineConfig(outputs=specs, device=str(device), precision=precision),
             example_input,
         )
-        self._ready: dict[int, KnowledgeBatch] = {}
+        super().__init__()
 
     @classmethod
     def from_spec(
@@ -169,13 +170,6 @@ class InProcessTeacher:
             f"in-process teacher {self.name!r}: inputs must be a batch tensor or a mapping of "
             f"named batch tensors, got {type(inputs).__name__}"
         )
-
-    def poll(self, timeout_s: float) -> list[tuple[int, KnowledgeBatch]]:
-        done, self._ready = list(self._ready.items()), {}
-        return done
-
-    def outstanding(self) -> dict[int, torch.Tensor]:
-        return {rid: b.sample_ids for rid, b in self._ready.items()}
 
     def close(self) -> None:
         self.engine.close()

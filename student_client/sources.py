@@ -23,6 +23,7 @@ import torch
 from lyceum.proto.codec import KnowledgeBatch
 from lyceum.proto.schema import KnowledgeSchema
 from lyceum.proto.vocab import Vocabulary, check_student_vocabulary
+from lyceum.student_client._answered import AnsweredAtOnce
 from lyceum.student_client.offline import OfflineKnowledge, VerifyMode
 from lyceum.student_client.online import OnlineTeacher, TeacherUnavailableError
 
@@ -71,7 +72,7 @@ class KnowledgeSource(Protocol):
     def close(self) -> None: ...
 
 
-class OfflineTeacher:
+class OfflineTeacher(AnsweredAtOnce):
     """Knowledge read by id from a dump (`lyceum teacher dump`); never waits, never fails over.
 
     The gather happens at `submit`, while the window is being filled, so `poll` only hands
@@ -92,7 +93,7 @@ class OfflineTeacher:
     ) -> None:
         self.knowledge = OfflineKnowledge(directory, dataset, verify=verify)
         check_student_vocabulary(self.knowledge.schema, vocab, f"dump {str(directory)!r}")
-        self._ready: dict[int, KnowledgeBatch] = {}
+        super().__init__()
 
     @property
     def schema(self) -> KnowledgeSchema:
@@ -111,13 +112,6 @@ class OfflineTeacher:
         """The inputs stored with the dump (`--store-inputs`) of `ids`: see
         `OfflineKnowledge.inputs`."""
         return self.knowledge.inputs(ids)
-
-    def poll(self, timeout_s: float) -> list[tuple[int, KnowledgeBatch]]:
-        done, self._ready = list(self._ready.items()), {}
-        return done
-
-    def outstanding(self) -> dict[int, torch.Tensor]:
-        return {rid: b.sample_ids for rid, b in self._ready.items()}
 
     def close(self) -> None:
         self.knowledge.close()
