@@ -90,7 +90,13 @@ class LMDemoConfig(BaseModel):
     batch_size: int = Field(default=32, gt=0, description="Sequences per optimizer step.")
     teacher_hidden: int = Field(default=64, gt=0, description="Teacher width (hidden size).")
     teacher_layers: int = Field(default=2, gt=0, description="Teacher transformer layers.")
-    teacher_epochs: int = Field(default=1, gt=0, description="Teacher training epochs.")
+    teacher_epochs: int = Field(
+        default=3,
+        gt=0,
+        description="Teacher training epochs. At 1 the teacher (held-out perplexity ~137) "
+        "keeps only 58% of its held-out mass in its top 32, too little for a top-k student "
+        "without cross-entropy; at 3 (~76), 76%.",
+    )
     student_hidden: int = Field(default=32, gt=0, description="Student width (hidden size).")
     student_layers: int = Field(default=1, gt=0, description="Student transformer layers.")
     student_epochs: int = Field(default=2, gt=0, description="Epochs of every student run.")
