@@ -15,7 +15,7 @@ and the probability it puts outside that top-k (the teacher's own figures on the
 A top-k KD term without CE never says how to spread the mass outside the top k: this is where
 a KD-only student loses to CE.
 
-    .venv/bin/python bench/lm_quality.py                  # ~15 min on two loaded cores
+    .venv/bin/python bench/lm_quality.py                  # ~6 min on two cores
     .venv/bin/python bench/lm_quality.py --only "KD only" --student-epochs 6   # CE only too
 """
 
