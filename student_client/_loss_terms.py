@@ -180,8 +180,9 @@ class TopKTerm(LossTerm, DivergenceKeys):
         default="zero",
         description="The probability of the ids the teacher dropped: zero (the kept ones "
         "renormalised), tail (the mass it did not keep as one bucket against the student's "
-        "mass on those ids) or uniform (that mass spread evenly over them); tail and uniform "
-        "need a teacher sending log_probs or probs.",
+        "mass on those ids; nothing trains how the student spreads it among them) or uniform "
+        "(that mass spread evenly over them); tail and uniform need a teacher sending "
+        "log_probs or probs.",
     )
 
     def build(self, fields: Mapping[str, FieldSpec]) -> nn.Module:

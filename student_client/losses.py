@@ -200,7 +200,11 @@ def topk_kd(
     - `missing="tail"`: the mass the teacher did not keep, m = 1 - sum_k exp(lp_k), stays
       as one bucket against the student's mass on the dropped ids, so nothing is
       renormalised away. Needs real probabilities: the teacher must send `log_probs` or
-      `probs` (top-k logits do not say how much mass lies outside the top k).
+      `probs` (top-k logits do not say how much mass lies outside the top k). It says
+      nothing about how the student spreads that mass over the dropped ids, so a student
+      trained without cross-entropy spreads it badly wherever the teacher's top k holds
+      little of its mass (`bench/README.md`, the LM students' perplexity split by the
+      teacher's top k): there, raise k, or use `uniform`.
     - `missing="uniform"`: m spread evenly, u = m / (V-k) per dropped id, compared id by id
       with the student over all V (same needs as `tail`).
 

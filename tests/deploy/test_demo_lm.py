@@ -6,18 +6,29 @@ cheap (an untrained student against the teacher model itself) and for sense else
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lyceum.deploy.cli import build_parser, main
-from lyceum.deploy.demo_lm import LMDemoConfig, LMTeacher, demo_rows, lm_table, prepare_teacher
+from lyceum.deploy.demo_lm import (
+    CE_ONLY,
+    LMDemoConfig,
+    LMTeacher,
+    StudentRecipe,
+    demo_rows,
+    lm_table,
+    prepare_teacher,
+)
 from lyceum.deploy.examples import tiny_llama
 from lyceum.deploy.stdlib_text import stdlib_text
 from lyceum.proto.manifest import Manifest
 from lyceum.proto.schema import TopK
 from lyceum.proto.vocab import tokenizer_sha256
+from lyceum.student_client import StepInfo, train
+from lyceum.student_client._checkpoints import save_weights
 
 SMALL = LMDemoConfig(
     seeds=(0, 1),
@@ -109,6 +120,47 @@ def test_demo_rows_show_trained_students_between_untrained_and_teacher(
         f"{ce.mean_kl:.3f} ({k0:.3f} / {k1:.3f}) |"
     )
     assert table[2] == f"| teacher (hidden 32, 2 layers) | 0 | {teacher.perplexity:.1f} | - |"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_teacher_as_student_meets_its_own_knowledge_at_every_position(
+    teacher: LMTeacher, tmp_path: Path
+) -> None:
+    """The knowledge of position t is the teacher's prediction of token t + 1, as the
+    student's logit at t is: the teacher's weights trained on its own top-k dump by KD alone
+    give a KD loss of 0 at every step (a shift by one would cost the KL between neighbouring
+    positions), and by CE alone the teacher's own cross-entropy of the step's samples."""
+    weights = tmp_path / "teacher.safetensors"
+    save_weights(weights, teacher.model)
+    kd_only = StudentRecipe(name="KD only", task_weight=0.0, kd_weight=1.0)
+    train_set = stdlib_text(**teacher.data("train"))
+    for recipe in (kd_only, CE_ONLY):
+        config = teacher.student_config(recipe, 0)
+        steps: list[StepInfo] = []
+        as_teacher = {"hidden": SMALL.teacher_hidden, "layers": SMALL.teacher_layers}
+        config = config.model_copy(
+            update={
+                "model_kwargs": {**config.model_kwargs, **as_teacher},
+                "checkpoint": weights,
+                "epochs": 1,
+                # Too small to move a weight in float32: every step sees the teacher.
+                "optimizer": config.optimizer.model_copy(update={"lr": 1e-30}),
+            }
+        )
+        train(config, on_step=steps.append)
+        assert len(steps) == SMALL.train_sequences // SMALL.batch_size
+        for step in steps[:3]:
+            ids = torch.stack([train_set[int(i)]["input_ids"] for i in step.sample_ids])
+            with torch.no_grad():
+                log_p = F.log_softmax(teacher.model(input_ids=ids).logits.float(), -1)
+            if recipe is kd_only:
+                assert abs(step.loss) < 1e-5, step
+                shifted = (log_p[:, 1:].exp() * (log_p[:, 1:] - log_p[:, :-1])).sum(-1).mean()
+                assert float(shifted) > 0.5  # what misaligned knowledge would cost
+            else:
+                ce = F.cross_entropy(log_p[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+                assert step.loss == pytest.approx(float(ce), rel=1e-4)
 
 
 def test_lm_demo_refuses_the_digits_demos_options(capsys: pytest.CaptureFixture[str]) -> None:
