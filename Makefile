@@ -44,8 +44,11 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m "not integration and not slow"
 
+# pytest-xdist workers; every test passes alone and in any order, so any count works.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest --durations=25  # the slowest tests in every log, CI's included
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=25  # the slowest tests in every log, CI's included
 
 proto: $(STAMP)
 	$(PY) -m lyceum.proto.generate
