@@ -4,22 +4,15 @@ result = run_search(space, objective, SAConfig(max_iterations=50, seed=0),
                     study=StudyConfig(storage="search.db", study="nas"))
 
 Any number of workers (processes, machines) run `run_search` against one storage and extend one
-annealing chain, rebuilt from the storage at every draw; a search resumes from the storage alone.
+annealing chain, rebuilt from the storage at every draw (each worker reads only the trials new or
+unfinished since its last read, `StudyTrials`); a search resumes from the storage alone.
 A trial's candidate is one system attribute (`DRAW_ATTR`; `trial_tokens` reads it).
 """
 
 from lyceum.compression.search.base import Objective, SearchSpace
 from lyceum.compression.search.chain import SAChain
 from lyceum.compression.search.config import SAConfig, StudyConfig
-from lyceum.compression.search.sampler import (
-    DRAW_ATTR,
-    FeasibleSampler,
-    InfeasibleSearchError,
-    SASampler,
-    draw_attr,
-    param_names,
-    trial_tokens,
-)
+from lyceum.compression.search.sampler import FeasibleSampler, InfeasibleSearchError, SASampler
 from lyceum.compression.search.storage import (
     STALE_ATTR,
     Heartbeat,
@@ -27,15 +20,22 @@ from lyceum.compression.search.storage import (
     open_storage,
 )
 from lyceum.compression.search.study import (
-    CACHED_ATTR,
-    DUPLICATE_ATTR,
-    ERROR_ATTR,
-    SURPLUS_ATTR,
     SearchResult,
     open_study,
     run_search,
     saved_sa_config,
     search_result,
+)
+from lyceum.compression.search.trials import (
+    CACHED_ATTR,
+    DRAW_ATTR,
+    DUPLICATE_ATTR,
+    ERROR_ATTR,
+    SURPLUS_ATTR,
+    StudyTrials,
+    draw_attr,
+    param_names,
+    trial_tokens,
 )
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "FeasibleSampler",
     "SAChain",
     "open_study",
+    "StudyTrials",
     "search_result",
     "saved_sa_config",
     "open_storage",

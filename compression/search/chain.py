@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 __all__ = ["SAChain", "check_tokens"]
@@ -111,3 +111,11 @@ class SAChain:
         value = rng.randrange(self.table[i] - 1)
         tokens[i] = value if value < tokens[i] else value + 1
         return tokens
+
+    def neighbours(self) -> Iterator[tuple[int, ...]]:
+        """Every candidate `neighbour` can draw: the current tokens with one token changed."""
+        current = tuple(self.current_tokens)
+        for i, n in enumerate(self.table):
+            for value in range(n):
+                if value != current[i]:
+                    yield (*current[:i], value, *current[i + 1 :])

@@ -2,25 +2,24 @@
 
 `SASampler` is simulated annealing whose chain is rebuilt from the study's trials at every draw
 (`lyceum.compression.search.chain`), so it holds no state a crash could lose and every worker
-sharing the study extends one chain. The replay of the trials below the lowest unfinished one is
-cached (finished trials never change), so a draw costs the same with 10 or 10,000 trials in the
-study, apart from the storage's own listing of its trials.
+sharing the study extends one chain. The trials come from a `StudyTrials`, read incrementally,
+and the replay of the trials below the lowest unfinished one is kept (finished trials never
+change), so a draw costs the same with 10 or 10,000 trials in the study.
 
 `FeasibleSampler` wraps any other Optuna sampler (random, TPE) with the same budget check, so
 the searches compared in the bench differ only in how they draw.
 
-A trial's candidate is one system attribute, `DRAW_ATTR` = {"tokens": [...], "redraws": n}
-(the infeasible draws skipped before it): one storage write, where a `suggest_int` per token
-was one SQLite transaction each (30 for the Light-NAS space, half of a trial's overhead).
-`trial_tokens` reads it, and the per-token parameters t00, t01, ... of studies written before
-it. `FeasibleSampler` also writes the per-token parameters, which its inner sampler learns from.
-Both check the budget before anything is built for training.
+A trial's candidate is one system attribute, `DRAW_ATTR` (see `lyceum.compression.search.trials`):
+one storage write, where a `suggest_int` per token was one SQLite transaction each. The search
+loop writes it with the trial itself (`SASampler.propose`, then one `create_new_trial`); through
+Optuna's `ask` the sampler writes it. `FeasibleSampler` also writes the per-token parameters,
+which its inner sampler learns from. Both check the budget before anything is built for training.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from optuna.distributions import BaseDistribution, IntDistribution
@@ -30,54 +29,35 @@ from optuna.trial import FrozenTrial, TrialState
 from lyceum.compression.search.base import SearchSpace
 from lyceum.compression.search.chain import SAChain, check_tokens
 from lyceum.compression.search.config import SAConfig
+from lyceum.compression.search.trials import (
+    DRAW_ATTR,
+    StudyTrials,
+    Tokens,
+    draw_attr,
+    param_names,
+    trial_tokens,
+)
 
 if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
     from optuna.study import Study
 
-__all__ = [
-    "DRAW_ATTR",
-    "FeasibleSampler",
-    "InfeasibleSearchError",
-    "SASampler",
-    "param_names",
-    "trial_tokens",
-]
+__all__ = ["FeasibleSampler", "InfeasibleSearchError", "SASampler"]
 
-DRAW_ATTR = "lyceum:draw"
+# Draws in a row that hit taken candidates before the sampler checks whether the whole
+# neighbourhood is taken (a chain stuck on an explored optimum): then the draws left would all
+# be skipped, and it stops at the first feasible one instead of drawing `max_resample` times.
+_ALL_TAKEN_AFTER = 16
 
 
 class InfeasibleSearchError(RuntimeError):
     """No feasible candidate was found within `SAConfig.max_resample` draws."""
 
 
-def param_names(table: Sequence[int]) -> list[str]:
-    """The Optuna parameter of each token: t00, t01, ... (sorted as the tokens are)."""
-    width = len(str(len(table) - 1))
-    return [f"t{i:0{width}d}" for i in range(len(table))]
-
-
-def draw_attr(tokens: Sequence[int], redraws: int) -> dict[str, Any]:
-    """The value of `DRAW_ATTR` for `tokens` drawn after `redraws` infeasible draws."""
-    return {"tokens": [int(t) for t in tokens], "redraws": int(redraws)}
-
-
 def _distributions(table: Sequence[int]) -> dict[str, BaseDistribution]:
     return {
         name: IntDistribution(0, n - 1) for name, n in zip(param_names(table), table, strict=True)
     }
-
-
-def trial_tokens(trial: FrozenTrial, table: Sequence[int]) -> list[int] | None:
-    """The tokens of `trial`, if it has them: its `DRAW_ATTR`, else (a study written before
-    there was one) its per-token params or the params it was enqueued with."""
-    drawn = trial.system_attrs.get(DRAW_ATTR)
-    if drawn is not None:
-        return list(drawn["tokens"])
-    params = trial.params or trial.system_attrs.get("fixed_params") or {}
-    names = param_names(table)
-    if not all(n in params for n in names):
-        return None
-    return [int(params[n]) for n in names]
 
 
 class _TokenSampler(BaseSampler):
@@ -90,20 +70,17 @@ class _TokenSampler(BaseSampler):
         self.space = space
         self.table = list(space.range_table())
         self.names = param_names(self.table)
-        self._listing: list[FrozenTrial] | None = None
+        self._view: tuple[BaseStorage, int, StudyTrials] | None = None
 
-    def prefetch(self, trials: Sequence[FrozenTrial]) -> None:
-        """The study's trials (in number order), just listed by the caller: the next draw uses
-        them instead of listing the study again. On a relational storage a listing is some
-        seven queries, the largest part of a draw's cost."""
-        self._listing = list(trials)
-
-    def _trials(self, study: Study) -> list[FrozenTrial]:
-        """The prefetched listing (once), else the storage's (in number order, like any)."""
-        listed, self._listing = self._listing, None
-        if listed is not None:
-            return listed
-        return study._storage.get_all_trials(study._study_id, deepcopy=False)
+    def trials(self, study: Study) -> StudyTrials:
+        """This sampler's incremental copy of `study`'s trials (not refreshed here)."""
+        if (
+            self._view is None
+            or self._view[0] is not study._storage
+            or self._view[1] != study._study_id
+        ):
+            self._view = (study._storage, study._study_id, StudyTrials(study, self.table))
+        return self._view[2]
 
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
@@ -158,26 +135,32 @@ class SASampler(_TokenSampler):
             init_temperature=self.config.init_temperature,
             reduce_rate=self.config.reduce_rate,
         )
-        # (study id, trials replayed) -> the chain after trials [0, replayed): all finished.
-        self._cache: tuple[int, int, SAChain] | None = None
+        # (the trials, how many replayed) -> the chain after trials [0, replayed): all finished.
+        self._cache: tuple[StudyTrials, int, SAChain] | None = None
 
     @property
     def init_tokens(self) -> list[int]:
         return list(self._start.current_tokens)
 
-    def chain(self, trials: Sequence[FrozenTrial], study_id: int = -1) -> SAChain:
-        """The chain after replaying `trials` (a study's, in number order)."""
-        done = 0
-        while done < len(trials) and trials[done].state.is_finished():
-            done += 1
-        if self._cache is not None and self._cache[0] == study_id and self._cache[1] <= done:
-            replayed, chain = self._cache[1], self._cache[2].copy()
-        else:
-            replayed, chain = 0, self._start.copy()
-        for trial in trials[replayed:done]:
+    def chain(self, trials: Sequence[FrozenTrial]) -> SAChain:
+        """The chain after replaying `trials` (a study's, in number order), from scratch."""
+        chain = self._start.copy()
+        for trial in trials:
             self._update(chain, trial)
-        self._cache = (study_id, done, chain.copy())
-        for trial in trials[done:]:
+        return chain
+
+    def chain_of(self, trials: StudyTrials) -> SAChain:
+        """The chain of `trials` as last refreshed: the replay of the finished prefix is kept
+        from the previous call, so only the trials finished since are replayed."""
+        cached = self._cache
+        if cached is None or cached[0] is not trials:
+            cached = (trials, 0, self._start.copy())
+        _, replayed, prefix = cached
+        for number in range(replayed, trials.finished_prefix):
+            self._update(prefix, trials[number])
+        self._cache = (trials, trials.finished_prefix, prefix)
+        chain = prefix.copy()
+        for trial in trials.finished_since(trials.finished_prefix):
             self._update(chain, trial)
         return chain
 
@@ -188,25 +171,23 @@ class SASampler(_TokenSampler):
         if tokens is not None:
             chain.update(trial.number, tokens, trial.value)
 
+    def propose(self, trials: StudyTrials, number: int) -> tuple[list[int], int]:
+        """A feasible candidate for trial `number` from the chain of `trials` (as last
+        refreshed) that no other trial has taken if it can, and the infeasible draws skipped."""
+        return self._propose(self.chain_of(trials), number, trials.is_taken)
+
     def _draw(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> tuple[list[int], int]:
-        trials = self._trials(study)
-        chain = self.chain([t for t in trials if t.number != trial.number], study._study_id)
-        taken = {
-            tuple(tokens)
-            for t in trials
-            if t.number != trial.number
-            and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-            and (tokens := trial_tokens(t, self.table)) is not None
-        }
-        return self._propose(chain, trial.number, taken)
+        trials = self.trials(study)
+        trials.refresh()
+        return self.propose(trials, trial.number)
 
     def _propose(
-        self, chain: SAChain, number: int, taken: set[tuple[int, ...]]
+        self, chain: SAChain, number: int, is_taken: Callable[[Tokens], bool]
     ) -> tuple[list[int], int]:
         """A feasible candidate not yet taken (else a feasible taken one), and the redraws."""
-        if chain.current_reward is None and tuple(chain.current_tokens) not in taken:
+        if chain.current_reward is None and not is_taken(tuple(chain.current_tokens)):
             if not self.space.is_feasible(chain.current_tokens):
                 raise ValueError(
                     f"SASampler: initial tokens {chain.current_tokens} violate the constraint; "
@@ -217,10 +198,21 @@ class SASampler(_TokenSampler):
         fallback: list[int] | None = None
         for attempt in range(self.config.max_resample):
             tokens = chain.neighbour(number, attempt)
-            if tuple(tokens) in taken:
+            if is_taken(tuple(tokens)):
                 # Seen already: evaluated once is enough, so look further before settling.
                 if fallback is None and self.space.is_feasible(tokens):
                     fallback = tokens
+                if (
+                    attempt == _ALL_TAKEN_AFTER
+                    and redraws == 0
+                    and all(map(is_taken, chain.neighbours()))
+                ):
+                    # Every draw left would be skipped too: the first feasible one is the answer.
+                    if fallback is None:
+                        left = range(attempt + 1, self.config.max_resample)
+                        draws = (chain.neighbour(number, a) for a in left)
+                        fallback = next((t for t in draws if self.space.is_feasible(t)), None)
+                    break
                 continue
             if self.space.is_feasible(tokens):
                 return tokens, redraws

@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -34,22 +35,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from lyceum.compression.search.base import Objective, SearchSpace
 from lyceum.compression.search.chain import check_tokens
 from lyceum.compression.search.config import SAConfig, StudyConfig
-from lyceum.compression.search.sampler import (
+from lyceum.compression.search.sampler import FeasibleSampler, SASampler
+from lyceum.compression.search.storage import Heartbeat, fail_stale_trials, open_storage
+from lyceum.compression.search.trials import (
+    CACHED_ATTR,
     DRAW_ATTR,
-    FeasibleSampler,
-    SASampler,
+    DUPLICATE_ATTR,
+    ERROR_ATTR,
+    SURPLUS_ATTR,
+    StudyTrials,
     draw_attr,
-    param_names,
     trial_tokens,
 )
-from lyceum.compression.search.storage import Heartbeat, fail_stale_trials, open_storage
 from lyceum.proto.display import Progress
 
 __all__ = [
-    "CACHED_ATTR",
-    "DUPLICATE_ATTR",
-    "ERROR_ATTR",
-    "SURPLUS_ATTR",
     "SearchResult",
     "open_study",
     "run_search",
@@ -59,14 +59,8 @@ __all__ = [
 
 _log = logging.getLogger("lyceum.search")
 
-CACHED_ATTR = "lyceum:cached_from"
-DUPLICATE_ATTR = "lyceum:duplicate_of"
-SURPLUS_ATTR = "lyceum:surplus"
-ERROR_ATTR = "lyceum:error"
 _TABLE_ATTR = "lyceum:range_table"
 _CHAIN_ATTR = "lyceum:chain"
-
-_LIVE = (TrialState.RUNNING, TrialState.WAITING)
 
 
 class SearchResult(BaseModel):
@@ -125,40 +119,6 @@ def _check_study(study: optuna.Study, table: list[int], chain: dict[str, Any]) -
             )
 
 
-def _orphan(trials: Sequence[FrozenTrial], table: list[int]) -> list[int] | None:
-    """Tokens of the lowest failed trial that should have finished and has no twin."""
-    covered = {
-        tuple(tokens)
-        for t in trials
-        if (t.state == TrialState.COMPLETE or t.state in _LIVE)
-        and (tokens := trial_tokens(t, table)) is not None
-    }
-    for t in trials:
-        if t.state != TrialState.FAIL or ERROR_ATTR in t.system_attrs:
-            continue
-        if DUPLICATE_ATTR in t.system_attrs or SURPLUS_ATTR in t.system_attrs:
-            continue
-        tokens = trial_tokens(t, table)
-        if tokens is not None and tuple(tokens) not in covered:
-            return tokens
-    return None
-
-
-def _twin(
-    trials: Sequence[FrozenTrial], me: int, tokens: list[int], table: list[int]
-) -> FrozenTrial | None:
-    """A completed trial of the same tokens, else a lower-numbered running one."""
-    running = None
-    for t in trials:
-        if t.number == me or trial_tokens(t, table) != tokens:
-            continue
-        if t.state == TrialState.COMPLETE:
-            return t
-        if t.state == TrialState.RUNNING and t.number < me and running is None:
-            running = t
-    return running
-
-
 def run_search(
     space: SearchSpace,
     objective: Objective,
@@ -192,37 +152,31 @@ def run_search(
     opt = open_study(study_config, chosen)
     _check_study(opt, table, chain)
     target = config.max_iterations + 1
-    names = param_names(table)
-    done = _completed(opt)
+    trials = chosen.trials(opt)
+    trials.refresh()
     poll = min(study_config.heartbeat_interval, 1.0)
     with Progress(
-        total=target, desc=worker, unit="trial", initial=min(done, target), enabled=progress
+        total=target,
+        desc=worker,
+        unit="trial",
+        initial=min(trials.complete, target),
+        enabled=progress,
     ) as bar:
         while True:
-            # One listing of the trials per trial: the storage re-reads only the trials that
-            # were unfinished or new at its previous listing.
-            trials = opt.get_trials(deepcopy=False)
-            if fail_stale_trials(opt, study_config.grace_period, trials):
-                trials = opt.get_trials(deepcopy=False)
-            done = sum(t.state == TrialState.COMPLETE for t in trials)
+            # Reads only the trials new or unfinished since the previous refresh.
+            trials.refresh()
+            if fail_stale_trials(opt, study_config.grace_period, trials.live()):
+                trials.refresh()
+            done = trials.complete
             if done > bar.n:
                 bar.update(min(done, target) - bar.n)
             if done >= target:
                 break
-            orphan = _orphan(trials, table)
-            if orphan is not None:
-                opt.add_trial(
-                    optuna.trial.create_trial(
-                        state=TrialState.WAITING, system_attrs={DRAW_ATTR: draw_attr(orphan, 0)}
-                    )
-                )
-            elif done + sum(t.state in _LIVE for t in trials) >= target:
+            orphan = trials.orphan()
+            if orphan is None and done + len(trials.live()) >= target:
                 time.sleep(poll)  # others are on the last trials; one may die and need a retry
                 continue
-            values = [t.value for t in trials if t.value is not None]
-            best = max(values) if values else None
-            chosen.prefetch(trials)  # the draw replays this listing: one listing less
-            told = _one_trial(opt, objective, table, names, study_config, best, target)
+            told = _one_trial(opt, chosen, trials, orphan, objective, study_config, target)
             if told is not None:
                 if on_trial is not None:
                     on_trial(told[0])
@@ -231,41 +185,93 @@ def run_search(
     return result
 
 
-def _completed(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+def _new_trial(
+    study: optuna.Study,
+    sampler: SASampler | FeasibleSampler,
+    trials: StudyTrials,
+    orphan: list[int] | None,
+) -> tuple[int, FrozenTrial | None]:
+    """Create this worker's next trial, running, with its candidate (`orphan`, a retry, or a
+    new draw): its storage id, and the trial as created when `trials` is current for it
+    (`StudyTrials.is_current_for`: its twin check needs no read of the study).
+
+    Annealing draws first and creates the trial with its candidate in one write, so a trial
+    is never seen without its candidate; it draws for the number the trial is expected to get
+    (the next after the trials read), which another worker may take first: the draw stands
+    then (a neighbour of the same chain), and the twin check settles two equal ones. A trial
+    waiting in the study (enqueued by hand) and the other samplers go through Optuna's `ask`.
+    """
+    waiting = any(t.state == TrialState.WAITING for t in trials.live())
+    if isinstance(sampler, SASampler) and not waiting:
+        tokens, redraws = orphan, 0
+        if tokens is None:
+            tokens, redraws = sampler.propose(trials, len(trials))
+        created = trials.create(
+            FrozenTrial(
+                number=-1,
+                state=TrialState.RUNNING,
+                value=None,
+                datetime_start=datetime.now(),
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={DRAW_ATTR: draw_attr(tokens, redraws)},
+                intermediate_values={},
+                trial_id=-1,
+            )
+        )
+        current = orphan is None and trials.is_current_for(created)
+        return created._trial_id, created if current else None
+    if orphan is not None:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING, system_attrs={DRAW_ATTR: draw_attr(orphan, 0)}
+            )
+        )
+    trial = study.ask()
+    try:
+        # The sampler draws here, and writes the candidate once (`DRAW_ATTR`).
+        _ = trial.relative_params
+    except Exception as exc:
+        _fail(study, trial._trial_id, exc)
+        raise
+    return trial._trial_id, None
 
 
 def _one_trial(
     study: optuna.Study,
+    sampler: SASampler | FeasibleSampler,
+    trials: StudyTrials,
+    orphan: list[int] | None,
     objective: Objective,
-    table: list[int],
-    names: list[str],
     config: StudyConfig,
-    best: float | None,
     target: int,
 ) -> tuple[dict[str, Any], float] | None:
-    """Ask, evaluate (or copy a twin's reward) and tell one trial: its history entry and the
-    study's best reward (`best` before this trial, or this one's); None for a duplicate or a
-    surplus trial (the study has `target` trials completed or under way before it)."""
-    trial = study.ask()
-    storage, trial_id = study._storage, trial._trial_id
+    """Start, evaluate (or copy a twin's reward) and complete one trial: its history entry and
+    the study's best reward (with this one's); None for a duplicate or a surplus trial (the
+    study has `target` trials completed or under way before it)."""
+    best = trials.best
+    trial_id, mine = _new_trial(study, sampler, trials, orphan)
+    storage = study._storage
     try:
         with Heartbeat(storage, trial_id, config.heartbeat_interval):
-            # The sampler draws here, and writes the candidate once (`DRAW_ATTR`).
-            tokens = [int(trial.relative_params[n]) for n in names]
-            trials = study.get_trials(deepcopy=False)
-            ahead = sum(
-                t.number < trial.number and (t.state == TrialState.COMPLETE or t.state in _LIVE)
-                for t in trials
-            )
+            if mine is None:
+                # This trial, and every trial numbered below it with its candidate.
+                trials.refresh()
+                mine = trials.by_id(trial_id)
+            tokens = trial_tokens(mine, trials.table)
+            assert tokens is not None  # created with its candidate, or drawn by `ask`
+            drawn = tuple(tokens)
+            ahead = trials.ahead(mine.number)
             if ahead >= target:
                 storage.set_trial_system_attr(trial_id, SURPLUS_ATTR, ahead)
-                study.tell(trial, state=TrialState.FAIL)
+                _finish(study, mine, TrialState.FAIL)
                 return None
-            twin = _twin(trials, trial.number, tokens, table)
+            twin = trials.twin(mine.number, drawn)
             if twin is not None and twin.state == TrialState.RUNNING:
                 storage.set_trial_system_attr(trial_id, DUPLICATE_ATTR, twin.number)
-                study.tell(trial, state=TrialState.FAIL)
+                _finish(study, mine, TrialState.FAIL)
                 return None
             if twin is not None:
                 assert twin.value is not None  # a completed single-objective trial
@@ -276,23 +282,20 @@ def _one_trial(
                 if not math.isfinite(reward):
                     raise ValueError(f"search: reward must be finite, got {reward} for {tokens}")
     except Exception as exc:
-        storage.set_trial_system_attr(trial_id, ERROR_ATTR, f"{type(exc).__name__}: {exc}")
-        study.tell(trial, state=TrialState.FAIL)
+        _fail(study, trial_id, exc)
         raise
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM): failed, and its candidate handed out again on resume.
-        study.tell(trial, state=TrialState.FAIL)
+        _fail(study, trial_id, None)
         raise
-    # This trial as the twin search listed it (with its draw): Optuna's `tell` would re-read
-    # it first, some 12 queries on a relational storage.
-    mine = next(t for t in reversed(trials) if t.number == trial.number)
-    _complete(study, mine, reward)
+    # Completed as the refresh read it: Optuna's `tell` would re-read it first.
+    _finish(study, mine, TrialState.COMPLETE, reward)
     cached_from = None if twin is None else twin.number
-    entry = _entry(mine, table, None) | {"reward": reward, "cached_from": cached_from}
+    entry = _entry(mine, trials.table, None) | {"reward": reward, "cached_from": cached_from}
     best = reward if best is None else max(best, reward)
     _log.info(
         "trial %d: reward %.4f%s, tokens %s, %d redraws; best %.4f",
-        trial.number,
+        mine.number,
         reward,
         f" (copied from trial {twin.number})" if twin is not None else "",
         ",".join(map(str, tokens)),
@@ -302,13 +305,25 @@ def _one_trial(
     return entry, best
 
 
-def _complete(study: optuna.Study, trial: FrozenTrial, reward: float) -> None:
-    """`study.tell(trial, reward)` for the running `trial` just listed: what Optuna's tell does
-    for a finite single value (the sampler's `after_trial`, then the state and value)."""
+def _finish(
+    study: optuna.Study, trial: FrozenTrial, state: TrialState, reward: float | None = None
+) -> None:
+    """`study.tell(trial, reward, state)` for the running `trial` just read: what Optuna's tell
+    does (the sampler's `after_trial`, then the state and value), without re-reading it."""
+    values = None if reward is None else [reward]
     try:
-        study.sampler.after_trial(study, trial, TrialState.COMPLETE, [reward])
+        study.sampler.after_trial(study, trial, state, values)
     finally:
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [reward])
+        study._storage.set_trial_state_values(trial._trial_id, state, values)
+
+
+def _fail(study: optuna.Study, trial_id: int, error: Exception | None) -> None:
+    """Fail the trial of `trial_id` after `error` (then not retried) or an interruption."""
+    if error is not None:
+        study._storage.set_trial_system_attr(
+            trial_id, ERROR_ATTR, f"{type(error).__name__}: {error}"
+        )
+    _finish(study, study._storage.get_trial(trial_id), TrialState.FAIL)
 
 
 def _entry(trial: FrozenTrial, table: list[int], accepted: bool | None) -> dict[str, Any]:

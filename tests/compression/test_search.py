@@ -21,6 +21,8 @@ from lyceum.compression.search import (
     SASampler,
     SearchSpace,
     StudyConfig,
+    StudyTrials,
+    draw_attr,
     fail_stale_trials,
     open_study,
     param_names,
@@ -343,6 +345,11 @@ class _CountingStorage(optuna.storages.InMemoryStorage):
         self.calls["get_all_trials"] += 1
         return super().get_all_trials(*args, **kwargs)
 
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        drawn = template_trial is not None and DRAW_ATTR in template_trial.system_attrs
+        self.calls["create_new_trial" + (f" with {DRAW_ATTR}" if drawn else "")] += 1
+        return super().create_new_trial(study_id, template_trial)
+
     def get_trial(self, trial_id: int) -> FrozenTrial:
         self.calls["get_trial"] += 1
         return super().get_trial(trial_id)
@@ -364,18 +371,21 @@ def _calls(trials: int, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     return storage.calls
 
 
-def test_a_trial_writes_its_candidate_once_and_lists_the_study_three_times(
+def test_a_trial_is_created_with_its_candidate_and_reads_the_study_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The difference between 20 trials and 10 is what 10 trials cost, whatever a search's
     # fixed cost (opening, the result) is. Before: 6 parameter writes + a redraws attribute
-    # per trial (30 + 1 on the Light-NAS space) and 6 listings.
+    # per trial (30 + 1 on the Light-NAS space) and 6 listings; then Optuna's ask (a listing
+    # of the waiting trials and a read of the new one), a DRAW_ATTR write and 3 listings.
     per_10 = _calls(20, monkeypatch) - _calls(10, monkeypatch)
     assert per_10 == Counter(
         {
-            f"set_trial_system_attr {DRAW_ATTR}": 10,  # the candidate, one write
-            "get_all_trials": 30,  # the loop's (the draw replays it), ask's, the twin check's
-            "get_trial": 10,  # optuna.Trial's own, at ask
+            f"create_new_trial with {DRAW_ATTR}": 10,  # the trial and its candidate, one write
+            "get_trial": 10,  # its number (a relational storage returns it with the write)
+            # The loop's refresh. One worker: nobody created a trial in between, so the twin
+            # check reads nothing more.
+            "get_all_trials": 10,
         }
     )
 
@@ -414,3 +424,74 @@ def test_other_samplers_also_write_per_token_params_to_learn_from(tmp_path: Path
         tokens = trial.system_attrs[DRAW_ATTR]["tokens"]
         assert trial.params == dict(zip(names, tokens, strict=True))
         assert trial_tokens(trial, [10] * 6) == tokens
+
+
+def _finish_trial(study: optuna.Study, trials: StudyTrials, sampler: SASampler) -> None:
+    """One trial by the worker of `trials` and `sampler`, drawn and created as the loop does."""
+    trials.refresh()
+    tokens, redraws = sampler.propose(trials, len(trials))
+    created = trials.create(
+        optuna.trial.create_trial(
+            state=TrialState.RUNNING, system_attrs={DRAW_ATTR: draw_attr(tokens, redraws)}
+        )
+    )
+    reward = _Objective()(tokens)
+    study._storage.set_trial_state_values(created._trial_id, TrialState.COMPLETE, [reward])
+
+
+def test_a_trial_finished_by_another_worker_is_seen(tmp_path: Path) -> None:
+    config = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    mine, theirs = open_study(config), open_study(config)  # two workers: two connections
+    seen = StudyTrials(mine, [10] * 6)
+    seen.refresh()
+    running = theirs.ask()
+    theirs.tell(theirs.ask(), -1.0)
+    seen.refresh()
+    assert len(seen) == 2 and seen.complete == 1 and seen.best == -1.0
+    assert [t.number for t in seen.live()] == [running.number]
+    assert seen.finished_prefix == 0  # trial 0 still runs: nothing below it to cache
+    theirs.tell(running, -0.5)  # finished after this worker read it running
+    seen.refresh()
+    assert seen.live() == [] and seen.complete == 2 and seen.best == -0.5
+    assert seen.finished_prefix == 2
+    assert seen[0].value == -0.5
+
+
+def test_the_cached_chain_equals_a_rebuild_after_trials_by_two_workers(tmp_path: Path) -> None:
+    config = SAConfig(max_iterations=40, seed=2)
+    study_config = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    workers = []
+    for _ in range(2):
+        study = open_study(study_config)
+        sampler = SASampler(_Space(), config)
+        workers.append((study, sampler.trials(study), sampler))
+    # A trial left running by the first worker, so the second one's trials finish above it.
+    workers[0][1].refresh()
+    hanging = workers[0][0].ask()
+    for i in range(24):
+        study, trials, sampler = workers[i % 3 // 2]  # worker 0, 0, 1, 0, 0, 1, ...
+        _finish_trial(study, trials, sampler)
+        if i == 12:
+            workers[0][0].tell(hanging, -500.0)
+    for _, trials, sampler in workers:
+        trials.refresh()
+        assert trials.complete == 25
+        rebuilt = SASampler(_Space(), config).chain(open_study(study_config).get_trials())
+        assert sampler.chain_of(trials) == rebuilt
+        # 24 trials with a candidate (the hanging one was asked without a draw): 23 moves.
+        assert rebuilt.moves == 23
+
+
+def test_a_chain_whose_every_neighbour_is_taken_settles_as_the_full_draw_would() -> None:
+    class LastIsNine(_Space):
+        def is_feasible(self, tokens: Sequence[int]) -> bool:
+            return tokens[5] == 9
+
+    sampler = SASampler(LastIsNine(), SAConfig(max_resample=300))
+    chain = SAChain([10] * 6, [1, 2, 3, 4, 5, 6], seed=4)
+    chain.update(0, [1, 2, 3, 4, 5, 6], -1.0)
+    # By hand: every one of the 300 draws is taken, and the first feasible one is the answer.
+    draws = [chain.neighbour(7, a) for a in range(300)]
+    expected = next(d for d in draws if d[5] == 9)
+    assert draws.index(expected) > 16  # found past the point where the sampler stops drawing
+    assert sampler._propose(chain, 7, lambda tokens: True) == (expected, 0)

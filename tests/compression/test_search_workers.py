@@ -58,6 +58,13 @@ def objective(tokens):
     (calls / f"{name}-{'-'.join(map(str, tokens))}").touch()
     if victim:
         threading.Event().wait()  # blocks until the test kills this worker
+    # Trials take milliseconds of overhead now: without this, one live worker can finish the
+    # study before the other has started. Each waits (bounded) until both have trained once.
+    deadline = time.monotonic() + 60
+    while not all(list(calls.glob(f"{w}-*")) for w in ("w1", "w2")):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     time.sleep(0.05)  # a trial's cost on purpose (workers overlap), not a synchronisation
     return -sum((t - o) ** 2 for t, o in zip(tokens, OPTIMUM))
 
