@@ -50,6 +50,7 @@ __all__ = [
 KIND_QUERY, KIND_INDEX, KIND_DESCRIBE = b"query", b"index", b"describe"
 KIND_KNOWLEDGE, KIND_ERROR = b"knowledge", b"error"
 REQUEST_ID_BYTES = 8
+_IDS = np.dtype("<u8")  # index payloads: little-endian uint64 ids, parsed once here
 
 
 class Frame(Protocol):
@@ -192,7 +193,7 @@ class IncomingRequest:
             raise WireError(
                 f"index payload of {view.nbytes} bytes is not a whole number of uint64 ids", rid
             )
-        return Request(rid, ids=np.frombuffer(view, dtype="<u8").astype(np.uint64))
+        return Request(rid, ids=np.frombuffer(view, dtype=_IDS).astype(np.uint64))
 
 
 def knowledge_reply(peer: bytes, request_id: bytes, ipc: object) -> list[object]:

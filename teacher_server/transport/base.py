@@ -184,9 +184,9 @@ class TeacherService:
         replica would say the same) one larger than the message limit, which the transport
         would otherwise fail to send, and the student retry until its timeout."""
         batch = knowledge.record_batch()
-        # The exact size costs a pass over the batch's metadata on every reply; the values'
+        # The exact size costs a pass over the batch's metadata on every reply; the buffers'
         # bytes (what IPC adds is padding and headers, under 1 MiB) tell when it is needed.
-        size = batch.nbytes
+        size = batch.get_total_buffer_size()  # an upper bound; `nbytes` walks slices
         if size > self.max_message_bytes - _IPC_SLACK:
             size = ipc_size(batch)
         if size > self.max_message_bytes:
@@ -270,7 +270,14 @@ class TeacherService:
         items = getitems(index) if getitems is not None else [self.dataset[i] for i in index]  # type: ignore[index]
         if self.named_inputs:
             return ids, [_as_tensors(item_inputs(item)) for item in items]
-        samples = [_as_tensor(item_inputs(item)) for item in items]
+        # The `(tensor, label)` item inline: two calls per sample were ~7% of the server's CPU
+        # on a 256-sample request.
+        samples = [
+            item[0]
+            if type(item) is tuple and type(item[0]) is torch.Tensor
+            else _as_tensor(item_inputs(item))
+            for item in items
+        ]
         return ids, (samples if self.sequence_input else torch.stack(samples))
 
 
