@@ -85,36 +85,51 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return statistics.correlation(_ranks(a), _ranks(b))
 
 
-def bench_lut(networks: int, runs: int, clock: str) -> None:
-    space = lightnas_space(input_size=8)
-    start = time.perf_counter()
-    table = build_latency_table(
-        space,
-        runs=runs,
-        warmup=3,
-        clock=clock,
-        fit_networks=5,
-        progress=False,  # type: ignore[arg-type]
-    )
-    built_s = time.perf_counter() - start
-    rng = random.Random(1)
-    predicted, measured = [], []
-    for _ in range(networks):
-        tokens = [rng.randrange(n) for n in space.range_table()]
-        predicted.append(table.predict(space.ops(tokens)))
-        measured.append(measure_network(space, tokens, table, runs=runs, warmup=3))
+def _accuracy(predicted: Sequence[float], measured: Sequence[float]) -> str:
     errors = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True)]
-    print(f"\n## latency table ({clock} clock, batch 1, 1 thread; {_load()})")
-    print("| ops | build s | overhead ms | networks | MAPE | median APE | max APE | Spearman |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(
-        f"| {len(table.entries)} | {built_s:.0f} | {table.overhead_ms:.3f} | {networks} | "
+    return (
         f"{100 * statistics.mean(errors):.1f}% | {100 * statistics.median(errors):.1f}% | "
-        f"{100 * max(errors):.1f}% | {spearman(predicted, measured):.3f} |"
+        f"{100 * max(errors):.1f}% | {spearman(predicted, measured):.3f}"
     )
+
+
+def bench_lut(networks: int, runs: int, clock: str, interleaves: Sequence[int]) -> None:
+    space = lightnas_space(input_size=8)
+    rows = []
+    tables = []
+    for interleave in interleaves:
+        start = time.perf_counter()
+        table = build_latency_table(
+            space,
+            runs=runs,
+            warmup=3,
+            clock=clock,  # type: ignore[arg-type]
+            interleave=interleave,
+            progress=False,
+        )
+        tables.append(table)
+        rows.append((interleave, time.perf_counter() - start, table))
+    rng = random.Random(1)
+    candidates = [[rng.randrange(n) for n in space.range_table()] for _ in range(networks)]
+    measure = tables[-1]
+    first = [measure_network(space, t, measure, runs=runs, warmup=3) for t in candidates]
+    again = [measure_network(space, t, measure, runs=runs, warmup=3) for t in candidates]
+    print(f"\n## latency table ({clock} clock, batch 1, 1 thread, {runs} runs; {_load()})")
     print(
-        f"measured latency: median {statistics.median(measured):.2f} ms, "
-        f"range {min(measured):.2f}-{max(measured):.2f} ms"
+        "| interleave | ops | build s | overhead ms/network | ms/op | networks | MAPE | "
+        "median APE | max APE | Spearman |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for interleave, built_s, table in rows:
+        predicted = [table.predict(space.ops(t)) for t in candidates]
+        print(
+            f"| {interleave} | {len(table.entries)} | {built_s:.0f} | {table.overhead_ms:.3f} | "
+            f"{table.per_op_ms:.4f} | {networks} | {_accuracy(predicted, first)} |"
+        )
+    print(f"| measured again | | | | | {networks} | {_accuracy(again, first)} |")
+    print(
+        f"measured latency: median {statistics.median(first):.2f} ms, "
+        f"range {min(first):.2f}-{max(first):.2f} ms ({_load()})"
     )
 
 
@@ -365,6 +380,10 @@ def main() -> None:
     parser.add_argument("--networks", type=int, default=50, help="LUT: random networks")
     parser.add_argument("--runs", type=int, default=20, help="LUT: timed passes per op/network")
     parser.add_argument("--clock", choices=["wall", "thread"], default="thread")
+    parser.add_argument(
+        "--interleave", type=int, nargs="+", default=[16],
+        help="LUT: ops timed in turn per entry, one table each (1: each op alone, the old way)",
+    )  # fmt: skip
     parser.add_argument("--trials", type=int, default=15, help="samplers/workers: trials")
     parser.add_argument("--seeds", type=int, default=3, help="samplers: search seeds")
     parser.add_argument("--train-limit", type=int, default=1257, help="reward: train digits")
@@ -383,7 +402,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "lut" in args.only:
-        bench_lut(args.networks, args.runs, args.clock)
+        bench_lut(args.networks, args.runs, args.clock, args.interleave)
     if "overhead" in args.only:
         bench_overhead([10, 100, 1000], args.repeats)
     if "samplers" in args.only:

@@ -16,9 +16,10 @@ what `lyceum.compression.pruning.save_pruned` writes (no pickle).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Literal
@@ -33,6 +34,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "format_table",
+    "interleaved_latency_samples",
     "latency_samples",
     "layer_stats",
     "measure_latency",
@@ -178,6 +180,28 @@ def latency_samples(
     clock: Literal["wall", "thread"] = "wall",
 ) -> list[float]:
     """The `runs` timed passes of `measure_latency`, in seconds, in the order they ran."""
+    return interleaved_latency_samples(
+        [(model, example_input)], runs=runs, warmup=warmup, threads=threads, clock=clock
+    )[0]
+
+
+def interleaved_latency_samples(
+    models: Sequence[tuple[Callable[[torch.Tensor], Any], torch.Tensor]],
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    threads: int = 1,
+    clock: Literal["wall", "thread"] = "wall",
+) -> list[list[float]]:
+    """Timed passes, in seconds, of several `(model, input)` pairs run in turn: each round runs
+    every pair once, so each model's list holds `runs` passes.
+
+    Why in turn: a model timed alone, pass after pass, finds its weights, activations and code
+    in the caches its previous pass left warm; one op of a network does not, since the ops
+    before it ran in between. Timing a few ops round-robin gives each the cold start it has in
+    a network. Same conditions as `measure_latency` otherwise (eval and inference mode,
+    `warmup` untimed rounds, `threads` fixed then restored, the same two clocks).
+    """
     if runs < 1:
         raise ValueError(f"measure_latency: runs must be >= 1, got {runs}")
     if warmup < 0:
@@ -186,27 +210,33 @@ def latency_samples(
         raise ValueError(f"measure_latency: threads must be >= 1, got {threads}")
     if clock not in ("wall", "thread"):
         raise ValueError(f"measure_latency: clock must be 'wall' or 'thread', got {clock!r}")
-    if clock == "thread" and (example_input.is_cuda or threads != 1):
-        raise ValueError(
-            "measure_latency: clock='thread' needs a CPU input and threads=1 (other threads' "
-            f"work would not be counted); got device {example_input.device}, threads={threads}"
-        )
+    for _, example_input in models:
+        if clock == "thread" and (example_input.is_cuda or threads != 1):
+            raise ValueError(
+                "measure_latency: clock='thread' needs a CPU input and threads=1 (other "
+                "threads' work would not be counted); got device "
+                f"{example_input.device}, threads={threads}"
+            )
     now = time.perf_counter if clock == "wall" else time.thread_time
     previous_threads = torch.get_num_threads()
-    cuda = example_input.is_cuda
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in models]
     try:
         torch.set_num_threads(threads)
-        with eval_mode(model), torch.inference_mode():
+        with contextlib.ExitStack() as stack:
+            for model, _ in models:
+                stack.enter_context(eval_mode(model))
+            stack.enter_context(torch.inference_mode())
             for i in range(warmup + runs):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = now()
-                model(example_input)
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(now() - start)
+                for (model, example_input), samples in zip(models, times, strict=True):
+                    cuda = example_input.is_cuda
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = now()
+                    model(example_input)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if i >= warmup:
+                        samples.append(now() - start)
     finally:
         torch.set_num_threads(previous_threads)
     return times

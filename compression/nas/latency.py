@@ -2,9 +2,15 @@
 
 PaddleSlim's table times convolutions and activations one by one and ignores what lies between
 them; here the unit is the space's own op (a whole inverted-residual block, the stem, the head),
-so what a block does between its convs (residual adds, SE gates) is inside the measurement, and
-the remainder (module dispatch between blocks) is one per-network `overhead_ms`, fitted as the
-median of (measured - sum of entries) over a few random networks of the space.
+so what a block does between its convs (residual adds, SE gates) is inside the measurement.
+
+An op timed alone, pass after pass, runs with warm caches; inside a network it runs after other
+ops, with its weights and code evicted: on the Light-NAS space (8x8 inputs, one thread) a block
+took 0.1-0.3 ms more inside a network than alone, 30-60% of the small blocks' time, so sums of
+lone timings came out 25-35% short and ranked networks poorly (Spearman 0.6). So the entries
+are timed `interleave` ops in turn (`interleaved_latency_samples`), a network's cold start each,
+and what remains (module dispatch, context the interleaving does not reproduce) is fitted by
+least squares on a few measured networks as `overhead_ms` per network plus `per_op_ms` per op.
 
 The header names the conditions the figures hold for (device, threads, batch, dtype, clock,
 torch version); `check` refuses a table measured under others. A missing op is an error naming
@@ -24,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lyceum.compression._io import write_json_atomic
-from lyceum.compression.analysis import latency_samples, measure_latency
+from lyceum.compression.analysis import interleaved_latency_samples, measure_latency
 from lyceum.compression.nas.base import NASSpace, Op
 from lyceum.proto.display import Progress
 
@@ -36,7 +42,8 @@ __all__ = [
     "measure_network",
 ]
 
-LUT_FORMAT_VERSION = 1
+# 2: entries timed interleaved, `per_op_ms` fitted with `overhead_ms` (1: lone timings).
+LUT_FORMAT_VERSION = 2
 
 
 class LatencyEntry(BaseModel):
@@ -62,12 +69,16 @@ class LatencyTable(BaseModel):
     dtype: str = Field(description="Input and weight dtype, e.g. 'float32'.")
     clock: Literal["wall", "thread"] = Field(description="Clock of the measurement.")
     torch_version: str = Field(description="torch.__version__ at measurement.")
+    interleave: int = Field(
+        default=1, ge=1, description="Ops timed in turn for each entry (1: each op alone)."
+    )
     overhead_ms: float = Field(default=0.0, description="Added once per network prediction.")
+    per_op_ms: float = Field(default=0.0, description="Added once per op of a prediction.")
     entries: dict[str, LatencyEntry] = Field(description="Op key -> its timing.")
 
-    def predict(self, ops: Sequence[Op]) -> float:
-        """Predicted latency of a network made of `ops`, in ms."""
-        total = self.overhead_ms
+    def entries_sum(self, ops: Sequence[Op]) -> float:
+        """The sum of `ops`' entries, in ms: the prediction before the fitted overheads."""
+        total = 0.0
         for op in ops:
             entry = self.entries.get(op.key)
             if entry is None:
@@ -77,6 +88,28 @@ class LatencyTable(BaseModel):
                 )
             total += entry.median_ms
         return total
+
+    def predict(self, ops: Sequence[Op]) -> float:
+        """Predicted latency of a network made of `ops`, in ms."""
+        return self.overhead_ms + self.per_op_ms * len(ops) + self.entries_sum(ops)
+
+    def fit_overheads(self, networks: Sequence[tuple[Sequence[Op], float]]) -> LatencyTable:
+        """This table with `overhead_ms` and `per_op_ms` fitted to measured `(ops, ms)` pairs.
+
+        Least squares of (measured - sum of entries) on the op count. With fewer than two
+        networks, or all of one length, a slope cannot be told from the intercept: the
+        per-op term stays 0 and the overhead is the median gap.
+        """
+        counts = [float(len(ops)) for ops, _ in networks]
+        gaps = [ms - self.entries_sum(ops) for ops, ms in networks]
+        if not gaps:
+            return self.model_copy(update={"overhead_ms": 0.0, "per_op_ms": 0.0})
+        if len(set(counts)) < 2:
+            return self.model_copy(
+                update={"overhead_ms": statistics.median(gaps), "per_op_ms": 0.0}
+            )
+        slope, intercept = statistics.linear_regression(counts, gaps)
+        return self.model_copy(update={"overhead_ms": intercept, "per_op_ms": slope})
 
     def check(self, *, device: str, threads: int, batch: int) -> None:
         """Refuse a table measured under other conditions than the ones asked for."""
@@ -97,8 +130,9 @@ class LatencyTable(BaseModel):
         if not isinstance(raw, dict) or raw.get("format_version") != LUT_FORMAT_VERSION:
             found = raw.get("format_version") if isinstance(raw, dict) else None
             raise ValueError(
-                f"{path}: latency table format_version {found!r} is not {LUT_FORMAT_VERSION}; "
-                "rebuild it with `lyceum nas lut`"
+                f"{path}: latency table format_version {found!r} is not {LUT_FORMAT_VERSION} "
+                "(version 2 times ops interleaved and fits a per-op overhead); rebuild it with "
+                "`lyceum nas lut`"
             )
         return cls.model_validate(raw)
 
@@ -120,22 +154,33 @@ def build_latency_table(
     runs: int = 30,
     warmup: int = 5,
     clock: Literal["wall", "thread"] = "wall",
-    fit_networks: int = 5,
+    interleave: int = 16,
+    fit_networks: int = 10,
     seed: int = 0,
     progress: bool = True,
 ) -> LatencyTable:
-    """Time every distinct op of `space`, then fit the overhead on `fit_networks` networks."""
+    """Time every distinct op of `space`, `interleave` at a time in turn, then fit the
+    overheads on `fit_networks` random networks of the space."""
+    if interleave < 1:
+        raise ValueError(f"build_latency_table: interleave must be >= 1, got {interleave}")
+    rng = random.Random(seed)
     ops = space.all_ops()
+    # Shuffled, so that an op's neighbours in turn are of other stages and sizes, as in a network.
+    order = rng.sample(ops, len(ops))
     entries: dict[str, LatencyEntry] = {}
     with Progress(total=len(ops), desc="latency table", unit="op", enabled=progress) as bar:
-        for op in ops:
-            module = op.build().to(device)
-            example = torch.zeros(batch, *op.input_shape, device=device)
-            samples = latency_samples(
-                module, example, runs=runs, warmup=warmup, threads=threads, clock=clock
+        for start in range(0, len(order), interleave):
+            group = order[start : start + interleave]
+            pairs = [
+                (op.build().to(device), torch.zeros(batch, *op.input_shape, device=device))
+                for op in group
+            ]
+            samples = interleaved_latency_samples(
+                pairs, runs=runs, warmup=warmup, threads=threads, clock=clock
             )
-            entries[op.key] = _entry(samples)
-            bar.update(1)
+            for op, times in zip(group, samples, strict=True):
+                entries[op.key] = _entry(times)
+            bar.update(len(group))
     table = LatencyTable(
         device=device,
         threads=threads,
@@ -143,16 +188,15 @@ def build_latency_table(
         dtype=str(torch.get_default_dtype()).removeprefix("torch."),
         clock=clock,
         torch_version=torch.__version__,
-        entries=entries,
+        interleave=interleave,
+        entries={op.key: entries[op.key] for op in ops},
     )
-    rng = random.Random(seed)
-    gaps = []
+    measured = []
     for _ in range(fit_networks):
         tokens = [rng.randrange(n) for n in space.range_table()]
-        measured = measure_network(space, tokens, table, runs=runs, warmup=warmup, clock=clock)
-        gaps.append(measured - table.predict(space.ops(tokens)))
-    overhead = statistics.median(gaps) if gaps else 0.0
-    return table.model_copy(update={"overhead_ms": overhead})
+        ms = measure_network(space, tokens, table, runs=runs, warmup=warmup, clock=clock)
+        measured.append((space.ops(tokens), ms))
+    return table.fit_overheads(measured)
 
 
 def measure_network(

@@ -10,6 +10,7 @@ from lyceum.compression.analysis import (
     count_flops,
     count_params,
     format_table,
+    interleaved_latency_samples,
     layer_stats,
     measure_latency,
     model_size_bytes,
@@ -75,6 +76,18 @@ def test_latency_of_a_plain_callable() -> None:
     x = torch.zeros(3, 4)
     assert measure_latency(lambda t: calls.append(t.shape), x, runs=4, warmup=3) > 0
     assert calls == [x.shape] * 7
+
+
+def test_interleaved_latency_runs_the_models_in_turn() -> None:
+    # One pass of each model per round, warm-up rounds included, so each model's timed passes
+    # have the others' passes between them.
+    calls: list[str] = []
+    x = torch.zeros(2)
+    models = [(lambda t, name=name: calls.append(name), x) for name in "abc"]
+    samples = interleaved_latency_samples(models, runs=3, warmup=1, clock="thread")
+    assert calls == list("abc") * 4
+    assert [len(s) for s in samples] == [3, 3, 3]
+    assert all(t >= 0 for s in samples for t in s)
 
 
 def test_latency_refuses_settings_it_cannot_measure() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,12 +93,54 @@ def test_prediction_of_a_two_op_network_is_its_two_entries_plus_the_overhead(
     assert set(table.entries) == {op.key for op in space.all_ops()}
     ops = space.ops([1, 0])
     expected = table.entries[ops[0].key].median_ms + table.entries[ops[1].key].median_ms
-    assert table.predict(ops) == pytest.approx(expected + table.overhead_ms, rel=1e-12)
+    overheads = table.overhead_ms + 2 * table.per_op_ms
+    assert table.predict(ops) == pytest.approx(expected + overheads, rel=1e-12)
     table.save(tmp_path / "lut.json")
     assert LatencyTable.load(tmp_path / "lut.json") == table
     missing = table.model_copy(update={"entries": {}})
     with pytest.raises(ValueError, match=r"no entry for op conv\(cout=8\)"):
         missing.predict(ops)
+
+
+def _table(entries: dict[str, float]) -> LatencyTable:
+    return LatencyTable(
+        device="cpu",
+        threads=1,
+        batch=1,
+        dtype="float32",
+        clock="thread",
+        torch_version=torch.__version__,
+        entries={
+            k: LatencyEntry(median_ms=v, p10_ms=v, p90_ms=v, runs=1) for k, v in entries.items()
+        },
+    )
+
+
+def test_overheads_fitted_per_network_and_per_op() -> None:
+    space = _Two()
+    table = _table({op.key: 1.0 + i for i, op in enumerate(space.all_ops())})
+    one, two = space.ops([0, 0]), space.ops([1, 1])
+    # Measured = entries + 0.5 per network + 0.25 per op, on networks of 1, 2 and 4 ops.
+    networks = [
+        (ops, table.entries_sum(ops) + 0.5 + 0.25 * len(ops)) for ops in (one[:1], one, one + two)
+    ]
+    fitted = table.fit_overheads(networks)
+    assert fitted.overhead_ms == pytest.approx(0.5) and fitted.per_op_ms == pytest.approx(0.25)
+    assert fitted.predict(two) == pytest.approx(table.entries_sum(two) + 0.5 + 0.5)
+    # All networks of one length: no slope to fit, the median gap is the overhead.
+    same = table.fit_overheads([(one, table.entries_sum(one) + g) for g in (0.1, 0.3, 0.2)])
+    assert (same.overhead_ms, same.per_op_ms) == (pytest.approx(0.2), 0.0)
+
+
+def test_a_version_1_table_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "lut.json"
+    raw = _table({"conv(cout=4)": 1.0}).model_dump()
+    raw["format_version"] = 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(
+        ValueError, match=r"format_version 1 is not 2 .*rebuild it with `lyceum nas lut`"
+    ):
+        LatencyTable.load(path)
 
 
 def test_no_candidate_over_budget_is_ever_built_for_training() -> None:
