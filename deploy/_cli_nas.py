@@ -162,6 +162,8 @@ def _lut(args: argparse.Namespace) -> int:
         threads=args.threads,
         batch=args.batch,
         runs=args.runs,
+        clock=args.clock,
+        sweeps=args.sweeps,
     )
     table.save(args.out)
     print(
@@ -290,6 +292,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     lut.add_argument("--threads", type=int, default=1, help="Intra-op threads (default 1)")
     lut.add_argument("--batch", type=int, default=1, help="Batch size (default 1)")
     lut.add_argument("--runs", type=int, default=30, help="Timed passes per op (default 30)")
+    lut.add_argument(
+        "--sweeps",
+        type=int,
+        default=3,
+        help="Passes over all ops sharing the runs, so that a moment of a shared machine's "
+        "slowness touches a few of an op's passes, not all (default 3)",
+    )
+    lut.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: the latency a user sees (default); thread: the thread's CPU time, which "
+        "time spent descheduled on a loaded machine does not inflate (CPU, --threads 1 only)",
+    )
     lut.add_argument("--out", type=Path, required=True, help="Where to write the table (JSON)")
     lut.set_defaults(func=_lut)
     train = sub.add_parser(

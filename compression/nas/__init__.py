@@ -49,6 +49,7 @@ from lyceum.compression.nas.latency import (
     LatencyTable,
     build_latency_table,
     measure_network,
+    measure_networks,
 )
 from lyceum.compression.nas.lightnas import LightNASSpace, lightnas_space
 from lyceum.compression.nas.ofa_job import (
@@ -125,6 +126,7 @@ __all__ = [
     "LatencyEntry",
     "build_latency_table",
     "measure_network",
+    "measure_networks",
     "LUT_FORMAT_VERSION",
     # once-for-all: the space of subnets, the supernet, extracted subnets and their files
     "OFASpace",

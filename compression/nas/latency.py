@@ -12,6 +12,16 @@ are timed `interleave` ops in turn (`interleaved_latency_samples`), a network's 
 and what remains (module dispatch, context the interleaving does not reproduce) is fitted by
 least squares on a few measured networks as `overhead_ms` per network plus `per_op_ms` per op.
 
+A shared machine's speed drifts: on this project's 2-core VM the same network, measured twice
+a few seconds apart, differed by up to 40% even on the thread clock (a busy neighbour on the
+host's core is counted as our time). A group of ops timed together shares one moment's speed,
+so the entries are timed in `sweeps` passes over all ops, each in a fresh order with its share
+of the runs, and each entry is the median over all its passes: one slow moment touches a few
+of an entry's passes instead of all of them. The networks the overheads are fitted on are
+measured round-robin (`measure_networks`) for the same reason. On the Light-NAS space (50
+random networks, 30 passes) one sweep ranked networks at Spearman 0.85-0.86 and three at
+0.94-0.96 against networks measured round-robin.
+
 The header names the conditions the figures hold for (device, threads, batch, dtype, clock,
 torch version); `check` refuses a table measured under others. A missing op is an error naming
 it, never a silent zero.
@@ -30,7 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lyceum.compression._io import write_json_atomic
-from lyceum.compression.analysis import interleaved_latency_samples, measure_latency
+from lyceum.compression.analysis import interleaved_latency_samples
 from lyceum.compression.nas.base import NASSpace, Op
 from lyceum.proto.display import Progress
 
@@ -40,6 +50,7 @@ __all__ = [
     "LatencyTable",
     "build_latency_table",
     "measure_network",
+    "measure_networks",
 ]
 
 # 2: entries timed interleaved, `per_op_ms` fitted with `overhead_ms` (1: lone timings).
@@ -71,6 +82,9 @@ class LatencyTable(BaseModel):
     torch_version: str = Field(description="torch.__version__ at measurement.")
     interleave: int = Field(
         default=1, ge=1, description="Ops timed in turn for each entry (1: each op alone)."
+    )
+    sweeps: int = Field(
+        default=1, ge=1, description="Passes over all ops, each with its share of the runs."
     )
     overhead_ms: float = Field(default=0.0, description="Added once per network prediction.")
     per_op_ms: float = Field(default=0.0, description="Added once per op of a prediction.")
@@ -155,32 +169,42 @@ def build_latency_table(
     warmup: int = 5,
     clock: Literal["wall", "thread"] = "wall",
     interleave: int = 16,
+    sweeps: int = 3,
     fit_networks: int = 10,
     seed: int = 0,
     progress: bool = True,
 ) -> LatencyTable:
-    """Time every distinct op of `space`, `interleave` at a time in turn, then fit the
-    overheads on `fit_networks` random networks of the space."""
+    """Time every distinct op of `space`, `interleave` at a time in turn, over `sweeps` passes
+    that share the `runs` (each op gets at least `runs` timed passes in all), then fit the
+    overheads on `fit_networks` random networks of the space measured round-robin."""
     if interleave < 1:
         raise ValueError(f"build_latency_table: interleave must be >= 1, got {interleave}")
+    if sweeps < 1:
+        raise ValueError(f"build_latency_table: sweeps must be >= 1, got {sweeps}")
     rng = random.Random(seed)
-    ops = space.all_ops()
-    # Shuffled, so that an op's neighbours in turn are of other stages and sizes, as in a network.
-    order = rng.sample(ops, len(ops))
-    entries: dict[str, LatencyEntry] = {}
-    with Progress(total=len(ops), desc="latency table", unit="op", enabled=progress) as bar:
-        for start in range(0, len(order), interleave):
-            group = order[start : start + interleave]
-            pairs = [
-                (op.build().to(device), torch.zeros(batch, *op.input_shape, device=device))
-                for op in group
-            ]
-            samples = interleaved_latency_samples(
-                pairs, runs=runs, warmup=warmup, threads=threads, clock=clock
-            )
-            for op, times in zip(group, samples, strict=True):
-                entries[op.key] = _entry(times)
-            bar.update(len(group))
+    # One entry per key: a space may list an op once per network it appears in.
+    ops = list({op.key: op for op in space.all_ops()}.values())
+    per_sweep = -(-runs // sweeps)
+    samples: dict[str, list[float]] = {op.key: [] for op in ops}
+    with Progress(
+        total=len(ops) * sweeps, desc="latency table", unit="op", enabled=progress
+    ) as bar:
+        for _ in range(sweeps):
+            # Shuffled, so that an op's neighbours in turn are of other stages and sizes, as
+            # in a network, and other ones in every sweep.
+            order = rng.sample(ops, len(ops))
+            for start in range(0, len(order), interleave):
+                group = order[start : start + interleave]
+                pairs = [
+                    (op.build().to(device), torch.zeros(batch, *op.input_shape, device=device))
+                    for op in group
+                ]
+                timed = interleaved_latency_samples(
+                    pairs, runs=per_sweep, warmup=warmup, threads=threads, clock=clock
+                )
+                for op, times in zip(group, timed, strict=True):
+                    samples[op.key] += times
+                bar.update(len(group))
     table = LatencyTable(
         device=device,
         threads=threads,
@@ -189,14 +213,14 @@ def build_latency_table(
         clock=clock,
         torch_version=torch.__version__,
         interleave=interleave,
-        entries={op.key: entries[op.key] for op in ops},
+        sweeps=sweeps,
+        entries={op.key: _entry(samples[op.key]) for op in ops},
     )
-    measured = []
-    for _ in range(fit_networks):
-        tokens = [rng.randrange(n) for n in space.range_table()]
-        ms = measure_network(space, tokens, table, runs=runs, warmup=warmup, clock=clock)
-        measured.append((space.ops(tokens), ms))
-    return table.fit_overheads(measured)
+    networks = [[rng.randrange(n) for n in space.range_table()] for _ in range(fit_networks)]
+    measured = measure_networks(space, networks, table, runs=runs, warmup=warmup, clock=clock)
+    return table.fit_overheads(
+        [(space.ops(tokens), ms) for tokens, ms in zip(networks, measured, strict=True)]
+    )
 
 
 def measure_network(
@@ -209,14 +233,29 @@ def measure_network(
     clock: Literal["wall", "thread"] | None = None,
 ) -> float:
     """Measured latency of candidate `tokens` under `table`'s conditions, in ms."""
-    model = space.build(tokens).to(table.device)
-    example = torch.zeros(table.batch, *space.ops(tokens)[0].input_shape, device=table.device)
-    seconds = measure_latency(
-        model,
-        example,
-        runs=runs,
-        warmup=warmup,
-        threads=table.threads,
-        clock=clock or table.clock,
+    return measure_networks(space, [tokens], table, runs=runs, warmup=warmup, clock=clock)[0]
+
+
+def measure_networks(
+    space: NASSpace,
+    candidates: Sequence[Sequence[int]],
+    table: LatencyTable,
+    *,
+    runs: int = 30,
+    warmup: int = 5,
+    clock: Literal["wall", "thread"] | None = None,
+) -> list[float]:
+    """Measured latency of each candidate under `table`'s conditions, in ms: the networks run
+    round-robin (each round runs every one once), so a drift of the machine's speed touches
+    them alike and their ranking holds; one after another, each would get its own moment."""
+    pairs = [
+        (
+            space.build(tokens).to(table.device),
+            torch.zeros(table.batch, *space.ops(tokens)[0].input_shape, device=table.device),
+        )
+        for tokens in candidates
+    ]
+    timed = interleaved_latency_samples(
+        pairs, runs=runs, warmup=warmup, threads=table.threads, clock=clock or table.clock
     )
-    return 1000.0 * seconds
+    return [1000.0 * statistics.median(times) for times in timed]

@@ -21,6 +21,8 @@ from lyceum.compression.nas import (
     NASSpace,
     Op,
     build_latency_table,
+    measure_network,
+    measure_networks,
     op_key,
     search_architecture,
 )
@@ -100,6 +102,26 @@ def test_prediction_of_a_two_op_network_is_its_two_entries_plus_the_overhead(
     missing = table.model_copy(update={"entries": {}})
     with pytest.raises(ValueError, match=r"no entry for op conv\(cout=8\)"):
         missing.predict(ops)
+
+
+def test_entries_are_timed_over_sweeps_that_share_the_runs() -> None:
+    space = _Two()
+    table = build_latency_table(space, runs=5, warmup=0, sweeps=2, fit_networks=2, progress=False)
+    # Each of 2 sweeps times every op ceil(5 / 2) = 3 times; the entry holds all 6 passes.
+    assert table.sweeps == 2
+    assert {e.runs for e in table.entries.values()} == {6}
+    with pytest.raises(ValueError, match="sweeps must be >= 1"):
+        build_latency_table(space, runs=5, sweeps=0, progress=False)
+
+
+def test_networks_are_measured_round_robin_one_figure_each() -> None:
+    space = _Two()
+    table = _table({op.key: 1.0 for op in space.all_ops()})
+    built = space.built
+    figures = measure_networks(space, [[0, 0], [1, 1], [0, 1]], table, runs=3, warmup=0)
+    assert len(figures) == 3 and all(ms > 0 for ms in figures)
+    assert space.built == built + 3  # one network built per candidate, all timed in turn
+    assert measure_network(space, [1, 1], table, runs=3, warmup=0) > 0
 
 
 def _table(entries: dict[str, float]) -> LatencyTable:
