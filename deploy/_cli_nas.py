@@ -8,14 +8,11 @@ command itself with `--workers 1`); the same command on other machines with the 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from lyceum.deploy import _cli_supernet
-from lyceum.deploy._jobs import build_split, load_job_config
+from lyceum.deploy._jobs import build_split, load_job_config, spawn_workers, write_search_plots
 from lyceum.proto.specs import WEIGHTS_FILE, parse_spec
 
 _SPACE = "lyceum.compression.nas:lightnas_space"
@@ -56,7 +53,9 @@ def _search(args: argparse.Namespace) -> int:
             update={"study": config.study.model_copy(update={"storage": args.storage})}
         )
     if args.workers > 1:
-        return _spawn(args, config.study.storage)
+        return spawn_workers(
+            ["nas", "search", str(args.config)], config.study.storage, args.workers
+        )
     space = _space(config.space, config.space_kwargs)
     train = build_split(config.dataset, config.dataset_kwargs, "train")
     val = build_split(config.dataset, config.dataset_kwargs, "val")
@@ -89,27 +88,6 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spawn(args: argparse.Namespace, storage: str | None) -> int:
-    if storage is None:
-        raise ValueError(
-            "nas search --workers N needs a shared storage: set study.storage or --storage"
-        )
-    command = [sys.executable, "-m", "lyceum.deploy.cli", "nas", "search", str(args.config)]
-    command += ["--storage", storage, "--workers", "1"]
-    workers = [
-        subprocess.Popen([*command, "--worker-name", f"worker {i}"], env=dict(os.environ))
-        for i in range(args.workers)
-    ]
-    try:
-        codes = [w.wait() for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    return max(codes, key=abs)
-
-
 def _best_line(tokens: list[int], reward: float, figures: Any) -> str:
     latency = "" if figures.latency_ms is None else f", {figures.latency_ms:.3f} ms predicted"
     return (
@@ -119,15 +97,8 @@ def _best_line(tokens: list[int], reward: float, figures: Any) -> str:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from lyceum.compression.nas import (
-        Budget,
-        BudgetedSpace,
-        LatencyTable,
-        NASConfig,
-        plot_search,
-        search_plot_data,
-    )
-    from lyceum.compression.search import StudyConfig, open_study, saved_sa_config, search_result
+    from lyceum.compression.nas import Budget, LatencyTable, NASConfig, read_search
+    from lyceum.compression.search import StudyConfig
 
     if args.config is not None:
         config = load_job_config(args.config, NASConfig, "nas best")
@@ -142,14 +113,12 @@ def _best(args: argparse.Namespace) -> int:
         raise ValueError(
             "nas best: give --storage URL (or --config CONFIG.yaml with study.storage)"
         )
-    study = open_study(StudyConfig(storage=storage, study=name))
-    result = search_result(study, space.range_table(), saved_sa_config(study))
     lut = LatencyTable.load(lut_path) if lut_path is not None else None
-    budgeted = BudgetedSpace(space, budget, lut)
+    study = StudyConfig(storage=storage, study=name)
+    result, budgeted = read_search(space, study, budget=budget, lut=lut)
     print(_best_line(result.best_tokens, result.best_reward, budgeted.figures(result.best_tokens)))
     if args.plots is not None:
-        written = plot_search(search_plot_data(result, budgeted), args.plots)
-        print("plots: " + ", ".join(str(p) for p in written))
+        print(write_search_plots(result, budgeted, args.plots))
     return 0
 
 

@@ -1,8 +1,9 @@
 """`lyceum nas supernet train|search|extract CONFIG.yaml`: once-for-all, trained once.
 
 `train` trains the supernet by progressive shrinking into the config's `out_dir` (`--resume`
-continues from its checkpoints); `search` runs a search worker on the trained supernet (the
-same command on other machines with the same `--storage URL` adds workers); `extract` writes
+continues from its checkpoints); `search` runs a search worker on the trained supernet
+(`--workers N`: N processes here; the same command on other machines with the same
+`--storage URL` adds workers; `--plots DIR` draws the study's subnets); `extract` writes
 one subnet (`--tokens`, e.g. from `search`) as model.safetensors + subnet.json, which every
 command's checkpoint option loads. Python: `lyceum.compression.nas.run_supernet_train` and
 its siblings.
@@ -15,7 +16,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from lyceum.deploy._jobs import build_split, load_job_config
+from lyceum.deploy._jobs import build_split, load_job_config, spawn_workers, write_search_plots
 
 
 def _config(args: argparse.Namespace, what: str) -> Any:
@@ -51,9 +52,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from lyceum.compression.nas import run_supernet_search
+    from lyceum.compression.nas import LatencyTable, OFASpace, read_search, run_supernet_search
 
     config = _config(args, "nas supernet search")
+    if args.workers > 1:
+        command = ["nas", "supernet", "search", str(args.config)]
+        code = spawn_workers(command, config.study.storage, args.workers)
+        if code != 0 or args.plots is None:
+            return code
+        # Once, when every worker has ended: the study holds all their trials.
+        lut = LatencyTable.load(config.lut) if config.lut is not None else None
+        result, budgeted = read_search(
+            OFASpace(config.space), config.study, budget=config.budget, lut=lut
+        )
+        print(write_search_plots(result, budgeted, args.plots))
+        return 0
     train, val = _splits(config)
     result, budgeted = run_supernet_search(config, train, val, worker=args.worker_name)
     f = budgeted.figures(result.best_tokens)
@@ -63,6 +76,8 @@ def _search(args: argparse.Namespace) -> int:
         f"tokens {','.join(map(str, result.best_tokens))}"
     )
     print(f"{len(result.history)} subnets evaluated, {result.redraws} over budget re-drawn")
+    if args.plots is not None:
+        print(write_search_plots(result, budgeted, args.plots))
     return 0
 
 
@@ -105,7 +120,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--storage", help="Override study.storage: a path, journal:PATH or a SQLAlchemy URL."
     )
     search.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Worker processes here, sharing the study (needs study.storage or --storage; "
+        "each one is this command with --workers 1, named 'worker I'); the exit code is "
+        "their worst (default: 1).",
+    )
+    search.add_argument(
         "--worker-name", default="supernet", help="This worker's name (default: supernet)."
+    )
+    search.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="After the search (with --workers N, once all have ended, from the study) write "
+        "rewards.png (top-1 over trials, the SA chain) and tradeoffs.png (top-1 against MACs "
+        "and, with a lut, predicted latency; budgets drawn) into DIR, as `nas best --plots`.",
     )
     search.set_defaults(func=_search)
     extract = sub.add_parser("extract", help="Write one subnet as a plain model.")

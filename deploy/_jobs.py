@@ -1,5 +1,6 @@
-"""What the YAML-driven commands (`prune`, `quantize`) share: their command line, reading a
-job config and building its model and data splits from specs.
+"""What the YAML-driven commands (`prune`, `quantize`, the searches) share: their command
+line, reading a job config, building its model and data splits from specs, and starting a
+search's worker processes (`spawn_workers`).
 
 The compression library takes built objects; spec strings and checkpoints are resolved here,
 through `lyceum.proto.specs` (imports by name, checkpoints without pickle).
@@ -8,17 +9,24 @@ through `lyceum.proto.specs` (imports by name, checkpoints without pickle).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from pydantic import BaseModel
 from torch import nn
 
 from lyceum.deploy._config_help import add_config_help
+from lyceum.deploy._exit_codes import signal_exit
 from lyceum.proto.configs import read_yaml_mapping, validate_mapping
 from lyceum.proto.specs import load_dataset, load_model, parse_spec
+
+if TYPE_CHECKING:
+    from lyceum.compression.nas import BudgetedSpace
+    from lyceum.compression.search import SearchResult
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -74,3 +82,38 @@ def build_model(spec: str, kwargs: dict[str, Any], checkpoint: Path | None) -> n
 def build_split(spec: str, kwargs: dict[str, Any], split: str) -> torch.utils.data.Dataset:
     """The dataset factory called with `split=...` plus the config's keyword arguments."""
     return load_dataset(parse_spec(spec, {**kwargs, "split": split}))
+
+
+def spawn_workers(command: Sequence[str], storage: str | None, workers: int) -> int:
+    """Run `lyceum COMMAND` as `workers` processes here, each one worker of the search on the
+    study in `storage` (`--storage`, `--workers 1`, `--worker-name "worker I"` appended), and
+    return the worst of their exit codes once all have ended (a signal's as the shell's).
+
+    The study is what they share, so an in-memory one (`storage` None) is refused."""
+    if storage is None:
+        raise ValueError(
+            f"lyceum {' '.join(command)} --workers {workers} needs a shared storage: the "
+            "config's study.storage is unset (a study in one process's memory); set it or pass "
+            "--storage (a path, journal:PATH or a SQLAlchemy URL)"
+        )
+    base = [sys.executable, "-m", "lyceum.deploy.cli", *command, "--storage", storage]
+    base += ["--workers", "1"]
+    procs = [subprocess.Popen([*base, "--worker-name", f"worker {i}"]) for i in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        # Interrupted (Ctrl-C reaches the workers too): none is left running behind the CLI.
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return max(signal_exit(-code) if code < 0 else code for code in codes)
+
+
+def write_search_plots(result: SearchResult, budgeted: BudgetedSpace, directory: Path) -> str:
+    """Write a search's `rewards.png` and `tradeoffs.png` into `directory` (what `nas best
+    --plots` and `nas supernet search --plots` draw) and return the line naming them."""
+    from lyceum.compression.nas import plot_search, search_plot_data
+
+    written = plot_search(search_plot_data(result, budgeted), directory)
+    return "plots: " + ", ".join(str(p) for p in written)

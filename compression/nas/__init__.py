@@ -42,7 +42,12 @@ from lyceum.compression.nas.files import (
     read_architecture,
     save_architecture,
 )
-from lyceum.compression.nas.job import NASConfig, TrainingReward, search_architecture
+from lyceum.compression.nas.job import (
+    NASConfig,
+    TrainingReward,
+    read_search,
+    search_architecture,
+)
 from lyceum.compression.nas.latency import (
     LUT_FORMAT_VERSION,
     LatencyEntry,
@@ -88,6 +93,7 @@ from lyceum.compression.nas.train import FinalTraining, TrainReport, train_archi
 __all__ = [
     # the verb and its settings
     "search_architecture",
+    "read_search",
     "NASConfig",
     "Budget",
     "TrainingReward",

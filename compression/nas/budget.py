@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lyceum.compression.analysis import count_flops, count_params
 from lyceum.compression.nas.base import NASSpace, Op
 from lyceum.compression.nas.latency import LatencyTable
+from lyceum.compression.search import canonical_tokens
 
 __all__ = ["Budget", "BudgetedSpace", "Figures"]
 
@@ -56,6 +57,7 @@ class BudgetedSpace:
                 "and pass it (lut=LatencyTable.load(path), or `lut:` in the search config)"
             )
         self.lut = lut
+        self._canonical = canonical_tokens(space)
         self._counts: dict[str, tuple[int, int]] = {}
         self.checked = 0
 
@@ -64,6 +66,10 @@ class BudgetedSpace:
 
     def init_tokens(self) -> list[int]:
         return self.space.init_tokens()
+
+    def canonical(self, tokens: Sequence[int]) -> list[int]:
+        """The inner space's canonical tokens (`CanonicalSpace`), so that the search sees them."""
+        return self._canonical(tokens)
 
     def _count(self, op: Op) -> tuple[int, int]:
         if op.key not in self._counts:

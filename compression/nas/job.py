@@ -22,10 +22,18 @@ from lyceum.compression.nas.budget import Budget, BudgetedSpace
 from lyceum.compression.nas.distill import NASDistillation, TeacherKnowledge, train_candidate
 from lyceum.compression.nas.latency import LatencyTable
 from lyceum.compression.nas.train import FinalTraining
-from lyceum.compression.search import SAConfig, SearchResult, StudyConfig, run_search
+from lyceum.compression.search import (
+    SAConfig,
+    SearchResult,
+    StudyConfig,
+    open_study,
+    run_search,
+    saved_sa_config,
+    search_result,
+)
 from lyceum.proto.evaluation import top1_accuracy
 
-__all__ = ["NASConfig", "TrainingReward", "search_architecture"]
+__all__ = ["NASConfig", "TrainingReward", "read_search", "search_architecture"]
 
 
 class NASConfig(BaseModel):
@@ -140,6 +148,21 @@ def search_architecture(
         init_tokens=start,
     )
     return result, budgeted
+
+
+def read_search(
+    space: NASSpace,
+    study: StudyConfig,
+    *,
+    budget: Budget | None = None,
+    lut: LatencyTable | None = None,
+) -> tuple[SearchResult, BudgetedSpace]:
+    """What `search_architecture` returns, read back from `study` alone: every worker's trials
+    (finished or not, on any machine), each one's SA acceptance when the study was annealed
+    (its saved settings replay the chain), and the space that gives their figures."""
+    opened = open_study(study)
+    result = search_result(opened, space.range_table(), saved_sa_config(opened))
+    return result, BudgetedSpace(space, budget, lut)
 
 
 def _feasible_start(space: BudgetedSpace, search: SAConfig) -> list[int]:

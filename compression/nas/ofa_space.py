@@ -9,7 +9,9 @@ expansion: the hidden channels, which are sorted by importance before they shrin
 Tokens, so that the Light-NAS search engine treats subnets as token lists: per stage, one token
 for the depth (an index into `depths`), then two per block of the deepest stage, the kernel and
 the expansion (indices into `kernels` and `expands`). The tokens of blocks beyond a stage's
-depth do not change the subnet (`SubnetConfig.canonical` sets them to the largest values).
+depth do not change the subnet (`SubnetConfig.canonical` sets them to the largest values), so
+`OFASpace` is a `CanonicalSpace`: the search draws canonical tokens only, and a subnet is
+evaluated once whichever of its token lists the annealing reached it by.
 
 `OFASpace` is a `NASSpace`: its ops carry Light-NAS's block keys (`mbv2(...)`), so the latency
 table (`lyceum nas lut --space lyceum.compression.nas:ofa_space`) and the budgets work on it
@@ -200,7 +202,7 @@ class OFASpace:
             expands=tuple(tuple(c.expands[e] for e in r[2::2]) for r in rows),
         )
 
-    # -- the SearchSpace / NASSpace protocol -------------------------------------------------
+    # -- the NASSpace / CanonicalSpace protocols ----------------------------------------------
 
     def range_table(self) -> list[int]:
         c = self.config
@@ -209,6 +211,10 @@ class OFASpace:
 
     def init_tokens(self) -> list[int]:
         return self.tokens(self.largest())
+
+    def canonical(self, tokens: Sequence[int]) -> list[int]:
+        """The tokens of the same subnet with the blocks that do not run at the largest values."""
+        return self.tokens(self.subnet(tokens).canonical(self))
 
     def is_feasible(self, tokens: Sequence[int]) -> bool:
         return True  # budgets are checked by `lyceum.compression.nas.BudgetedSpace`

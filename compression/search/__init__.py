@@ -9,7 +9,7 @@ unfinished since its last read, `StudyTrials`); a search resumes from the storag
 A trial's candidate is one system attribute (`DRAW_ATTR`; `trial_tokens` reads it).
 """
 
-from lyceum.compression.search.base import Objective, SearchSpace
+from lyceum.compression.search.base import CanonicalSpace, Objective, SearchSpace, canonical_tokens
 from lyceum.compression.search.chain import SAChain
 from lyceum.compression.search.config import SAConfig, StudyConfig
 from lyceum.compression.search.sampler import FeasibleSampler, InfeasibleSearchError, SASampler
@@ -47,6 +47,8 @@ __all__ = [
     "InfeasibleSearchError",
     # what a search runs on: the protocols a space and an objective implement
     "SearchSpace",
+    "CanonicalSpace",
+    "canonical_tokens",
     "Objective",
     # building blocks: the samplers, the chain they replay, the study and its storage
     "SASampler",

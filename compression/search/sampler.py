@@ -9,6 +9,10 @@ change), so a draw costs the same with 10 or 10,000 trials in the study.
 `FeasibleSampler` wraps any other Optuna sampler (random, TPE) with the same budget check, so
 the searches compared in the bench differ only in how they draw.
 
+Both hand out canonical tokens only (`canonical_tokens`: a `CanonicalSpace`'s one list per
+candidate), so a candidate drawn under another of its token lists is a taken one, and the
+study's twin check (equal tokens) keeps it from being evaluated twice.
+
 A trial's candidate is one system attribute, `DRAW_ATTR` (see `lyceum.compression.search.trials`):
 one storage write, where a `suggest_int` per token was one SQLite transaction each. The search
 loop writes it with the trial itself (`SASampler.propose`, then one `create_new_trial`); through
@@ -26,7 +30,7 @@ from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from lyceum.compression.search.base import SearchSpace
+from lyceum.compression.search.base import SearchSpace, canonical_tokens
 from lyceum.compression.search.chain import SAChain, check_tokens
 from lyceum.compression.search.config import SAConfig
 from lyceum.compression.search.trials import (
@@ -68,6 +72,7 @@ class _TokenSampler(BaseSampler):
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
+        self.canonical = canonical_tokens(space)
         self.table = list(space.range_table())
         self.names = param_names(self.table)
         self._view: tuple[BaseStorage, int, StudyTrials] | None = None
@@ -127,7 +132,7 @@ class SASampler(_TokenSampler):
     ) -> None:
         super().__init__(space)
         self.config = config or SAConfig()
-        start = list(init_tokens) if init_tokens is not None else list(space.init_tokens())
+        start = self.canonical(init_tokens if init_tokens is not None else space.init_tokens())
         self._start = SAChain(
             self.table,
             start,
@@ -196,8 +201,12 @@ class SASampler(_TokenSampler):
             return list(chain.current_tokens), 0
         redraws = 0
         fallback: list[int] | None = None
+
+        def draw(attempt: int) -> list[int]:
+            return self.canonical(chain.neighbour(number, attempt))
+
         for attempt in range(self.config.max_resample):
-            tokens = chain.neighbour(number, attempt)
+            tokens = draw(attempt)
             if is_taken(tuple(tokens)):
                 # Seen already: evaluated once is enough, so look further before settling.
                 if fallback is None and self.space.is_feasible(tokens):
@@ -205,12 +214,12 @@ class SASampler(_TokenSampler):
                 if (
                     attempt == _ALL_TAKEN_AFTER
                     and redraws == 0
-                    and all(map(is_taken, chain.neighbours()))
+                    and all(is_taken(tuple(self.canonical(t))) for t in chain.neighbours())
                 ):
                     # Every draw left would be skipped too: the first feasible one is the answer.
                     if fallback is None:
                         left = range(attempt + 1, self.config.max_resample)
-                        draws = (chain.neighbour(number, a) for a in left)
+                        draws = (draw(a) for a in left)
                         fallback = next((t for t in draws if self.space.is_feasible(t)), None)
                     break
                 continue
@@ -264,7 +273,7 @@ class FeasibleSampler(_TokenSampler):
                 draw.sample_independent(study, trial, name, dist)
                 for name, dist in search_space.items()
             ]
-            tokens = check_tokens(params, self.table, f"trial {trial.number}")
+            tokens = self.canonical(check_tokens(params, self.table, f"trial {trial.number}"))
             if self.space.is_feasible(tokens):
                 return tokens, redraws
         raise InfeasibleSearchError(

@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
-from lyceum.compression.search.base import Objective, SearchSpace
+from lyceum.compression.search.base import Objective, SearchSpace, canonical_tokens
 from lyceum.compression.search.chain import check_tokens
 from lyceum.compression.search.config import SAConfig, StudyConfig
 from lyceum.compression.search.sampler import FeasibleSampler, SASampler
@@ -142,7 +142,7 @@ def run_search(
     study_config = study or StudyConfig()
     table = list(space.range_table())
     if init_tokens is not None:
-        init_tokens = check_tokens(init_tokens, table, "init_tokens")
+        init_tokens = canonical_tokens(space)(check_tokens(init_tokens, table, "init_tokens"))
     if sampler is None:
         chosen: SASampler | FeasibleSampler = SASampler(space, config, init_tokens=init_tokens)
         chain = config.model_dump(exclude={"max_iterations"})

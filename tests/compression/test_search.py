@@ -495,3 +495,26 @@ def test_a_chain_whose_every_neighbour_is_taken_settles_as_the_full_draw_would()
     expected = next(d for d in draws if d[5] == 9)
     assert draws.index(expected) > 16  # found past the point where the sampler stops drawing
     assert sampler._propose(chain, 7, lambda tokens: True) == (expected, 0)
+
+
+class _Folded(_Space):
+    """Tokens 3 to 5 count only when token 0 is 5 or more (a once-for-all stage's idle
+    blocks): below, every value of theirs names the candidate whose are 0."""
+
+    def canonical(self, tokens: Sequence[int]) -> list[int]:
+        return list(tokens) if tokens[0] >= 5 else [*tokens[:3], 0, 0, 0]
+
+
+@pytest.mark.parametrize("sampler", [None, optuna.samplers.RandomSampler(seed=0)])
+def test_a_canonical_space_has_each_candidate_evaluated_once(
+    sampler: optuna.samplers.BaseSampler | None,
+) -> None:
+    space = _Folded(budget=100)
+    objective = _Objective()
+    config = SAConfig(max_iterations=60, seed=0)
+    result = run_search(space, objective, config, sampler=sampler, progress=False)
+    assert len(result.history) == 61
+    # Drawn and stored as canonical tokens only, so the twin check sees every repeat.
+    assert all(space.canonical(t) == t for t in objective.calls)
+    assert len({tuple(t) for t in objective.calls}) == len(objective.calls)
+    assert any(t[0] < 5 for t in objective.calls) and any(t[0] >= 5 for t in objective.calls)

@@ -25,6 +25,7 @@ from lyceum.compression.nas import (
 )
 from lyceum.compression.nas._elastic import ElasticBlock
 from lyceum.compression.pruning import UniformPruning, prune
+from lyceum.compression.search import CanonicalSpace
 from lyceum.proto.specs import WEIGHTS_FILE, load_model, weights_metadata
 from tests._support.supernets import TINY, tiny_space, trained_like
 
@@ -40,6 +41,25 @@ def test_tokens_map_to_configs_and_back() -> None:
         tokens = [rng.randrange(n) for n in space.range_table()]
         assert space.tokens(space.subnet(tokens)) == tokens
     assert space.tokens(space.smallest()) == [0] * 10
+
+
+def test_canonical_tokens_name_each_subnet_once() -> None:
+    space = tiny_space()
+    assert isinstance(space, CanonicalSpace)
+    # Stage 0 at depth 1 (token 0): its second block's kernel and expansion (tokens 3, 4)
+    # change nothing, and canonical sets them to the largest values (index 1 of 2).
+    twins = [[0, 0, 1, 0, 0, *[1] * 5], [0, 0, 1, 1, 0, *[1] * 5], [0, 0, 1, 0, 1, *[1] * 5]]
+    assert {tuple(space.canonical(t)) for t in twins} == {(0, 0, 1, 1, 1, *[1] * 5)}
+    rng = random.Random(0)
+    for _ in range(50):
+        tokens = [rng.randrange(n) for n in space.range_table()]
+        canonical = space.canonical(tokens)
+        assert space.subnet(canonical) == space.subnet(tokens).canonical(space)
+        assert space.canonical(canonical) == canonical
+        # The same network: the same ops, so the same figures and latency.
+        assert [op.key for op in space.ops(canonical)] == [op.key for op in space.ops(tokens)]
+    # The budgeted space the search runs on hands them on.
+    assert BudgetedSpace(space).canonical(twins[1]) == space.canonical(twins[1])
 
 
 def test_a_config_outside_the_space_is_refused_naming_the_value() -> None:

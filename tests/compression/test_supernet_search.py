@@ -50,3 +50,32 @@ def test_the_search_never_evaluates_a_subnet_over_budget() -> None:
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert isinstance(net, Supernet)
+
+
+def test_a_subnet_is_evaluated_once_whichever_tokens_reach_it() -> None:
+    # Depth 1 of 2 leaves a stage's second block idle: its two tokens name no new subnet.
+    space = tiny_space(kernels=[3, 5, 7])
+    net = trained_like(space)
+    figures = BudgetedSpace(space).figures
+    largest, smallest = (
+        figures(space.tokens(c)).flops for c in (space.largest(), space.smallest())
+    )
+    limit = smallest + 2 * (largest - smallest) // 3
+    reward = SubnetReward(net, _data(16, 0), _data(16, 1), batches=1, batch_size=8)
+    result, budgeted = search_subnet(
+        reward,
+        budget=Budget(max_flops=limit),
+        search=SAConfig(max_iterations=20, seed=0),
+        study=StudyConfig(storage=None, study="ofa"),
+        progress=False,
+    )
+    subnets = [space.subnet(tokens).canonical(space) for tokens in reward.evaluated]
+    assert len(subnets) == 21 == len(result.history)
+    # Every evaluation a distinct subnet, drawn as its canonical tokens.
+    assert len(set(subnets)) == len(subnets)
+    assert all(space.canonical(t) == t for t in reward.evaluated)
+    # Idle blocks were reached: without canonical draws some of these evaluations were twins.
+    assert any(min(s.depths) < 2 for s in subnets)
+    best = space.subnet(result.best_tokens)
+    assert space.check(best) == best and budgeted.figures(result.best_tokens).flops <= limit
+    assert result.best_reward == max(h["reward"] for h in result.history)

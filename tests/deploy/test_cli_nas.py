@@ -189,7 +189,9 @@ def test_search_refuses_an_unknown_key_and_a_workers_run_without_storage(
 
     config = _config(tmp_path, study={"study": "tiny"})
     assert main(["nas", "search", str(config), "--workers", "2"]) == USAGE
-    assert "--workers N needs a shared storage" in capsys.readouterr().err
+    assert f"lyceum nas search {config} --workers 2 needs a shared storage" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_space_spec_that_is_not_a_nas_space_is_refused_naming_the_option(
