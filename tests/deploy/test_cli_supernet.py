@@ -1,9 +1,10 @@
 """`lyceum nas supernet train|search|extract`: real processes, each reading what the one before
 wrote; the extracted subnet loads through `load_model` by its path alone and scores as the
-trained supernet's subnet does."""
+trained supernet's subnet does; trained from a teacher's dump, a resume without it is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ from lyceum.deploy.examples import digits
 from lyceum.proto.evaluation import top1_accuracy
 from lyceum.proto.specs import WEIGHTS_FILE, load_model
 from tests._support.supernets import TINY
+from tests._support.teachers import make_dump
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -101,3 +103,35 @@ def test_train_search_extract_from_files_alone(tmp_path: Path) -> None:
         tmp_path, "nas", "supernet", "extract", str(path), "--tokens", "1,x", "--out", "o"
     )
     assert bad.returncode == 2 and "--tokens '1,x': expected comma-separated integers" in bad.stderr
+
+
+def test_train_distilled_from_a_teachers_dump(tmp_path: Path) -> None:
+    dump = make_dump(tmp_path / "dump", 3, digits("train", limit=64))
+    elastic = {"kernels": [3, 5], "depths": [1, 2], "expands": [2, 3]}
+    config = {
+        "space": TINY,
+        "dataset_kwargs": {"limit": 64},
+        "out_dir": str(tmp_path / "run"),
+        "train": {
+            "phases": [{"name": "all", "epochs": 1, **elastic}],
+            "batch_size": 32,
+            "random_subnets": 1,
+        },
+        "calibration_batches": 2,
+        "teacher": {"knowledge_dir": str(dump), "alpha": 0.8, "temperature": 2.0},
+    }
+    path = tmp_path / "supernet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trained = _lyceum(tmp_path, "nas", "supernet", "train", str(path))
+    assert trained.returncode == 0, trained.stderr
+    for name in ("largest", "smallest"):
+        assert re.search(rf"{name} subnet: top-1 \d\.\d{{4}} \(BN re-calibrated\)", trained.stdout)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "state.json").read_text())
+    assert state["epochs_done"] == 1 and state["schedule"]["teacher"] == {"alpha": 0.8}
+
+    # The same run resumed without its teacher is refused: the subnets learnt from another loss.
+    del config["teacher"]
+    path.write_text(yaml.safe_dump(config))
+    resumed = _lyceum(tmp_path, "nas", "supernet", "train", str(path), "--resume")
+    assert resumed.returncode == 2
+    assert "it differs in teacher (checkpoint {'alpha': 0.8}, now None)" in resumed.stderr
