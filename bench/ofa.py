@@ -9,6 +9,12 @@ the same architecture trained from scratch for as many epochs as the supernet ha
 `--seeds` seeds. Also the search cost (subnets evaluated per minute) and the supernet's
 training time.
 
+With `--teacher`, the space's largest subnet is first trained from scratch (seed 0, as many
+epochs as the supernet gets) as a teacher, and each supernet is trained twice: distilled in
+place from its largest subnet, and with every subnet distilled from that teacher's outputs on
+the training set (`TeacherKnowledge`, alpha 0.5, temperature 4, as `lyceum nas supernet
+train` with a `teacher:` section does from a dump); the same table for each.
+
     .venv/bin/python bench/ofa.py --epochs 2 --seeds 3     # a small space, minutes on one core
 """
 
@@ -20,7 +26,9 @@ import statistics
 import time
 
 import torch
+from torch.utils.data import Dataset
 
+from lyceum.compression.distillation import DistillLoss
 from lyceum.compression.nas import (
     Budget,
     BudgetedSpace,
@@ -30,6 +38,7 @@ from lyceum.compression.nas import (
     SubnetConfig,
     SubnetReward,
     Supernet,
+    TeacherKnowledge,
     evaluate_subnet,
     extract,
     progressive_shrinking,
@@ -73,6 +82,25 @@ def _uniform_under(space: OFASpace, limit: int) -> SubnetConfig:
     return best[1]
 
 
+def _teacher(
+    space: OFASpace, train: Dataset, test: Dataset, epochs: int, kd: DistillLoss
+) -> TeacherKnowledge:
+    """The largest subnet trained from scratch, and its logits on every training sample."""
+    torch.manual_seed(0)
+    model = space.build_subnet(space.largest())
+    start = time.perf_counter()
+    train_epochs(model, train, epochs=epochs, lr=3e-3, batch_size=64, seed=0, progress=False)
+    model.eval()
+    with torch.no_grad():
+        inputs = torch.stack([train[i][0] for i in range(len(train))])  # type: ignore[arg-type]
+        outputs = torch.cat([model(chunk) for chunk in inputs.split(256)])
+    print(
+        f"teacher: the largest subnet from scratch, {epochs} epochs in "
+        f"{time.perf_counter() - start:.0f} s, test top-1 {top1_accuracy(model, test):.4f}"
+    )
+    return TeacherKnowledge(outputs=outputs, loss=kd, alpha=0.5)
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     train, val, test = digits("train"), digits("val"), digits("test")
@@ -87,11 +115,20 @@ def run(args: argparse.Namespace) -> None:
         f"MACs, smallest {figures(space.tokens(space.smallest())).flops:,}, budget {limit:,}; "
         f"{len(phases)} phases x {args.epochs} epochs = {supernet_epochs}"
     )
-    for transform in [False, True] if args.transform else [False]:
+    teachers: list[TeacherKnowledge | None] = [None]
+    if args.teacher:
+        teachers.append(_teacher(space, train, test, supernet_epochs, kd))
+    # The from-scratch twins do not depend on how the supernet was trained: trained once each.
+    scratch: dict[SubnetConfig, list[float]] = {}
+    for transform, teacher in (
+        (t, k) for t in ([False, True] if args.transform else [False]) for k in teachers
+    ):
         torch.manual_seed(0)
         supernet = Supernet(space, kernel_transform=transform)
         start = time.perf_counter()
-        train_supernet(supernet, train, OFATrainConfig(phases=phases), kd, progress=False)
+        train_supernet(
+            supernet, train, OFATrainConfig(phases=phases), kd, teacher=teacher, progress=False
+        )
         trained_s = time.perf_counter() - start
         reward = SubnetReward(supernet, train, val)
         start = time.perf_counter()
@@ -104,7 +141,9 @@ def run(args: argparse.Namespace) -> None:
         )
         search_s = time.perf_counter() - start
         print(
-            f"\nkernel {'transform' if transform else 'crop'}: supernet trained in "
+            f"\nkernel {'transform' if transform else 'crop'}, "
+            f"{'in-place distillation' if teacher is None else 'distilled from the teacher'}: "
+            f"supernet trained in "
             f"{trained_s:.0f} s; search {len(reward.evaluated)} subnets in {search_s:.0f} s "
             f"({60 * len(reward.evaluated) / search_s:.0f} per minute)"
         )
@@ -122,25 +161,27 @@ def run(args: argparse.Namespace) -> None:
             # Fine-tuned from the re-calibrated subnet, as it is exported.
             tuned = recalibrate_bn(extract(supernet, config), reward.batches)
             train_epochs(tuned, train, epochs=args.finetune, lr=1e-3, batch_size=64, progress=False)
-            scratch = []
-            for seed in range(args.seeds):
-                torch.manual_seed(seed)
-                fresh = space.build_subnet(config)
-                train_epochs(
-                    fresh,
-                    train,
-                    epochs=supernet_epochs,
-                    lr=3e-3,
-                    batch_size=64,
-                    seed=seed,
-                    progress=False,
-                )
-                scratch.append(top1_accuracy(fresh, test))
-            spread = statistics.pstdev(scratch) if len(scratch) > 1 else 0.0
+            if config not in scratch:
+                scratch[config] = []
+                for seed in range(args.seeds):
+                    torch.manual_seed(seed)
+                    fresh = space.build_subnet(config)
+                    train_epochs(
+                        fresh,
+                        train,
+                        epochs=supernet_epochs,
+                        lr=3e-3,
+                        batch_size=64,
+                        seed=seed,
+                        progress=False,
+                    )
+                    scratch[config].append(top1_accuracy(fresh, test))
+            scores = scratch[config]
+            spread = statistics.pstdev(scores) if len(scores) > 1 else 0.0
             print(
                 f"| {name} | {figures(space.tokens(config)).flops:,} | {direct:.4f} "
                 f"(val {calibrated:.4f}) | {top1_accuracy(tuned, test):.4f} | "
-                f"{statistics.mean(scratch):.4f} +- {spread:.4f} |"
+                f"{statistics.mean(scores):.4f} +- {spread:.4f} |"
             )
 
 
@@ -155,6 +196,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--transform", action="store_true", help="Also train with kernel-transform matrices."
+    )
+    parser.add_argument(
+        "--teacher",
+        action="store_true",
+        help="Also train the supernet distilled from a teacher (the largest subnet trained "
+        "from scratch) instead of in place.",
     )
     run(parser.parse_args())
 

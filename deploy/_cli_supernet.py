@@ -1,12 +1,13 @@
 """`lyceum nas supernet train|search|extract CONFIG.yaml`: once-for-all, trained once.
 
 `train` trains the supernet by progressive shrinking into the config's `out_dir` (`--resume`
-continues from its checkpoints); `search` runs a search worker on the trained supernet
-(`--workers N`: N processes here; the same command on other machines with the same
-`--storage URL` adds workers; `--plots DIR` draws the study's subnets); `extract` writes
-one subnet (`--tokens`, e.g. from `search`) as model.safetensors + subnet.json, which every
-command's checkpoint option loads. Python: `lyceum.compression.nas.run_supernet_train` and
-its siblings.
+continues from its checkpoints), distilling in place from the largest subnet or, with a
+`teacher:` section, from a Lyceum teacher's knowledge (a dump or endpoints, read once);
+`search` runs a search worker on the trained supernet (`--workers N`: N processes here; the
+same command on other machines with the same `--storage URL` adds workers; `--plots DIR`
+draws the study's subnets); `extract` writes one subnet (`--tokens`, e.g. from `search`) as
+model.safetensors + subnet.json, which every command's checkpoint option loads. Python:
+`lyceum.compression.nas.run_supernet_train` and its siblings.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from lyceum.deploy._config_help import add_config_help
 from lyceum.deploy._jobs import build_split, load_job_config, spawn_workers, write_search_plots
+
+
+def _supernet_config() -> type[BaseModel]:
+    """The config class, imported when `--help` asks for it (every command builds every parser)."""
+    from lyceum.compression.nas import SupernetJobConfig
+
+    return SupernetJobConfig
 
 
 def _config(args: argparse.Namespace, what: str) -> Any:
@@ -44,7 +55,12 @@ def _train(args: argparse.Namespace) -> int:
     config = _config(args, "nas supernet train")
     train, val = _splits(config)
     kd = functools.partial(soft_label_kd, temperature=config.train.distill.temperature)
-    accuracy = run_supernet_train(config, train, val, kd, resume=args.resume)
+    teacher = None
+    if config.teacher is not None:
+        from lyceum.deploy._nas_knowledge import teacher_knowledge
+
+        teacher = teacher_knowledge(config.teacher, train)
+    accuracy = run_supernet_train(config, train, val, kd, teacher=teacher, resume=args.resume)
     print(f"supernet written to {config.out_dir / SUPERNET_FILE}")
     for name, value in accuracy.items():
         print(f"{name} subnet: top-1 {value:.4f} (BN re-calibrated)")
@@ -108,8 +124,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     sub = supernet.add_subparsers(dest="supernet_command", required=True, metavar="ACTION")
     config_help = "lyceum.compression.nas.SupernetJobConfig as YAML."
-    train = sub.add_parser("train", help="Train the supernet into the config's out_dir.")
+    train = sub.add_parser(
+        "train",
+        help="Train the supernet into the config's out_dir.",
+        # Raw: the config keys' help below is laid out by add_config_help.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the supernet by progressive shrinking. The smaller subnets of each\n"
+        "sandwich step learn from the largest one's logits (train.distill); with a teacher\n"
+        "section every subnet, the largest included, learns from a Lyceum teacher instead\n"
+        "(teacher.alpha, teacher.temperature), e.g. `teacher: {knowledge_dir: DUMP}` with a\n"
+        "`lyceum teacher dump` of the training split, or `teacher: {endpoints: [grpc://...]}`.",
+        add_help=False,
+    )
     train.add_argument("config", type=Path, metavar="CONFIG.yaml", help=config_help)
+    add_config_help(train, _supernet_config, "lyceum.compression.nas.SupernetJobConfig")
     train.add_argument(
         "--resume", action="store_true", help="Continue from out_dir/checkpoints (default: off)."
     )

@@ -1,7 +1,7 @@
 """Supernet training checkpoints as safetensors and JSON: nothing in them is ever unpickled.
 
-A checkpoint directory holds `state.json` (the epochs done, the schedule it belongs to, the
-names of its tensor files) and two safetensors files named by epoch: the supernet's state dict
+A checkpoint directory holds `state.json` (the epochs done, the schedule it belongs to and
+whether a teacher taught, the names of its tensor files) and two safetensors files named by epoch: the supernet's state dict
 and the optimizer's tensors (Adam's moments and steps, keyed `STATE.PARAM.NAME`); the
 optimizer's numbers (its param groups) are in the JSON. `state.json` is written last, so a crash
 mid-write leaves the previous checkpoint whole; the previous epoch's files are removed after.
@@ -105,10 +105,15 @@ def load_checkpoint(
 
     state = _read_state(directory)
     if state["schedule"] != schedule:
+        differs = ", ".join(
+            f"{key} (checkpoint {state['schedule'].get(key)}, now {schedule.get(key)})"
+            for key in sorted(state["schedule"].keys() | schedule.keys())
+            if state["schedule"].get(key) != schedule.get(key)
+        )
         raise ValueError(
-            f"the supernet checkpoint in {str(directory)!r} was written by another schedule or "
-            f"config ({state['schedule']}); resume with the same settings, or start without "
-            f"resume in a new checkpoint_dir"
+            f"the supernet checkpoint in {str(directory)!r} was written by another schedule, "
+            f"config or teacher setting; it differs in {differs}. Resume with the same "
+            f"settings, or start without resume in a new checkpoint_dir"
         )
     try:
         model.load_state_dict(load_file(str(directory / state["model_file"])))

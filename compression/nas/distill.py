@@ -1,11 +1,12 @@
 """A candidate's training, optionally distilled from a teacher's knowledge of the training set.
 
-Every candidate of a search trains on the same samples, so the teacher is asked once: its
-outputs for the whole training set (`TeacherKnowledge.outputs`, row i = sample i) are fetched
-by the caller (the CLI reads an offline dump or asks online endpoints, through
-`lyceum.student_client`) and each batch takes its rows by sample index. Compression imports
-nothing of the service: the loss (e.g. `lyceum.student_client.losses.soft_label_kd` with the
-teacher's meaning and temperature) is passed in.
+Every candidate of a search (and every subnet of a once-for-all supernet, `ofa_train`) trains
+on the same samples, so the teacher is asked once: its outputs for the whole training set
+(`TeacherKnowledge.outputs`, row i = sample i) are fetched by the caller (the CLI reads an
+offline dump or asks online endpoints, through `lyceum.student_client`) and each batch takes
+its rows by sample index (`_Indexed`). Compression imports nothing of the service: the loss
+(e.g. `lyceum.student_client.losses.soft_label_kd` with the teacher's meaning and temperature)
+is passed in.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class TeacherKnowledge:
     alpha: float
 
     def check(self, data: Dataset) -> None:
+        """Refuse a training set whose samples are not the rows' (another split or size)."""
         size = len(data)  # type: ignore[arg-type]
         if self.outputs.shape[0] != size:
             raise ValueError(
@@ -76,8 +78,20 @@ class TeacherKnowledge:
                 f"{size} samples: dump (or serve) the teacher on the same training split"
             )
 
+    def mixed_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """`(1 - alpha) * cross_entropy + alpha * loss` of a batch of samples `index`."""
+        hard = nn.functional.cross_entropy(logits, labels)
+        return (1 - self.alpha) * hard + self.alpha * self.loss(logits, self.outputs[index])
+
 
 class _Indexed(Dataset[Any]):
+    """`data` whose items carry their index, `(x, y, i)`, so a batch finds its teacher rows.
+
+    Wrapping does not change a seeded shuffle (the sampler draws from the length and the
+    generator alone): a distilled run sees the batches an undistilled one does."""
+
     def __init__(self, data: Dataset) -> None:
         self.data = data
 
@@ -122,13 +136,10 @@ def train_candidate(
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    outputs = teacher.outputs
 
     def step_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         inputs, labels, index = batch
-        logits = model(inputs)
-        hard = nn.functional.cross_entropy(logits, labels)
-        return (1 - teacher.alpha) * hard + teacher.alpha * teacher.loss(logits, outputs[index])
+        return teacher.mixed_loss(model(inputs), labels, index)
 
     train_steps(
         model,

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
 from lyceum.compression._io import write_bytes_atomic
 from lyceum.compression.distillation import DistillLoss
 from lyceum.compression.nas.budget import Budget, BudgetedSpace
+from lyceum.compression.nas.distill import NASDistillation, TeacherKnowledge
 from lyceum.compression.nas.extract import extract, save_subnet
 from lyceum.compression.nas.latency import LatencyTable
 from lyceum.compression.nas.ofa_search import SubnetReward, search_subnet
@@ -49,7 +50,8 @@ SUPERNET_FILE = "supernet.safetensors"
 
 
 class SupernetJobConfig(BaseModel):
-    """A once-for-all run: the space, the data, the training, the search."""
+    """A once-for-all run: the space, the data, the training (from the largest subnet or a
+    teacher), the search."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -68,6 +70,14 @@ class SupernetJobConfig(BaseModel):
     )
     out_dir: Path = Field(default=Path("runs/supernet"), description="Where train writes.")
     train: OFATrainConfig = Field(default_factory=OFATrainConfig, description="Training.")
+    teacher: NASDistillation | None = Field(
+        default=None,
+        description="A Lyceum teacher's knowledge of the training split (knowledge_dir: an "
+        "offline dump, or endpoints): every subnet of the sandwich, the largest included, "
+        "learns (1 - alpha) * CE + alpha * KD(teacher) with its alpha and temperature, as "
+        "once-for-all does with its pretrained teacher, and train.distill is not used. None: "
+        "in-place distillation from the largest subnet (train.distill).",
+    )
     calibration_batches: int = Field(
         default=4, ge=1, description="Training batches each subnet's BN is re-calibrated on."
     )
@@ -85,6 +95,16 @@ class SupernetJobConfig(BaseModel):
         description="Where the search is stored (every worker passes the same).",
     )
 
+    @model_validator(mode="after")
+    def _one_distillation(self) -> SupernetJobConfig:
+        if self.teacher is not None and "distill" in self.train.model_fields_set:
+            raise ValueError(
+                "train.distill (in-place distillation from the largest subnet) is not used "
+                "with a teacher, which teaches every subnet: set teacher.alpha and "
+                "teacher.temperature instead, or remove teacher to distil in place"
+            )
+        return self
+
 
 def supernet_spec(config: SupernetJobConfig) -> str:
     """The model spec that builds this config's supernet (for `load_model` and the commands)."""
@@ -98,11 +118,23 @@ def run_supernet_train(
     val_data: Dataset,
     distill_loss: DistillLoss,
     *,
+    teacher: TeacherKnowledge | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train the supernet, write it, and return the largest and smallest subnets' accuracy."""
+    """Train the supernet, write it, and return the largest and smallest subnets' accuracy.
+
+    `teacher`: the outputs of `config.teacher` for every sample of `train_data` (the CLI
+    reads the dump or asks the endpoints), which every subnet learns instead of the largest
+    subnet's logits (`distill_loss`, in place)."""
     from safetensors.torch import save
+
+    if config.teacher is not None and teacher is None:
+        raise ValueError(
+            "run_supernet_train: the config names a teacher and no teacher knowledge was "
+            "passed; pass teacher=TeacherKnowledge(...) with its outputs on train_data, or "
+            "remove config.teacher to distil in place"
+        )
 
     supernet = Supernet(OFASpace(config.space), kernel_transform=config.kernel_transform)
     out = config.out_dir
@@ -111,6 +143,7 @@ def run_supernet_train(
         train_data,
         config.train,
         distill_loss,
+        teacher=teacher,
         checkpoint_dir=out / "checkpoints",
         resume=resume,
         progress=progress,

@@ -1,4 +1,5 @@
-"""Training the supernet once: progressive shrinking, the sandwich rule, in-place distillation.
+"""Training the supernet once: progressive shrinking, the sandwich rule, in-place distillation
+or distillation from a teacher's knowledge.
 
 Progressive shrinking (once-for-all) trains the largest subnet first, then lets one dimension
 shrink at a time, the newest one first from its largest values only: kernel, then depth (the
@@ -9,13 +10,18 @@ replace it.
 Each step follows the sandwich rule: the largest subnet of the phase learns from the labels,
 and its logits (detached) teach the phase's smallest subnet and `random_subnets` random ones
 (in-place distillation; `(1 - alpha) * CE + alpha * distill_loss`). Their gradients add up to
-one optimizer step. Before a phase that lets the expansion shrink, every block's hidden channels
-are re-sorted by importance. Each phase starts a fresh Adam (the sort re-orders the channels its
-moments belong to).
+one optimizer step. With a teacher's knowledge of the training set (`TeacherKnowledge`, e.g. a
+Lyceum teacher's dump), every subnet of the sandwich, the largest included, learns
+`(1 - alpha) * CE + alpha * teacher.loss(logits, teacher rows)` instead, as once-for-all does
+with its pretrained teacher: the teacher's alpha and loss apply to all, in-place distillation
+(`OFATrainConfig.distill`) is off. Before a phase that lets the expansion shrink, every block's
+hidden channels are re-sorted by importance. Each phase starts a fresh Adam (the sort re-orders
+the channels its moments belong to).
 
 Every random draw is seeded by (seed, epoch, step), and every epoch's shuffle by (seed, epoch),
 so a run resumed from its last checkpoint (state dicts and JSON, `_ofa_checkpoint`) takes the
-same steps as one that never stopped.
+same steps as one that never stopped; a teacher changes neither (its batches carry their sample
+indices, the shuffles are the same), and a checkpoint records whether it had one.
 
 A subnet's BN statistics are shared with every other subnet during training: `evaluate_subnet`
 extracts it and re-calibrates its BN on a few training batches (`recalibrate_bn`) first.
@@ -35,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lyceum.compression.distillation import Distillation, DistillLoss
 from lyceum.compression.nas._ofa_checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from lyceum.compression.nas.distill import TeacherKnowledge, _Indexed
 from lyceum.compression.nas.extract import extract
 from lyceum.compression.nas.ofa_space import OFASpace, SubnetConfig
 from lyceum.compression.nas.supernet import Allowed, Supernet
@@ -96,7 +103,8 @@ class OFATrainConfig(BaseModel):
     )
     distill: Distillation = Field(
         default_factory=Distillation,
-        description="In-place distillation from the largest subnet (alpha, temperature).",
+        description="In-place distillation from the largest subnet (alpha, temperature); "
+        "not used when a teacher teaches every subnet.",
     )
     seed: int = Field(default=0, description="Seeds the shuffles and the subnets drawn.")
 
@@ -177,6 +185,7 @@ def train_supernet(
     config: OFATrainConfig,
     distill_loss: DistillLoss,
     *,
+    teacher: TeacherKnowledge | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -186,14 +195,23 @@ def train_supernet(
 
     `distill_loss(student_logits, teacher_logits)` is the in-place distillation term
     (`functools.partial(lyceum.student_client.losses.soft_label_kd, temperature=...)`). With
-    `checkpoint_dir`, a checkpoint is written after every epoch; `resume` continues from it."""
+    `teacher` (its outputs for every sample of `train_data`, row i = sample i) every subnet
+    learns `teacher.mixed_loss` instead and neither `distill_loss` nor `config.distill` is
+    used. With `checkpoint_dir`, a checkpoint is written after every epoch; `resume`
+    continues from it (refused if it was written with another schedule, config or teacher
+    setting)."""
     space = supernet.space
     phases = config.phases or progressive_shrinking(space, config.epochs_per_phase)
     allowed = [phase_allowed(space, p) for p in phases]
-    schedule = {
+    if teacher is not None:
+        teacher.check(train_data)
+    schedule: dict[str, object] = {
         "phases": [p.model_dump(mode="json") for p in phases],
         "config": config.model_dump(mode="json", exclude={"phases", "epochs_per_phase"}),
     }
+    if teacher is not None:
+        # Only when there is one: checkpoints written before teachers existed still resume.
+        schedule["teacher"] = {"alpha": teacher.alpha}
     starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
     total = sum(p.epochs for p in phases)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -208,7 +226,8 @@ def train_supernet(
         done = checkpoint.epochs_done
     records: list[EpochRecord] = []
     alpha = config.distill.alpha
-    steps_per_epoch = len(_loader(train_data, config.batch_size, 0))
+    source = train_data if teacher is None else _Indexed(train_data)
+    steps_per_epoch = len(_loader(source, config.batch_size, 0))
     with Progress(
         total=(total - done) * steps_per_epoch,
         desc="supernet",
@@ -228,22 +247,25 @@ def train_supernet(
                 optim_state = None
             supernet.train()
             losses: list[float] = []
-            loader = _loader(train_data, config.batch_size, config.seed * 1_000_003 + epoch)
-            for step, (inputs, labels) in enumerate(loader):
+            loader = _loader(source, config.batch_size, config.seed * 1_000_003 + epoch)
+            for step, batch in enumerate(loader):
+                inputs, labels = batch[0], batch[1]
                 rng = random.Random(f"lyceum-ofa:{config.seed}:{epoch}:{step}")
                 configs = _sandwich(sets, rng, config.random_subnets)
                 optimizer.zero_grad(set_to_none=True)
-                supernet.set_active(configs[0])
-                teacher = supernet(inputs)
-                loss = nn.functional.cross_entropy(teacher, labels)
-                loss.backward()
-                total_loss = loss.item()
-                teacher = teacher.detach()
-                for subnet in configs[1:]:
+                total_loss = 0.0
+                largest: torch.Tensor | None = None
+                for subnet in configs:
                     supernet.set_active(subnet)
                     out = supernet(inputs)
-                    hard = nn.functional.cross_entropy(out, labels)
-                    loss = (1 - alpha) * hard + alpha * distill_loss(out, teacher)
+                    if teacher is not None:
+                        loss = teacher.mixed_loss(out, labels, batch[2])
+                    elif largest is None:  # configs[0], the largest: the labels alone
+                        loss = nn.functional.cross_entropy(out, labels)
+                        largest = out.detach()
+                    else:
+                        hard = nn.functional.cross_entropy(out, labels)
+                        loss = (1 - alpha) * hard + alpha * distill_loss(out, largest)
                     loss.backward()
                     total_loss += loss.item()
                 optimizer.step()

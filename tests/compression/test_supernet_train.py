@@ -1,8 +1,10 @@
 """Training the supernet: progressive shrinking samples only its phase's sets, in order; a run
-resumed from its checkpoint equals one that never stopped; BN re-calibration of a subnet."""
+resumed from its checkpoint equals one that never stopped; BN re-calibration of a subnet; a
+teacher's knowledge teaches every subnet its own samples' rows."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lyceum.compression.distillation import Distillation
 from lyceum.compression.nas import (
     OFASpace,
     OFASpaceConfig,
@@ -18,6 +21,7 @@ from lyceum.compression.nas import (
     Phase,
     SubnetConfig,
     Supernet,
+    TeacherKnowledge,
     evaluate_subnet,
     extract,
     phase_allowed,
@@ -156,7 +160,7 @@ def test_a_resumed_run_takes_the_same_steps_as_one_that_never_stopped(tmp_path: 
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=key)
 
     other = OFATrainConfig(phases=phases, batch_size=4, random_subnets=1, lr=1e-2)
-    with pytest.raises(ValueError, match="written by another schedule or config"):
+    with pytest.raises(ValueError, match=r"another schedule.*it differs in config \(checkpoint"):
         train_supernet(
             Supernet(space, kernel_transform=True),
             data,
@@ -198,3 +202,102 @@ def test_bn_recalibration_sets_a_subnets_statistics_from_its_own_batches() -> No
     assert 0.0 <= accuracy <= 1.0
     with pytest.raises(ValueError, match="no batches given"):
         recalibrate_bn(plain, [])
+
+
+def _one_step_config() -> OFATrainConfig:
+    """One phase (everything elastic) of one epoch, the whole tiny set in one batch."""
+    phases = (Phase(name="all", epochs=1, kernels=(3, 5), depths=(1, 2), expands=(2, 3)),)
+    return OFATrainConfig(phases=phases, batch_size=8, random_subnets=2)
+
+
+def test_with_a_teacher_every_subnet_learns_its_rows_of_the_teachers_outputs() -> None:
+    space, data = tiny_space(), tiny_data(8)
+    inputs = torch.stack([data[i][0] for i in range(8)])
+    outputs = torch.randn(8, 10, generator=torch.Generator().manual_seed(3))
+    teacher = TeacherKnowledge(outputs=outputs, loss=KD, alpha=1.0)
+    torch.manual_seed(0)
+    net = Supernet(space)
+    initial = copy.deepcopy(net)
+    seen: list[list[SubnetConfig]] = []
+    (record,) = train_supernet(
+        net,
+        data,
+        _one_step_config(),
+        KD,
+        teacher=teacher,
+        progress=False,
+        on_step=lambda _, configs: seen.append(configs),
+    )
+    # By hand: each subnet of the step, the largest included, against the teacher's rows of the
+    # same samples (the batch is the whole set, shuffled: a row taken by batch position, not
+    # by sample index, would not match).
+    (configs,) = seen
+    assert configs[0] == space.largest() and len(configs) > 2
+    initial.sort_channels()  # as train_supernet does first: the phase lets expansion shrink
+    initial.train()
+    expected = []
+    with torch.no_grad():
+        for subnet in configs:
+            initial.set_active(subnet)
+            expected.append(KD(initial(inputs), outputs).item())
+    assert record.loss == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+    # A few more epochs: the largest and the smallest subnets move towards the teacher, and
+    # closer than the same training distilled in place from the largest subnet does.
+    config = OFATrainConfig(
+        phases=(Phase(name="all", epochs=6, kernels=(3, 5), depths=(1, 2), expands=(2, 3)),),
+        batch_size=4,
+        random_subnets=1,
+        lr=1e-2,
+    )
+    nets = {}
+    for name, knowledge in (("taught", teacher), ("in place", None)):
+        torch.manual_seed(0)
+        nets[name] = Supernet(space)
+        train_supernet(nets[name], data, config, KD, teacher=knowledge, progress=False)
+    for subnet in (space.largest(), space.smallest()):
+        kl = {}
+        for name, supernet in (("initial", initial), *nets.items()):
+            with torch.no_grad():
+                model = recalibrate_bn(extract(supernet, subnet), [inputs])
+                kl[name] = KD(model(inputs), outputs).item()
+        assert kl["taught"] < kl["initial"] and kl["taught"] < kl["in place"], (subnet, kl)
+
+
+def test_a_teacher_at_alpha_zero_trains_as_in_place_distillation_at_alpha_zero() -> None:
+    # Both are cross-entropy alone for every subnet: equal weights mean the same shuffles and
+    # the same subnets drawn, whether the batches carry sample indices or not.
+    space, data = tiny_space(), tiny_data(8)
+    config = _one_step_config().model_copy(
+        update={"batch_size": 4, "distill": Distillation(alpha=0.0)}
+    )
+    teacher = TeacherKnowledge(outputs=torch.randn(8, 10), loss=KD, alpha=0.0)
+    nets = []
+    for knowledge in (None, teacher):
+        torch.manual_seed(0)
+        nets.append(Supernet(space))
+        train_supernet(nets[-1], data, config, KD, teacher=knowledge, progress=False)
+    expected, got = _state(nets[0]), _state(nets[1])
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
+
+
+def test_a_teacher_of_another_set_and_a_resume_across_teacher_settings_are_refused(
+    tmp_path: Path,
+) -> None:
+    space, data, config = tiny_space(), tiny_data(8), _one_step_config()
+    short = TeacherKnowledge(outputs=torch.randn(7, 10), loss=KD, alpha=0.5)
+    with pytest.raises(ValueError, match="teacher knowledge has 7 rows and the training set 8"):
+        train_supernet(Supernet(space), data, config, KD, teacher=short, progress=False)
+    teacher = TeacherKnowledge(outputs=torch.randn(8, 10), loss=KD, alpha=0.5)
+    for first, then in ((None, teacher), (teacher, None)):
+        directory = tmp_path / ("plain" if first is None else "taught")
+        train_supernet(
+            Supernet(space), data, config, KD, teacher=first, checkpoint_dir=directory,
+            progress=False,
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=r"it differs in teacher \(checkpoint"):
+            train_supernet(
+                Supernet(space), data, config, KD, teacher=then, checkpoint_dir=directory,
+                resume=True, progress=False,
+            )  # fmt: skip

@@ -1,5 +1,6 @@
 """The distilled NAS reward: the teacher's knowledge of the training set from an offline dump
-or a real online teacher, equal to the teacher run here, and a search that learns from it."""
+or a real online teacher, equal to the teacher run here, and a search that learns from it; a
+supernet's teacher section instead of its in-place distillation."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import pytest
 import torch
 import yaml
 
-from lyceum.compression.nas import NASDistillation, TeacherKnowledge, train_candidate
+from lyceum.compression.nas import (
+    NASDistillation,
+    SupernetJobConfig,
+    TeacherKnowledge,
+    run_supernet_train,
+    train_candidate,
+)
 from lyceum.deploy._exit_codes import USAGE
 from lyceum.deploy._nas_knowledge import teacher_knowledge
 from lyceum.deploy.cli import main
 from lyceum.deploy.examples import TeacherCNN, digits
 from lyceum.student_client.losses import soft_label_kd
 from tests._support.servers import ServerProcess
+from tests._support.supernets import TINY
 from tests._support.teachers import DIGITS, MODEL, make_dump, reference_logits, save_checkpoint
 from tests.deploy.test_cli_nas import SPACE, tiny_space
 
@@ -103,3 +111,25 @@ def test_a_distill_section_names_exactly_one_teacher(
     (tmp_path / "nas.yaml").write_text(yaml.safe_dump(config))
     assert main(["nas", "search", str(tmp_path / "nas.yaml")]) == USAGE
     assert "give exactly one teacher" in capsys.readouterr().err
+
+
+def test_a_supernet_teacher_replaces_in_place_distillation_explicitly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = {
+        "space": TINY,
+        "train": {"distill": {"alpha": 0.3}},
+        "teacher": {"knowledge_dir": str(tmp_path / "dump")},
+    }
+    (tmp_path / "supernet.yaml").write_text(yaml.safe_dump(config))
+    assert main(["nas", "supernet", "train", str(tmp_path / "supernet.yaml")]) == USAGE
+    assert "train.distill (in-place distillation from the largest subnet) is not used" in (
+        capsys.readouterr().err
+    )
+    # In Python, a config naming a teacher needs its knowledge: no silent in-place fallback.
+    del config["train"]
+    job = SupernetJobConfig.model_validate(config)
+    assert job.train.distill.alpha == 0.5  # the default, unused: the teacher's alpha applies
+    train = digits("train", limit=8)
+    with pytest.raises(ValueError, match="the config names a teacher and no teacher knowledge"):
+        run_supernet_train(job, train, train, soft_label_kd)

@@ -1,7 +1,8 @@
 """`lyceum nas supernet train|search|extract`: real processes, each reading what the one before
 wrote; the extracted subnet loads through `load_model` by its path alone and scores as the
-trained supernet's subnet does. The search's own options (`--workers`, `--plots`) run on a
-supernet written as trained (`trained_like`), so they need no training first."""
+trained supernet's subnet does; trained from a teacher's dump, a resume without it is refused.
+The search's own options (`--workers`, `--plots`) run on a supernet written as trained
+(`trained_like`), so they need no training first."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from lyceum.deploy.examples import digits
 from lyceum.proto.evaluation import top1_accuracy
 from lyceum.proto.specs import WEIGHTS_FILE, load_model
 from tests._support.supernets import TINY, tiny_space, trained_like
+from tests._support.teachers import make_dump
 
 HANG_GUARD_S = 600  # far past what each command takes on a loaded two-core machine
 
@@ -206,3 +208,37 @@ def test_search_plots_accuracy_against_macs_and_predicted_latency(
     assert data.latency_ms is not None and len(data.latency_ms) == 8
     assert data.max_latency_ms == budget["max_latency_ms"]
     assert all(x <= budget["max_latency_ms"] for x in data.latency_ms)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_train_distilled_from_a_teachers_dump(tmp_path: Path) -> None:
+    dump = make_dump(tmp_path / "dump", 3, digits("train", limit=64))
+    elastic = {"kernels": [3, 5], "depths": [1, 2], "expands": [2, 3]}
+    config = {
+        "space": TINY,
+        "dataset_kwargs": {"limit": 64},
+        "out_dir": str(tmp_path / "run"),
+        "train": {
+            "phases": [{"name": "all", "epochs": 1, **elastic}],
+            "batch_size": 32,
+            "random_subnets": 1,
+        },
+        "calibration_batches": 2,
+        "teacher": {"knowledge_dir": str(dump), "alpha": 0.8, "temperature": 2.0},
+    }
+    path = tmp_path / "supernet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trained = _lyceum(tmp_path, "nas", "supernet", "train", str(path))
+    assert trained.returncode == 0, trained.stderr
+    for name in ("largest", "smallest"):
+        assert re.search(rf"{name} subnet: top-1 \d\.\d{{4}} \(BN re-calibrated\)", trained.stdout)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "state.json").read_text())
+    assert state["epochs_done"] == 1 and state["schedule"]["teacher"] == {"alpha": 0.8}
+
+    # The same run resumed without its teacher is refused: the subnets learnt from another loss.
+    del config["teacher"]
+    path.write_text(yaml.safe_dump(config))
+    resumed = _lyceum(tmp_path, "nas", "supernet", "train", str(path), "--resume")
+    assert resumed.returncode == 2
+    assert "it differs in teacher (checkpoint {'alpha': 0.8}, now None)" in resumed.stderr

@@ -52,3 +52,18 @@ def test_demo_pipeline_configs_are_valid_with_the_demo_paths(tmp_path):
         dirs = [t.dir for s in config.stages for t in getattr(s, "teachers", {}).values()]
         assert dirs and all(d == tmp_path / "knowledge" for d in dirs)
         assert read <= {s.name for s in config.stages}  # the rows the demo reads by name
+
+
+def test_supernet_example_config_is_valid_and_its_budget_leaves_a_search():
+    from lyceum.compression.nas import BudgetedSpace, OFASpace, SupernetJobConfig
+
+    config = load_job_config(CONFIGS / "supernet.yaml", SupernetJobConfig, "nas supernet train")
+    space = OFASpace(config.space)
+    flops = BudgetedSpace(space).figures
+    largest, smallest = (
+        flops(space.init_tokens()).flops,
+        flops(space.tokens(space.smallest())).flops,
+    )
+    assert config.budget.max_flops is not None
+    assert smallest < config.budget.max_flops < largest
+    assert config.budget.max_flops == int(0.6 * largest)  # the -40% its comment says
