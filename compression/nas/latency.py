@@ -19,8 +19,8 @@ so the entries are timed in `sweeps` passes over all ops, each in a fresh order 
 of the runs, and each entry is the median over all its passes: one slow moment touches a few
 of an entry's passes instead of all of them. The networks the overheads are fitted on are
 measured round-robin (`measure_networks`) for the same reason. On the Light-NAS space (50
-random networks, 30 passes) one sweep ranked networks at Spearman 0.85-0.86 and three at
-0.94-0.96 against networks measured round-robin.
+random networks, 30 passes, networks measured round-robin) one sweep ranked them at Spearman
+0.86-0.89 and three at 0.88-0.96, MAPE 3.2-10.7% (bench/README.md, "Light-NAS").
 
 The header names the conditions the figures hold for (device, threads, batch, dtype, clock,
 torch version); `check` refuses a table measured under others. A missing op is an error naming
