@@ -59,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
     if config.teacher is not None:
         from lyceum.deploy._nas_knowledge import teacher_knowledge
 
-        teacher = teacher_knowledge(config.teacher, train)
+        teacher = teacher_knowledge(config.teacher, train, key="teacher")
     accuracy = run_supernet_train(config, train, val, kd, teacher=teacher, resume=args.resume)
     print(f"supernet written to {config.out_dir / SUPERNET_FILE}")
     for name, value in accuracy.items():

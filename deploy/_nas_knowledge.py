@@ -22,9 +22,12 @@ if TYPE_CHECKING:
 _CHUNK = 256
 
 
-def teacher_knowledge(config: NASDistillation, train: Dataset) -> TeacherKnowledge:
+def teacher_knowledge(
+    config: NASDistillation, train: Dataset, *, key: str = "distill"
+) -> TeacherKnowledge:
     """What `TrainingReward(teacher=...)` needs: the teacher's `config.field` for every
-    sample of `train` (row i = sample i) and the soft-label loss that learns it."""
+    sample of `train` (row i = sample i) and the soft-label loss that learns it. `key` is the
+    config's name for `config` in error messages (`distill` in Light-NAS, `teacher` in OFA)."""
     from lyceum.compression.nas import TeacherKnowledge
     from lyceum.student_client.losses import soft_label_kd
 
@@ -36,7 +39,7 @@ def teacher_knowledge(config: NASDistillation, train: Dataset) -> TeacherKnowled
         knowledge = OfflineKnowledge(config.knowledge_dir, train)
         try:
             schema = knowledge.schema
-            _check_field(schema, config, f"dump {config.knowledge_dir!r}")
+            _check_field(schema, config, f"dump {config.knowledge_dir!r}", key)
             outputs = knowledge.get(ids).tensors[config.field]
         finally:
             knowledge.close()
@@ -47,7 +50,7 @@ def teacher_knowledge(config: NASDistillation, train: Dataset) -> TeacherKnowled
         teacher = OnlineTeacher(config.endpoints, mode=config.mode, dataset=train)  # type: ignore[arg-type]
         try:
             schema = teacher.describe().schema
-            _check_field(schema, config, f"teacher {config.endpoints}")
+            _check_field(schema, config, f"teacher {config.endpoints}", key)
             chunks = []
             for start in range(0, size, _CHUNK):
                 chunk = ids[start : start + _CHUNK]
@@ -72,17 +75,17 @@ def teacher_knowledge(config: NASDistillation, train: Dataset) -> TeacherKnowled
     return TeacherKnowledge(outputs=outputs.float(), loss=loss, alpha=config.alpha)
 
 
-def _check_field(schema: KnowledgeSchema, config: NASDistillation, where: str) -> None:
+def _check_field(schema: KnowledgeSchema, config: NASDistillation, where: str, key: str) -> None:
     names = [f.name for f in schema.fields]
     if config.field not in names:
         raise ValueError(
-            f"distill.field {config.field!r}: {where} has no such field (it has {names}); "
-            "set distill.field to one of them"
+            f"{key}.field {config.field!r}: {where} has no such field (it has {names}); "
+            f"set {key}.field to one of them"
         )
     spec = schema.field(config.field)
     if spec.encoding.kind != "dense" or spec.meaning == "features":
         raise ValueError(
-            f"distill.field {config.field!r} of {where} is {spec.encoding.kind} "
+            f"{key}.field {config.field!r} of {where} is {spec.encoding.kind} "
             f"{spec.meaning}: the NAS reward distils dense logits, log-probs or probs "
             "(soft-label KD); dump or serve the teacher without --topk, and name its logits"
         )

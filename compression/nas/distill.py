@@ -52,11 +52,11 @@ class NASDistillation(BaseModel):
     def _one_teacher(self) -> NASDistillation:
         if (self.knowledge_dir is None) == (self.endpoints is None):
             raise ValueError(
-                "distill: give exactly one teacher, knowledge_dir (an offline dump) or "
+                "give exactly one teacher, knowledge_dir (an offline dump) or "
                 "endpoints (online replicas)"
             )
         if self.mode not in ("query", "index"):
-            raise ValueError(f"distill.mode {self.mode!r}: expected 'query' or 'index'")
+            raise ValueError(f"mode {self.mode!r}: expected 'query' or 'index'")
         return self
 
 

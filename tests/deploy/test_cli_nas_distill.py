@@ -59,6 +59,12 @@ def test_offline_knowledge_is_the_teachers_logits_and_a_distilled_search_runs(
     # A dump of another split is refused by its dataset fingerprint, before any training.
     with pytest.raises(ValueError, match="dataset"):
         teacher_knowledge(NASDistillation(knowledge_dir=str(dump)), digits("train", limit=32))
+    # A field the dump lacks is named under the config's own key for the teacher.
+    missing = NASDistillation(knowledge_dir=str(dump), field="probs")
+    with pytest.raises(ValueError, match=r"^teacher\.field 'probs': dump .* set teacher\.field"):
+        teacher_knowledge(missing, train, key="teacher")
+    with pytest.raises(ValueError, match=r"^distill\.field 'probs'"):
+        teacher_knowledge(missing, train)
 
 
 @pytest.mark.integration
