@@ -23,6 +23,10 @@ Sections (each prints one table and the machine's load average next to it):
   process's CPU time and the SQL statements sent per trial (which the load does not move).
 - workers: trials per hour of one worker process against two on one SQLite study (same
   reward, same number of trials).
+- kdrank: whether distilled short-training rewards rank architectures more like full
+  training does: `--archs` random subnets of bench/ofa.py's small space, `--epochs` rewards
+  with and without KD from a teacher, Spearman against `--final-epochs` training
+  (`--final-seeds` seeds; not in the default sections).
 - table: the Light-NAS table on digits. The space's initial architecture (MobileNetV2) against
   the best found by SA under a -30% FLOPs budget and under a -20% latency budget (the latency
   table's prediction, built first on this CPU), each trained `--final-epochs` on the train
@@ -34,6 +38,7 @@ Sections (each prints one table and the machine's load average next to it):
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import random
@@ -312,6 +317,75 @@ def _final(
     return accuracies, measure_network(space, tokens, table, runs=30, warmup=5)
 
 
+def bench_kdrank(archs: int, epochs: int, final_epochs: int, final_seeds: int) -> None:
+    """Do distilled short-training rewards rank architectures more like full training does?
+
+    On the small once-for-all space of bench/ofa.py (a Light-NAS-style MobileNetV2 space whose
+    candidates train in seconds here; on the 30-token Light-NAS space a 1-epoch candidate is
+    at chance on digits): `archs` random distinct subnets, each rewarded after `epochs` of
+    training on cross-entropy and distilled from a teacher (the space's largest subnet trained
+    `final_epochs`, alpha 0.5, T=4), against its test top-1 after `final_epochs` (mean of
+    `final_seeds` seeds). Spearman of each reward with that, and of two full-training seeds with
+    each other (how well the reference ranks itself).
+    """
+    from ofa import SPACE, _teacher
+
+    from lyceum.compression.nas import OFASpace
+    from lyceum.compression.training import train_epochs
+    from lyceum.proto.evaluation import top1_accuracy
+    from lyceum.student_client.losses import soft_label_kd
+
+    space = OFASpace(SPACE)
+    train, val, test = digits("train"), digits("val"), digits("test")
+    kd = functools.partial(soft_label_kd, temperature=4.0)
+    teacher = _teacher(space, train, test, final_epochs, kd)
+    rng = random.Random(7)
+    candidates: list[list[int]] = []
+    while len(candidates) < archs:
+        tokens = space.canonical([rng.randrange(n) for n in space.range_table()])
+        if tokens not in candidates:
+            candidates.append(tokens)
+    plain = TrainingReward(space, train, val, epochs=epochs, batch_size=64, lr=3e-3)
+    taught = TrainingReward(
+        space, train, val, epochs=epochs, batch_size=64, lr=3e-3, teacher=teacher
+    )
+    short_ce, short_kd, full = [], [], []
+    per_seed: list[list[float]] = [[] for _ in range(final_seeds)]
+    for i, tokens in enumerate(candidates):
+        short_ce.append(plain(tokens))
+        short_kd.append(taught(tokens))
+        for seed in range(final_seeds):
+            torch.manual_seed(seed)
+            model = space.build(tokens)
+            train_epochs(
+                model, train, epochs=final_epochs, lr=3e-3, batch_size=64, seed=seed, progress=False
+            )
+            per_seed[seed].append(top1_accuracy(model, test))
+        full.append(statistics.mean(s[-1] for s in per_seed))
+        print(
+            f"  arch {i + 1}/{archs}: {epochs}-epoch CE {short_ce[-1]:.4f}, KD {short_kd[-1]:.4f}; "
+            f"full {full[-1]:.4f}",
+            flush=True,
+        )
+    print(
+        f"\n## Short rewards against full training ({archs} archs, {epochs} vs {final_epochs} "
+        f"epochs, {final_seeds} seeds; {_load()})"
+    )
+    print("| reward | mean | Spearman with full training |")
+    print("|---|---|---|")
+    print(
+        f"| {epochs}-epoch CE | {statistics.mean(short_ce):.4f} | {spearman(short_ce, full):.3f} |"
+    )
+    print(
+        f"| {epochs}-epoch KD | {statistics.mean(short_kd):.4f} | {spearman(short_kd, full):.3f} |"
+    )
+    if final_seeds > 1:
+        print(
+            f"| full training, seed 0 against seed 1 | {statistics.mean(per_seed[0]):.4f} | "
+            f"{spearman(per_seed[0], per_seed[1]):.3f} |"
+        )
+
+
 _ROWS = {
     "initial": "initial (MobileNetV2 tokens)",
     "flops": "best under -30% FLOPs",
@@ -396,7 +470,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only", nargs="*", default=["lut", "samplers", "overhead", "workers", "table"],
-        choices=["lut", "samplers", "overhead", "workers", "table"],
+        choices=["lut", "samplers", "overhead", "workers", "table", "kdrank"],
     )  # fmt: skip
     parser.add_argument("--networks", type=int, default=50, help="LUT: random networks")
     parser.add_argument("--runs", type=int, default=20, help="LUT: timed passes per op/network")
@@ -414,6 +488,7 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=1257, help="reward: train digits")
     parser.add_argument("--epochs", type=int, default=2, help="reward: training epochs")
     parser.add_argument("--repeats", type=int, default=5, help="overhead: trials timed")
+    parser.add_argument("--archs", type=int, default=20, help="kdrank: random architectures")
     parser.add_argument("--final-epochs", type=int, default=30, help="table: final training")
     parser.add_argument("--final-seeds", type=int, default=3, help="table: final trainings")
     parser.add_argument(
@@ -434,6 +509,8 @@ def main() -> None:
         bench_samplers(args.trials, args.seeds, args.train_limit, args.epochs)
     if "workers" in args.only:
         bench_workers(args.trials, args.train_limit, args.epochs)
+    if "kdrank" in args.only:
+        bench_kdrank(args.archs, args.epochs, args.final_epochs, args.final_seeds)
     if "table" in args.only:
         bench_table(
             args.rows, args.lut, args.trials, args.train_limit, args.epochs, args.final_epochs,

@@ -20,6 +20,8 @@ from lyceum.v1 import knowledge_pb2 as pb
 
 __all__ = ["ZmqConnection"]
 
+_NO_DETAIL_LIMIT = 3
+
 
 class ZmqConnection:
     """A DEALER socket; not thread-safe (submit and poll from one thread)."""
@@ -36,10 +38,20 @@ class ZmqConnection:
             sock.curve_publickey = public
             sock.curve_secretkey = secret
         # The monitor reports a refused CURVE handshake, or one between a CURVE and a plain
-        # socket, which would otherwise look like a teacher that never answers.
+        # socket, which would otherwise look like a teacher that never answers. A mismatch is
+        # not always told as one: when the teacher closes the connection before our side has
+        # read its error, libzmq reports a handshake failed "with no detail" (errno EPIPE or
+        # ECONNRESET), and on some connections every retry does (2 of 40 plain connections to
+        # a CURVE socket on a loaded machine). A teacher dying mid-handshake fails one
+        # handshake, then refuses connections; so `_NO_DETAIL_LIMIT` such failures in a row,
+        # with no handshake succeeding between them, are taken as a security mismatch.
         self._curve = credentials.curve_server_key is not None
+        self._no_detail = 0
         self._monitor = sock.get_monitor_socket(
-            events=zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            events=zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
         )
         try:
             sock.connect(address)
@@ -100,9 +112,11 @@ class ZmqConnection:
         out: list[Reply] = []
         ready = dict(self._poller.poll(int(timeout_s * 1000)))
         if self._monitor in ready:
-            code, message = self._handshake_failure(recv_monitor_message(self._monitor))
-            lost, self._outstanding = self._outstanding, set()
-            out += [Reply(rid, error_code=code, error_message=message) for rid in lost]
+            failure = self._monitor_events()
+            if failure is not None:
+                code, message = failure
+                lost, self._outstanding = self._outstanding, set()
+                out += [Reply(rid, error_code=code, error_message=message) for rid in lost]
         while True:
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -116,6 +130,38 @@ class ZmqConnection:
                 self._describes[reply.request_id] = reply.message
             else:
                 out.append(reply)
+
+    def _monitor_events(self) -> tuple[int, str] | None:
+        """Read every pending monitor event; the handshake failure they amount to, if any."""
+        failure = None
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return failure
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._no_detail = 0
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self._no_detail += 1
+                if self._no_detail >= _NO_DETAIL_LIMIT:
+                    self._no_detail = 0
+                    failure = self._no_detail_failure(event)
+            else:
+                failure = self._handshake_failure(event)
+
+    def _no_detail_failure(self, event: Mapping[str, object]) -> tuple[int, str]:
+        cause = (
+            "the teacher refused our CURVE handshake or does not use CURVE; check "
+            "curve_server_key against the teacher's public key"
+            if self._curve
+            else "the teacher most likely requires CURVE encryption: pass its public key as "
+            "curve_server_key"
+        )
+        return UNAUTHENTICATED, (
+            f"the teacher closed {_NO_DETAIL_LIMIT} ZeroMQ handshakes in a row without a reason "
+            f"(errno {event['value']!r}): {cause}"
+        )
 
     def _handshake_failure(self, event: Mapping[str, object]) -> tuple[int, str]:
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:

@@ -300,3 +300,43 @@ def test_a_yaml_teacher_config_builds_the_secure_teacher(
     finally:
         sources["secure"].close()
     torch.testing.assert_close(batch.tensors["logits"], reference[[0, 9]])
+
+
+def test_a_teacher_closing_every_handshake_is_reported_as_a_security_mismatch() -> None:
+    """libzmq sometimes tells a CURVE mismatch only as handshakes "failed with no detail" (the
+    teacher closed the connection first): a listener that reads each greeting and hangs up
+    reproduces that on every connection. Three in a row are UNAUTHENTICATED naming the fix,
+    long before the 30 s a silent teacher would take."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(64)
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    endpoint = f"zmq://127.0.0.1:{listener.getsockname()[1]}"
+    patient = TeacherTimeouts(timeout_s=30, connect_timeout_s=30)
+    try:
+        with (
+            OnlineTeacher(endpoint, mode="index", timeouts=patient) as teacher,
+            pytest.raises(TeacherError) as err,
+        ):
+            teacher.describe()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+    assert err.value.code == UNAUTHENTICATED, err.value.message
+    assert "closed 3 ZeroMQ handshakes in a row" in err.value.message
+    assert "pass its public key as curve_server_key" in err.value.message

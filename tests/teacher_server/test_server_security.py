@@ -64,7 +64,7 @@ def _refused(
     inputs = torch.rand(2, 1, 8, 8) if query else None
     with _teacher(endpoint, timeout_s, **options) as teacher, pytest.raises(TeacherError) as err:
         teacher.request([1, 2], inputs=inputs)
-    assert err.value.code == expected_code, err.value
+    assert err.value.code == expected_code, f"{err.value}"
     return err.value.message
 
 
