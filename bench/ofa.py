@@ -5,11 +5,11 @@ against Light-NAS's train-every-candidate search.
 Trains `--supernet-seeds` supernets by progressive shrinking (`--kernels`: centre-cropped
 kernels, once-for-all's kernel-transform matrices, or both), then for the largest and smallest
 subnets, the best one found under `--budget` (relative to the largest subnet: its predicted
-latency with `--latency`, from a latency table built here on the thread clock, else its MACs)
-and the uniformly shrunk one (every block alike, the most costly within the budget): test
-top-1 straight from the supernet (BN re-calibrated), after a `--finetune`-epoch fine-tune, and
-the same architecture trained from scratch for as many epochs as the supernet had, over
-`--seeds` seeds. A summary averages over the supernet seeds: each subnet's gap to its twins,
+latency with `--latency`, from a latency table built here on the thread clock, else its MACs),
+the uniformly shrunk one (every block alike, the most costly within the budget) and the best
+one found under the uniform one's own cost (the two at equal cost): test top-1 straight
+from the supernet (BN re-calibrated), after a `--finetune`-epoch fine-tune, and the same
+architecture trained from scratch for as many epochs as the supernet had, over `--seeds` seeds. A summary averages over the supernet seeds: each subnet's gap to its twins,
 in points. Costs are CPU seconds of this process (one thread, so the load does not inflate
 them): supernet training, search, candidates per CPU minute.
 
@@ -18,6 +18,9 @@ epochs as the supernet gets) as a teacher, and each supernet is trained twice: d
 place from its largest subnet, and with every subnet distilled from that teacher's outputs on
 the training set (`TeacherKnowledge`, alpha 0.5, temperature 4, as `lyceum nas supernet
 train` with a `teacher:` section does from a dump); the same table for each.
+
+With `--samplers N`, one supernet is trained and SA, random search and TPE each search it for N
+trials under the budget, `--sampler-seeds` seeds: the best reward each reaches.
 
 With `--lightnas`, Light-NAS searches the same space under the same budget and iterations,
 each candidate trained `--lightnas-epochs` (its reward), and its best is trained from scratch
@@ -37,6 +40,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import optuna
 import torch
 from torch.utils.data import Dataset
 
@@ -62,7 +66,7 @@ from lyceum.compression.nas import (
     search_subnet,
     train_supernet,
 )
-from lyceum.compression.search import SAConfig, StudyConfig
+from lyceum.compression.search import SAConfig, StudyConfig, run_search
 from lyceum.compression.training import train_epochs
 from lyceum.deploy.examples import digits
 from lyceum.proto.evaluation import top1_accuracy
@@ -159,6 +163,54 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {spread:.4f}"
 
 
+def _samplers(
+    args: argparse.Namespace,
+    supernet: Supernet,
+    train: Dataset,
+    val: Dataset,
+    budget: Budget,
+    lut: LatencyTable | None,
+) -> None:
+    """SA against random search and TPE on the trained supernet's reward (no training per
+    candidate, so many trials and seeds are affordable): best reward reached at equal trials."""
+    reward = SubnetReward(supernet, train, val)
+    budgeted = BudgetedSpace(supernet.space, budget, lut)
+    results: dict[str, list[float]] = {"SA": [], "random": [], "TPE": []}
+    for seed in range(args.sampler_seeds):
+        config = SAConfig(max_iterations=args.samplers - 1, seed=seed)
+        sa, _ = search_subnet(
+            reward,
+            budget=budget,
+            lut=lut,
+            search=config,
+            study=StudyConfig(storage=None, study=f"sa-{seed}"),
+            progress=False,
+        )
+        results["SA"].append(sa.best_reward)
+        for name, sampler in (
+            ("random", optuna.samplers.RandomSampler(seed=seed)),
+            ("TPE", optuna.samplers.TPESampler(seed=seed)),
+        ):
+            found = run_search(budgeted, reward, config, sampler=sampler, progress=False)
+            results[name].append(found.best_reward)
+    print(
+        f"\n## Samplers on the supernet's reward ({args.samplers} trials, {args.sampler_seeds} "
+        "search seeds; validation top-1 after BN re-calibration, 180 images)"
+    )
+    print("| sampler | best reward per seed | mean | median | seeds SA beat it / tied |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, values in results.items():
+        listed = " / ".join(f"{v:.4f}" for v in values)
+        versus = ""
+        if name != "SA":
+            pairs = list(zip(results["SA"], values, strict=True))
+            versus = f"{sum(a > b for a, b in pairs)} / {sum(a == b for a, b in pairs)}"
+        print(
+            f"| {name} | {listed} | {statistics.mean(values):.4f} | "
+            f"{statistics.median(values):.4f} | {versus} |"
+        )
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     train, val, test = digits("train"), digits("val"), digits("test")
@@ -203,6 +255,14 @@ def run(args: argparse.Namespace) -> None:
     teachers: list[TeacherKnowledge | None] = [None]
     if args.teacher:
         teachers.append(_teacher(space, train, test, supernet_epochs, kd))
+    if args.samplers:
+        torch.manual_seed(0)
+        supernet = Supernet(space, kernel_transform=args.kernels != "crop")
+        train_supernet(
+            supernet, train, OFATrainConfig(phases=phases), kd, teacher=teachers[-1], progress=False
+        )
+        _samplers(args, supernet, train, val, budget, lut)
+        return
     scratch = _Scratch(space, train, test, supernet_epochs, args.seeds)
     modes = ["crop", "transform"] if args.kernels == "both" else [args.kernels]
     # (mode, teaching) -> subnet name -> per supernet seed: (direct, tuned, scratch mean, cost)
@@ -238,11 +298,26 @@ def run(args: argparse.Namespace) -> None:
             f"{trained_s:.0f} CPU s; search {len(reward.evaluated)} subnets in {search_s:.0f} "
             f"CPU s ({60 * len(reward.evaluated) / search_s:.0f} per CPU minute)"
         )
+        uniform = _uniform_under(space, cost, limit)
+        # The uniform grid is coarse: its best under the budget can cost well below it. Searched
+        # again under the uniform subnet's own cost, the two compare at equal cost.
+        level = cost(uniform)
+        equal, _ = search_subnet(
+            SubnetReward(supernet, train, val, seed=seed),
+            budget=Budget(max_latency_ms=level)
+            if lut is not None
+            else Budget(max_flops=int(level)),
+            lut=lut,
+            search=SAConfig(max_iterations=args.iterations, seed=seed),
+            study=StudyConfig(storage=None, study="ofa-equal"),
+            progress=False,
+        )
         subnets = {
             "largest": space.largest(),
             "smallest": space.smallest(),
             "searched": space.subnet(result.best_tokens),
-            "uniform": _uniform_under(space, cost, limit),
+            "uniform": uniform,
+            "searched at uniform's cost": space.subnet(equal.best_tokens),
         }
         print(f"| subnet | MACs | {unit} | supernet | +fine-tune | from scratch (seeds) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -374,6 +449,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--lightnas", action="store_true", help="Also search with Light-NAS's trained rewards."
+    )
+    parser.add_argument(
+        "--samplers",
+        type=int,
+        default=0,
+        help="Instead of the tables: train one supernet (from the teacher with --teacher) and "
+        "compare SA, random search and TPE at this many trials on its reward (default 0: off).",
+    )
+    parser.add_argument(
+        "--sampler-seeds", type=int, default=5, help="Search seeds of --samplers (default 5)."
     )
     parser.add_argument(
         "--lightnas-epochs", type=int, default=2, help="Light-NAS reward epochs (default 2)."
