@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from lyceum.deploy import _cli_supernet
-from lyceum.deploy._jobs import build_split, load_job_config, spawn_workers, write_search_plots
+from lyceum.deploy._jobs import (
+    build_split,
+    load_job_config,
+    spawn_workers,
+    worker_count,
+    write_search_plots,
+)
 from lyceum.proto.specs import WEIGHTS_FILE, parse_spec
 
 _SPACE = "lyceum.compression.nas:lightnas_space"
@@ -227,7 +233,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     search.add_argument(
         "--storage", help="Override study.storage: a path, journal:PATH or a SQLAlchemy URL"
     )
-    search.add_argument("--workers", type=int, default=1, help="Worker processes here (default 1)")
+    search.add_argument(
+        "--workers", type=worker_count, default=1, help="Worker processes here (default 1)"
+    )
     search.add_argument(
         "--worker-name",
         default="nas",

@@ -20,7 +20,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from lyceum.deploy._config_help import add_config_help
-from lyceum.deploy._jobs import build_split, load_job_config, spawn_workers, write_search_plots
+from lyceum.deploy._jobs import (
+    build_split,
+    load_job_config,
+    spawn_workers,
+    worker_count,
+    write_search_plots,
+)
 
 
 def _supernet_config() -> type[BaseModel]:
@@ -149,7 +155,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     search.add_argument(
         "--workers",
-        type=int,
+        type=worker_count,
         default=1,
         help="Worker processes here, sharing the study (needs study.storage or --storage; "
         "each one is this command with --workers 1, named 'worker I'); the exit code is "

@@ -84,6 +84,19 @@ def build_split(spec: str, kwargs: dict[str, Any], split: str) -> torch.utils.da
     return load_dataset(parse_spec(spec, {**kwargs, "split": split}))
 
 
+def worker_count(text: str) -> int:
+    """`--workers N`: argparse's type, so that 0 or -1 is a usage error instead of one worker."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"--workers {text!r}: expected a whole number of worker processes, 1 or more"
+        )
+    return value
+
+
 def spawn_workers(command: Sequence[str], storage: str | None, workers: int) -> int:
     """Run `lyceum COMMAND` as `workers` processes here, each one worker of the search on the
     study in `storage` (`--storage`, `--workers 1`, `--worker-name "worker I"` appended), and

@@ -192,6 +192,12 @@ def test_search_refuses_an_unknown_key_and_a_workers_run_without_storage(
     assert f"lyceum nas search {config} --workers 2 needs a shared storage" in (
         capsys.readouterr().err
     )
+    # No workers is a usage error of the option (argparse exits 2), not one worker.
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["nas", "search", str(config), "--workers", bad])
+        assert exit_.value.code == USAGE
+        assert f"--workers {bad!r}: expected a whole number" in capsys.readouterr().err
 
 
 def test_a_space_spec_that_is_not_a_nas_space_is_refused_naming_the_option(
