@@ -115,9 +115,13 @@ def spawn_workers(command: Sequence[str], storage: str | None, workers: int) -> 
     try:
         codes = [p.wait() for p in procs]
     finally:
-        # Interrupted (Ctrl-C reaches the workers too): none is left running behind the CLI.
+        # Interrupted (Ctrl-C reaches the workers too): each gets a moment to fail its trial
+        # in the study (else it stays RUNNING until its heartbeat goes stale), then none is
+        # left running behind the CLI.
         for p in procs:
-            if p.poll() is None:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
     return max(signal_exit(-code) if code < 0 else code for code in codes)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import time
 from collections.abc import Mapping
@@ -42,9 +43,10 @@ class ZmqConnection:
         # not always told as one: when the teacher closes the connection before our side has
         # read its error, libzmq reports a handshake failed "with no detail" (errno EPIPE or
         # ECONNRESET), and on some connections every retry does (2 of 40 plain connections to
-        # a CURVE socket on a loaded machine). A teacher dying mid-handshake fails one
-        # handshake, then refuses connections; so `_NO_DETAIL_LIMIT` such failures in a row,
-        # with no handshake succeeding between them, are taken as a security mismatch.
+        # a CURVE socket on a loaded machine). A TCP proxy whose backend is down looks the same,
+        # so `_NO_DETAIL_LIMIT` of those in a row are reported as UNAVAILABLE (retryable: the
+        # proxy's teacher may come back) with both causes named, and a handshake that succeeds
+        # afterwards takes the report back.
         self._curve = credentials.curve_server_key is not None
         self._no_detail = 0
         self._monitor = sock.get_monitor_socket(
@@ -132,8 +134,10 @@ class ZmqConnection:
                 out.append(reply)
 
     def _monitor_events(self) -> tuple[int, str] | None:
-        """Read every pending monitor event; the handshake failure they amount to, if any."""
-        failure = None
+        """Read every pending monitor event, in order; the handshake failure they amount to,
+        if any: a refusal (UNAUTHENTICATED) outranks anything after it, a streak of failures
+        without detail counts until a handshake succeeds."""
+        failure: tuple[int, str] | None = None
         while True:
             try:
                 event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
@@ -142,25 +146,30 @@ class ZmqConnection:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._no_detail = 0
+                if failure is not None and failure[0] != UNAUTHENTICATED:
+                    failure = None
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._no_detail += 1
-                if self._no_detail >= _NO_DETAIL_LIMIT:
-                    self._no_detail = 0
+                if self._no_detail >= _NO_DETAIL_LIMIT and failure is None:
                     failure = self._no_detail_failure(event)
             else:
-                failure = self._handshake_failure(event)
+                self._no_detail = 0
+                found = self._handshake_failure(event)
+                if failure is None or failure[0] != UNAUTHENTICATED:
+                    failure = found
 
     def _no_detail_failure(self, event: Mapping[str, object]) -> tuple[int, str]:
+        number = int(event["value"])  # type: ignore[call-overload]
         cause = (
-            "the teacher refused our CURVE handshake or does not use CURVE; check "
-            "curve_server_key against the teacher's public key"
+            "the teacher refused our CURVE handshake or does not use CURVE (check "
+            "curve_server_key against its public key)"
             if self._curve
-            else "the teacher most likely requires CURVE encryption: pass its public key as "
-            "curve_server_key"
+            else "the teacher requires CURVE encryption (pass its public key as curve_server_key)"
         )
-        return UNAUTHENTICATED, (
-            f"the teacher closed {_NO_DETAIL_LIMIT} ZeroMQ handshakes in a row without a reason "
-            f"(errno {event['value']!r}): {cause}"
+        return UNAVAILABLE, (
+            f"the teacher closed {self._no_detail} ZeroMQ handshakes in a row without a reason "
+            f"({errno.errorcode.get(number, str(number))}): most likely {cause}; or the "
+            "endpoint is a TCP proxy whose teacher is down, or not a Lyceum teacher"
         )
 
     def _handshake_failure(self, event: Mapping[str, object]) -> tuple[int, str]:
@@ -176,7 +185,10 @@ class ZmqConnection:
                 "the teacher requires CURVE encryption (ZeroMQ security mechanism mismatch); "
                 "pass its public key as curve_server_key"
             )
-        return UNAVAILABLE, f"the ZeroMQ handshake with the teacher failed: {event['value']!r}"
+        return UNAVAILABLE, (
+            f"the ZeroMQ handshake with the teacher failed (ZMTP protocol error "
+            f"{int(event['value']):#x})"  # type: ignore[call-overload]
+        )
 
     def close(self) -> None:
         self._sock.disable_monitor()

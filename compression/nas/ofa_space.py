@@ -9,7 +9,7 @@ expansion: the hidden channels, which are sorted by importance before they shrin
 Tokens, so that the Light-NAS search engine treats subnets as token lists: per stage, one token
 for the depth (an index into `depths`), then two per block of the deepest stage, the kernel and
 the expansion (indices into `kernels` and `expands`). The tokens of blocks beyond a stage's
-depth do not change the subnet (`SubnetConfig.canonical` sets them to the largest values), so
+depth do not change the subnet (`SubnetConfig.canonical` sets them to the smallest values), so
 `OFASpace` is a `CanonicalSpace`: the search draws canonical tokens only, and a subnet is
 evaluated once whichever of its token lists the annealing reached it by.
 
@@ -106,13 +106,18 @@ class SubnetConfig(BaseModel):
         ]
 
     def canonical(self, space: OFASpace) -> SubnetConfig:
-        """The same subnet with the blocks that do not run at the largest values."""
+        """The same subnet with the blocks that do not run at the smallest values.
+
+        The smallest, not the largest: a search moving from this subnet to one a block deeper
+        adds the cheapest block, which a budget near the subnet's cost still admits, and grows
+        it in later moves; at the largest values the deeper neighbour was mostly over budget
+        (a kernel-7, ratio-4 block costs 3x the smallest in bench/ofa.py's space)."""
         c = space.config
         kernels = [list(row) for row in self.kernels]
         expands = [list(row) for row in self.expands]
         for s, depth in enumerate(self.depths):
             for b in range(depth, space.max_depth):
-                kernels[s][b], expands[s][b] = c.kernels[-1], c.expands[-1]
+                kernels[s][b], expands[s][b] = c.kernels[0], c.expands[0]
         return SubnetConfig(
             depths=self.depths,
             kernels=tuple(map(tuple, kernels)),
@@ -213,7 +218,7 @@ class OFASpace:
         return self.tokens(self.largest())
 
     def canonical(self, tokens: Sequence[int]) -> list[int]:
-        """The tokens of the same subnet with the blocks that do not run at the largest values."""
+        """The tokens of the same subnet with the blocks that do not run at the smallest values."""
         return self.tokens(self.subnet(tokens).canonical(self))
 
     def is_feasible(self, tokens: Sequence[int]) -> bool:

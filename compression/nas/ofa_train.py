@@ -29,6 +29,7 @@ extracts it and re-calibrates its BN on a few training batches (`recalibrate_bn`
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -198,8 +199,9 @@ def train_supernet(
     `teacher` (its outputs for every sample of `train_data`, row i = sample i) every subnet
     learns `teacher.mixed_loss` instead and neither `distill_loss` nor `config.distill` is
     used. With `checkpoint_dir`, a checkpoint is written after every epoch; `resume`
-    continues from it (refused if it was written with another schedule, config or teacher
-    setting)."""
+    continues from it (refused if it was written with another schedule or config, without
+    this teacher or with another one: its alpha and a digest of its outputs are recorded; its
+    loss's temperature is not, the loss being a callable)."""
     space = supernet.space
     phases = config.phases or progressive_shrinking(space, config.epochs_per_phase)
     allowed = [phase_allowed(space, p) for p in phases]
@@ -211,7 +213,9 @@ def train_supernet(
     }
     if teacher is not None:
         # Only when there is one: checkpoints written before teachers existed still resume.
-        schedule["teacher"] = {"alpha": teacher.alpha}
+        # The outputs' digest tells another teacher (or another dump of it) from this one.
+        digest = hashlib.sha256(teacher.outputs.detach().cpu().contiguous().numpy().tobytes())
+        schedule["teacher"] = {"alpha": teacher.alpha, "outputs_sha256": digest.hexdigest()}
     starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
     total = sum(p.epochs for p in phases)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -47,9 +47,9 @@ def test_canonical_tokens_name_each_subnet_once() -> None:
     space = tiny_space()
     assert isinstance(space, CanonicalSpace)
     # Stage 0 at depth 1 (token 0): its second block's kernel and expansion (tokens 3, 4)
-    # change nothing, and canonical sets them to the largest values (index 1 of 2).
+    # change nothing, and canonical sets them to the smallest values (index 0 of 2).
     twins = [[0, 0, 1, 0, 0, *[1] * 5], [0, 0, 1, 1, 0, *[1] * 5], [0, 0, 1, 0, 1, *[1] * 5]]
-    assert {tuple(space.canonical(t)) for t in twins} == {(0, 0, 1, 1, 1, *[1] * 5)}
+    assert {tuple(space.canonical(t)) for t in twins} == {(0, 0, 1, 0, 0, *[1] * 5)}
     rng = random.Random(0)
     for _ in range(50):
         tokens = [rng.randrange(n) for n in space.range_table()]

@@ -301,3 +301,10 @@ def test_a_teacher_of_another_set_and_a_resume_across_teacher_settings_are_refus
                 Supernet(space), data, config, KD, teacher=then, checkpoint_dir=directory,
                 resume=True, progress=False,
             )  # fmt: skip
+    # Another teacher at the same alpha (another dump, another checkpoint) is refused too.
+    other = TeacherKnowledge(outputs=torch.randn(8, 10), loss=KD, alpha=0.5)
+    with pytest.raises(ValueError, match=r"it differs in teacher \(checkpoint"):
+        train_supernet(
+            Supernet(space), data, config, KD, teacher=other, checkpoint_dir=tmp_path / "taught",
+            resume=True, progress=False,
+        )  # fmt: skip

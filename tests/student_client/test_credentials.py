@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from lyceum.deploy.examples import digits
 from lyceum.deploy.launcher import TeacherProcess, start_teacher
-from lyceum.proto.errors import UNAUTHENTICATED
+from lyceum.proto.errors import UNAUTHENTICATED, UNAVAILABLE
 from lyceum.student_client import CredentialOptions, TeacherError, TeacherTimeouts
 from lyceum.student_client.sources import OnlineTeacher
 from lyceum.student_client.trainer import build_sources
@@ -302,11 +302,12 @@ def test_a_yaml_teacher_config_builds_the_secure_teacher(
     torch.testing.assert_close(batch.tensors["logits"], reference[[0, 9]])
 
 
-def test_a_teacher_closing_every_handshake_is_reported_as_a_security_mismatch() -> None:
+def test_a_teacher_closing_every_handshake_is_reported_with_the_curve_fix() -> None:
     """libzmq sometimes tells a CURVE mismatch only as handshakes "failed with no detail" (the
     teacher closed the connection first): a listener that reads each greeting and hangs up
-    reproduces that on every connection. Three in a row are UNAUTHENTICATED naming the fix,
-    long before the 30 s a silent teacher would take."""
+    reproduces that on every connection. Three in a row fail the request at once, retryable
+    (a TCP proxy whose teacher is down looks the same) and naming both causes, long before the
+    30 s a silent teacher would take."""
     import socket
     import threading
 
@@ -337,6 +338,51 @@ def test_a_teacher_closing_every_handshake_is_reported_as_a_security_mismatch() 
         stop.set()
         thread.join(timeout=10)
         listener.close()
-    assert err.value.code == UNAUTHENTICATED, err.value.message
-    assert "closed 3 ZeroMQ handshakes in a row" in err.value.message
-    assert "pass its public key as curve_server_key" in err.value.message
+    assert err.value.code == UNAVAILABLE, err.value.message
+    message = err.value.message
+    assert "closed 3 ZeroMQ handshakes in a row without a reason (E" in message  # EPIPE...
+    assert "pass its public key as curve_server_key" in message
+    assert "a TCP proxy whose teacher is down" in message
+
+
+def _monitor_event(event: int, value: int) -> list[bytes]:
+    """A socket monitor's message as libzmq sends it: event id and value, then the endpoint."""
+    import struct
+
+    return [struct.pack("=HI", event, value), b"tcp://127.0.0.1:1"]
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        # A streak that a successful handshake then ends is no failure (the teacher is back).
+        ([zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL] * 3 + [zmq.EVENT_HANDSHAKE_SUCCEEDED], None),
+        ([zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL] * 2, None),
+        ([zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL] * 3, UNAVAILABLE),
+        # A refusal outranks what follows it, a success included.
+        ([zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL], UNAUTHENTICATED),
+        ([zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_SUCCEEDED], UNAUTHENTICATED),
+    ],
+)
+def test_monitor_events_read_in_order_amount_to_one_failure(
+    events: list[int], expected: int | None
+) -> None:
+    from lyceum.student_client._connections import Credentials
+    from lyceum.student_client._zmq_connection import ZmqConnection
+
+    connection = ZmqConnection("tcp://127.0.0.1:1", Credentials())
+    sender = connection._ctx.socket(zmq.PAIR)
+    receiver = connection._ctx.socket(zmq.PAIR)
+    sender.bind("inproc://fake-monitor")
+    receiver.connect("inproc://fake-monitor")
+    real, connection._monitor = connection._monitor, receiver
+    try:
+        for event in events:
+            sender.send_multipart(_monitor_event(event, 32))
+        found = connection._monitor_events()
+    finally:
+        sender.close(linger=0)
+        receiver.close(linger=0)
+        connection._monitor = real
+        connection.close()
+    assert (None if found is None else found[0]) == expected, found

@@ -114,13 +114,26 @@ def test_entries_are_timed_over_sweeps_that_share_the_runs() -> None:
         build_latency_table(space, runs=5, sweeps=0, progress=False)
 
 
+class _Logged(_Two):
+    """`_Two` whose networks log their index at every pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes: list[int] = []
+
+    def build(self, tokens: Sequence[int]) -> nn.Module:
+        network, index, passes = super().build(tokens), self.built - 1, self.passes
+        network.register_forward_pre_hook(lambda *_: passes.append(index))
+        return network
+
+
 def test_networks_are_measured_round_robin_one_figure_each() -> None:
-    space = _Two()
+    space = _Logged()
     table = _table({op.key: 1.0 for op in space.all_ops()})
-    built = space.built
-    figures = measure_networks(space, [[0, 0], [1, 1], [0, 1]], table, runs=3, warmup=0)
+    figures = measure_networks(space, [[0, 0], [1, 1], [0, 1]], table, runs=3, warmup=1)
     assert len(figures) == 3 and all(ms > 0 for ms in figures)
-    assert space.built == built + 3  # one network built per candidate, all timed in turn
+    # One network built per candidate, and every round runs each once, in turn.
+    assert space.built == 3 and space.passes == [0, 1, 2] * 4
     assert measure_network(space, [1, 1], table, runs=3, warmup=0) > 0
 
 
