@@ -16,7 +16,9 @@ Lyceum teacher's dump), every subnet of the sandwich, the largest included, lear
 with its pretrained teacher: the teacher's alpha and loss apply to all, in-place distillation
 (`OFATrainConfig.distill`) is off. Before a phase that lets the expansion shrink, every block's
 hidden channels are re-sorted by importance. Each phase starts a fresh Adam (the sort re-orders
-the channels its moments belong to).
+the channels its moments belong to) whose learning rate decays by a cosine to ~0 by the phase's
+last step (`lr_schedule`, once-for-all's: at a constant rate the weights end wherever the last
+full-rate steps threw them).
 
 Every random draw is seeded by (seed, epoch, step), and every epoch's shuffle by (seed, epoch),
 so a run resumed from its last checkpoint (state dicts and JSON, `_ofa_checkpoint`) takes the
@@ -30,10 +32,12 @@ extracts it and re-calibrates its BN on a few training batches (`recalibrate_bn`
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -99,6 +103,11 @@ class OFATrainConfig(BaseModel):
     )
     batch_size: int = Field(default=64, ge=1, description="Training batch size.")
     lr: float = Field(default=3e-3, gt=0, description="Adam learning rate.")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        default="cosine",
+        description="cosine: each phase's learning rate decays from its start value to ~0 by "
+        "its last step (once-for-all's); constant: the start value throughout.",
+    )
     random_subnets: int = Field(
         default=2, ge=0, description="Random subnets per step besides the largest and smallest."
     )
@@ -272,6 +281,13 @@ def train_supernet(
                         loss = (1 - alpha) * hard + alpha * distill_loss(out, largest)
                     loss.backward()
                     total_loss += loss.item()
+                if config.lr_schedule == "cosine":
+                    done_steps = (epoch - starts[index]) * steps_per_epoch + step
+                    share = done_steps / (phase.epochs * steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = (
+                            (phase.lr or config.lr) * 0.5 * (1 + math.cos(math.pi * share))
+                        )
                 optimizer.step()
                 losses.append(total_loss / len(configs))
                 if on_step is not None:

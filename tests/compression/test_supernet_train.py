@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,27 @@ def test_a_teacher_of_another_set_and_a_resume_across_teacher_settings_are_refus
             Supernet(space), data, config, KD, teacher=other, checkpoint_dir=tmp_path / "taught",
             resume=True, progress=False,
         )  # fmt: skip
+
+
+def test_each_phase_decays_its_learning_rate_by_a_cosine(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self: torch.optim.Adam, *args: object, **kwargs: object) -> object:
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    phases = (
+        Phase(name="largest", epochs=1),
+        Phase(name="kernel", epochs=1, kernels=(3, 5), lr=1e-3),
+    )
+    # 8 samples in batches of 2: 4 steps a phase, each phase from its own start value.
+    config = OFATrainConfig(phases=phases, batch_size=2, random_subnets=0, lr=4e-3)
+    train_supernet(Supernet(tiny_space()), tiny_data(8), config, KD, progress=False)
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert seen == pytest.approx([4e-3 * c for c in cosine] + [1e-3 * c for c in cosine])
+    seen.clear()
+    flat = config.model_copy(update={"lr_schedule": "constant"})
+    train_supernet(Supernet(tiny_space()), tiny_data(8), flat, KD, progress=False)
+    assert seen == pytest.approx([4e-3] * 4 + [1e-3] * 4)
