@@ -325,7 +325,9 @@ def test_each_phase_decays_its_learning_rate_by_a_cosine(monkeypatch: pytest.Mon
         Phase(name="kernel", epochs=1, kernels=(3, 5), lr=1e-3),
     )
     # 8 samples in batches of 2: 4 steps a phase, each phase from its own start value.
-    config = OFATrainConfig(phases=phases, batch_size=2, random_subnets=0, lr=4e-3)
+    config = OFATrainConfig(
+        phases=phases, batch_size=2, random_subnets=0, lr=4e-3, lr_schedule="cosine"
+    )
     train_supernet(Supernet(tiny_space()), tiny_data(8), config, KD, progress=False)
     cosine = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert seen == pytest.approx([4e-3 * c for c in cosine] + [1e-3 * c for c in cosine])
