@@ -25,7 +25,6 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch.utils.data import Dataset
 from lyceum.compression import analysis
 from lyceum.compression.pipeline import _stages
 from lyceum.compression.pipeline._plan import Step, build_plan, open_stages, started_stages
-from lyceum.compression.pipeline.report import StageRow, write_report
+from lyceum.compression.pipeline.report import CompressResult, StageRow, write_report
 from lyceum.compression.pipeline.schema import (
     PipelineConfig,
     PruneStage,
@@ -62,25 +61,9 @@ from lyceum.student_client._train_optim import build_optimizer
 from lyceum.student_client.loader import DistillLoader
 from lyceum.student_client.losses import labeled_cross_entropy
 
-__all__ = ["CompressResult", "Run"]
+__all__ = ["Run"]
 
 _log = logging.getLogger("lyceum.compression")
-
-
-@dataclass
-class CompressResult:
-    """What a pipeline run produced."""
-
-    model: nn.Module  # the final model: float, pruned, or the int8 graph
-    rows: list[StageRow]
-    report: str  # the Markdown table, also in out_dir/report.md
-    epochs: list[dict[str, Any]]  # per epoch: its number, mean loss and open stages
-    out_dir: Path
-    signum: int | None = None  # the signal that stopped the run (its checkpoint written)
-
-    @property
-    def finished(self) -> bool:
-        return self.signum is None
 
 
 def _epochs_label(start: int, end: int | None) -> str:

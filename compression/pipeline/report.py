@@ -1,4 +1,5 @@
-"""The pipeline's report: PaddleSlim's "hybrid methods" table for one run.
+"""The pipeline's report: PaddleSlim's "hybrid methods" table for one run, and what a run
+produced (`CompressResult`: the final model, the rows, the report).
 
 One row for the model the run starts from (`baseline`) and one per stage, measured when the
 stage ends: top-1 accuracy on the test split, size on disk (the stage's file: the float
@@ -12,15 +13,24 @@ program for int8 ones, the way `lyceum quantize` times them). Written as `report
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from lyceum.compression._io import write_bytes_atomic
 from lyceum.proto.display import format_bytes
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "StageRow", "format_report", "write_report"]
+__all__ = [
+    "REPORT_JSON",
+    "REPORT_MD",
+    "CompressResult",
+    "StageRow",
+    "format_report",
+    "write_report",
+]
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -69,3 +79,19 @@ def write_report(out_dir: Path, rows: list[StageRow], test_split: str) -> str:
     write_bytes_atomic(out_dir / REPORT_JSON, (json.dumps(payload, indent=1) + "\n").encode())
     write_bytes_atomic(out_dir / REPORT_MD, (text + "\n").encode())
     return text
+
+
+@dataclass
+class CompressResult:
+    """What a pipeline run produced."""
+
+    model: nn.Module  # the final model: float, pruned, or the int8 graph
+    rows: list[StageRow]
+    report: str  # the Markdown table, also in out_dir/report.md
+    epochs: list[dict[str, Any]]  # per epoch: its number, mean loss and open stages
+    out_dir: Path
+    signum: int | None = None  # the signal that stopped the run (its checkpoint written)
+
+    @property
+    def finished(self) -> bool:
+        return self.signum is None

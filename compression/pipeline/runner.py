@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lyceum.compression.pipeline._run import CompressResult, Run
+from lyceum.compression.pipeline._run import Run
+from lyceum.compression.pipeline.report import CompressResult
 from lyceum.compression.pipeline.schema import PipelineConfig, load_pipeline, validate_pipeline
 from lyceum.compression.pipeline.state import RunState
 from lyceum.student_client._train_env import StopSignals

@@ -30,6 +30,7 @@ from lyceum.compression.search import (
     open_study,
     trial_tokens,
 )
+from tests._support.teachers import ENV
 from tests._support.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,6 +45,7 @@ WORKER = """
 import sys, threading, time
 from pathlib import Path
 from lyceum.compression.search import SAConfig, StudyConfig, run_search
+from tests._support.waiting import wait_until
 
 storage, calls, name, victim = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 TRIALS = int(sys.argv[5])
@@ -60,11 +62,14 @@ def objective(tokens):
         threading.Event().wait()  # blocks until the test kills this worker
     # Trials take milliseconds of overhead now: without this, one live worker can finish the
     # study before the other has started. Each waits (bounded) until both have trained once.
-    deadline = time.monotonic() + 60
-    while not all(list(calls.glob(f"{w}-*")) for w in ("w1", "w2")):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
+    try:
+        wait_until(
+            lambda: all(list(calls.glob(f"{w}-*")) for w in ("w1", "w2")),
+            "both live workers' first trial",
+            timeout_s=60,
+        )
+    except AssertionError:
+        pass  # a bound, not a check: the test itself counts every worker's trials
     time.sleep(0.05)  # a trial's cost on purpose (workers overlap), not a synchronisation
     return -sum((t - o) ** 2 for t, o in zip(tokens, OPTIMUM))
 
@@ -90,6 +95,7 @@ def _start(storage: str, calls: Path, name: str, victim: bool) -> subprocess.Pop
             str(TRIALS),
         ],
         stderr=subprocess.PIPE,
+        env={**os.environ, **ENV},  # the worker imports the suite's wait_until
     )
 
 
