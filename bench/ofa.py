@@ -19,7 +19,8 @@ place from its largest subnet, and with every subnet distilled from that teacher
 the training set (`TeacherKnowledge`, alpha 0.5, temperature 4, as `lyceum nas supernet
 train` with a `teacher:` section does from a dump); the same table for each.
 
-With `--samplers N`, one supernet is trained and SA, random search and TPE each search it for N
+With `--samplers N`, one supernet is trained and SA (warm-ups `--sa-warmup`), regularized
+evolution (populations `--evolution-population`), random search and TPE each search it for N
 trials under the budget, `--sampler-seeds` seeds: the best reward each reaches (minus the
 validation cross-entropy; top-1 saturates on 180 validation digits).
 
@@ -40,6 +41,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import optuna
 import torch
@@ -189,19 +191,34 @@ def _samplers(
             return -float(torch.nn.functional.cross_entropy(model(inputs), labels))
 
     budgeted = BudgetedSpace(supernet.space, budget, lut)
-    results: dict[str, list[float]] = {"SA": [], "random": [], "TPE": []}
+    results: dict[str, list[float]] = {"random": [], "TPE": []}
     for seed in range(args.sampler_seeds):
         config = SAConfig(max_iterations=args.samplers - 1, seed=seed)
-        sa, _ = search_architecture(
-            supernet.space,
-            reward,
-            budget=budget,
-            lut=lut,
-            search=config,
-            study=StudyConfig(storage=None, study=f"sa-{seed}"),
-            progress=False,
-        )
-        results["SA"].append(sa.best_reward)
+        for warmup in args.sa_warmup:
+            sa, _ = search_architecture(
+                supernet.space,
+                reward,
+                budget=budget,
+                lut=lut,
+                search=config.model_copy(update={"warmup": warmup}),
+                study=StudyConfig(storage=None, study=f"sa-{seed}-{warmup}"),
+                progress=False,
+            )
+            results.setdefault(f"SA, warm-up {warmup}", []).append(sa.best_reward)
+        for population in args.evolution_population:
+            evolution = config.model_copy(
+                update={"method": "evolution", "population": population, "tournament": 4}
+            )
+            found, _ = search_architecture(
+                supernet.space,
+                reward,
+                budget=budget,
+                lut=lut,
+                search=evolution,
+                study=StudyConfig(storage=None, study=f"evolution-{seed}-{population}"),
+                progress=False,
+            )
+            results.setdefault(f"evolution, population {population}", []).append(found.best_reward)
         for name, sampler in (
             ("random", optuna.samplers.RandomSampler(seed=seed)),
             ("TPE", optuna.samplers.TPESampler(seed=seed)),
@@ -212,17 +229,15 @@ def _samplers(
         f"\n## Samplers on the supernet's reward ({args.samplers} trials, {args.sampler_seeds} "
         "search seeds; reward: minus the validation cross-entropy after BN re-calibration)"
     )
-    print("| sampler | best reward per seed | mean | median | seeds SA beat it / tied |")
+    print("| sampler | best reward per seed | mean | median | seeds ahead of random / tied |")
     print("| --- | --- | ---: | ---: | ---: |")
     for name, values in results.items():
         listed = " / ".join(f"{v:.4f}" for v in values)
-        versus = ""
-        if name != "SA":
-            pairs = list(zip(results["SA"], values, strict=True))
-            versus = f"{sum(a > b for a, b in pairs)} / {sum(a == b for a, b in pairs)}"
+        pairs = list(zip(values, results["random"], strict=True))
+        versus = f"{sum(a > b for a, b in pairs)} / {sum(a == b for a, b in pairs)}"
         print(
             f"| {name} | {listed} | {statistics.mean(values):.4f} | "
-            f"{statistics.median(values):.4f} | {versus} |"
+            f"{statistics.median(values):.4f} | {'' if name == 'random' else versus} |"
         )
 
 
@@ -234,13 +249,18 @@ def run(args: argparse.Namespace) -> None:
     supernet_epochs = sum(p.epochs for p in phases)
     kd = functools.partial(soft_label_kd, temperature=4.0)
     lut = None
-    if args.latency:
+    if args.latency and args.lut is not None and args.lut.exists():
+        lut = LatencyTable.load(args.lut)
+        print(f"latency table: {len(lut.entries)} ops read from {args.lut}")
+    elif args.latency:
         start = time.perf_counter()
         lut = build_latency_table(space, clock="thread", runs=30, warmup=3, progress=False)
         print(
             f"latency table: {len(lut.entries)} ops in {time.perf_counter() - start:.0f} s "
             f"(thread clock, 1 thread, batch 1, {lut.sweeps} sweeps)"
         )
+        if args.lut is not None:
+            lut.save(args.lut)
     figures = BudgetedSpace(space, lut=lut).figures
     largest = figures(space.init_tokens())
     smallest = figures(space.tokens(space.smallest()))
@@ -450,6 +470,12 @@ def main() -> None:
         help="Budget on predicted latency (a latency table built first) instead of MACs.",
     )
     parser.add_argument(
+        "--lut",
+        type=Path,
+        help="With --latency: read the latency table from this file if it exists, else build "
+        "it and write it there (runs compared on one table, hence one budget).",
+    )
+    parser.add_argument(
         "--kernels",
         choices=["crop", "transform", "both"],
         default="transform",
@@ -474,6 +500,22 @@ def main() -> None:
     )
     parser.add_argument(
         "--sampler-seeds", type=int, default=5, help="Search seeds of --samplers (default 5)."
+    )
+    parser.add_argument(
+        "--sa-warmup",
+        type=int,
+        nargs="+",
+        default=[0, 10],
+        help="SA's warm-up trials (random draws before annealing) of --samplers, one SA row "
+        "each (default 0 10).",
+    )
+    parser.add_argument(
+        "--evolution-population",
+        type=int,
+        nargs="*",
+        default=[10],
+        help="Regularized evolution's populations (tournament 4) of --samplers, one row each "
+        "(default 10; none: no evolution row).",
     )
     parser.add_argument(
         "--lightnas-epochs", type=int, default=2, help="Light-NAS reward epochs (default 2)."

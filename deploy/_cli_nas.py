@@ -221,8 +221,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     nas = subparsers.add_parser(
         "nas",
         help="architecture search (Light-NAS) under FLOPs and latency budgets",
-        description="Search architectures by simulated annealing on an Optuna study that any "
-        "number of workers share.",
+        description="Search architectures by simulated annealing (or regularized evolution: "
+        "search.method: evolution in the YAML) on an Optuna study that any number of workers "
+        "share.",
     )
     sub = nas.add_subparsers(dest="nas_command", required=True, metavar="ACTION")
     _cli_supernet.add_parser(sub)

@@ -1,10 +1,11 @@
-"""One search engine for automatic pruning and NAS: simulated annealing on Optuna studies.
+"""One search engine for automatic pruning and NAS: simulated annealing (or regularized
+evolution, `SAConfig(method="evolution")`) on Optuna studies.
 
 result = run_search(space, objective, SAConfig(max_iterations=50, seed=0),
                     study=StudyConfig(storage="search.db", study="nas"))
 
 Any number of workers (processes, machines) run `run_search` against one storage and extend one
-annealing chain, rebuilt from the storage at every draw (each worker reads only the trials new or
+annealing chain (or evolving population), rebuilt from the storage at every draw (each worker reads only the trials new or
 unfinished since its last read, `StudyTrials`); a search resumes from the storage alone.
 A trial's candidate is one system attribute (`DRAW_ATTR`; `trial_tokens` reads it).
 """
@@ -12,6 +13,7 @@ A trial's candidate is one system attribute (`DRAW_ATTR`; `trial_tokens` reads i
 from lyceum.compression.search.base import CanonicalSpace, Objective, SearchSpace, canonical_tokens
 from lyceum.compression.search.chain import SAChain
 from lyceum.compression.search.config import SAConfig, StudyConfig
+from lyceum.compression.search.evolution import EvolutionSampler
 from lyceum.compression.search.sampler import FeasibleSampler, InfeasibleSearchError, SASampler
 from lyceum.compression.search.storage import (
     STALE_ATTR,
@@ -52,6 +54,7 @@ __all__ = [
     "Objective",
     # building blocks: the samplers, the chain they replay, the study and its storage
     "SASampler",
+    "EvolutionSampler",
     "FeasibleSampler",
     "SAChain",
     "open_study",

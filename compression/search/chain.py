@@ -10,8 +10,11 @@ stored, so any worker on any machine rebuilds the same chain from the storage al
   `update(number, tokens, reward)`;
 - every random draw comes from a generator seeded by (seed, what, trial number, attempt), never
   from a generator that advances across trials, so the replay needs no RNG state;
-- T = T0 * reduce_rate**k where k is the number of moves already decided (finished trials but the
-  first), and delta is divided by a running mean of |delta| so that T = 1 accepts a typical worse
+- with `warmup` w, trials 1..w are uniform random candidates (the sampler draws them), replayed
+  greedily (the better one becomes the current point, no move decided), so the chain starts
+  from the best of w + 1 candidates instead of wherever one draw put it;
+- T = T0 * reduce_rate**k where k is the number of moves already decided (finished trials past
+  the warm-up but the first), and delta is divided by a running mean of |delta| so that T = 1 accepts a typical worse
   move with probability 1/e whatever the reward's units (with accuracies in [0, 1], PaddleSlim's
   exp(delta / T) at T = 100 is ~1 for any delta: a random walk).
 """
@@ -22,8 +25,12 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-__all__ = ["SAChain", "check_tokens"]
+if TYPE_CHECKING:
+    from lyceum.compression.search.config import SAConfig
+
+__all__ = ["SAChain", "check_tokens", "mutate", "seeded_rng"]
 
 
 def check_tokens(tokens: Sequence[int], table: Sequence[int], what: str) -> list[int]:
@@ -37,9 +44,29 @@ def check_tokens(tokens: Sequence[int], table: Sequence[int], what: str) -> list
     return tokens
 
 
-def _draw(seed: int, what: str, number: int, attempt: int = 0) -> random.Random:
+def seeded_rng(seed: int, what: str, number: int, attempt: int = 0) -> random.Random:
+    """The generator of draw `attempt` of `what` for trial `number`: a pure function of its
+    arguments, so a replay needs no RNG state."""
     # A str seed is hashed with SHA-512: the same generator in every process and on every machine.
     return random.Random(f"lyceum-sa:{seed}:{what}:{number}:{attempt}")
+
+
+def mutate(
+    tokens: Sequence[int], table: Sequence[int], rng: random.Random, changes: int = 1
+) -> list[int]:
+    """`tokens` with `changes` of them (as many as can change, if fewer) set to another value."""
+    mutable = [i for i, n in enumerate(table) if n > 1]
+    if not mutable:
+        raise ValueError(f"range table {list(table)}: every token has one value; nothing to search")
+    picked = (
+        [rng.choice(mutable)] if changes == 1 else rng.sample(mutable, min(changes, len(mutable)))
+    )
+    mutated = list(tokens)
+    for i in picked:
+        # Draw among the other values of the token, so that every draw is a real move.
+        value = rng.randrange(table[i] - 1)
+        mutated[i] = value if value < mutated[i] else value + 1
+    return mutated
 
 
 @dataclass
@@ -56,6 +83,7 @@ class SAChain:
     best_reward: float | None = None
     moves: int = 0
     spread: float = 0.0
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         if not self.table or any(n < 1 for n in self.table):
@@ -66,9 +94,25 @@ class SAChain:
         if not self.best_tokens:
             self.best_tokens = list(self.current_tokens)
 
+    @classmethod
+    def of(cls, config: SAConfig, table: Sequence[int], tokens: Sequence[int]) -> SAChain:
+        """The chain `config` anneals over `table`, before any trial, at `tokens`."""
+        return cls(
+            list(table),
+            list(tokens),
+            seed=config.seed,
+            init_temperature=config.init_temperature,
+            reduce_rate=config.reduce_rate,
+            warmup=config.warmup,
+        )
+
     @property
     def temperature(self) -> float:
         return self.init_temperature * self.reduce_rate**self.moves
+
+    def in_warmup(self, number: int) -> bool:
+        """Whether trial `number` is one of the warm-up's random candidates."""
+        return 0 < number <= self.warmup
 
     def copy(self) -> SAChain:
         return replace(
@@ -82,6 +126,8 @@ class SAChain:
             raise ValueError(f"SAChain: reward must be finite, got {reward} for trial {number}")
         if self.current_reward is None:
             accepted = True
+        elif self.in_warmup(number):
+            accepted = reward > self.current_reward
         else:
             delta = reward - self.current_reward
             if delta >= 0:
@@ -89,7 +135,7 @@ class SAChain:
             else:
                 # Ties (delta 0) keep the spread at 0: fall back to this move's own size.
                 scale = self.spread or abs(delta)
-                u = _draw(self.seed, "accept", number).random()
+                u = seeded_rng(self.seed, "accept", number).random()
                 accepted = u < math.exp(delta / (self.temperature * scale))
             self.moves += 1
             self.spread += (abs(delta) - self.spread) / self.moves
@@ -99,18 +145,17 @@ class SAChain:
             self.best_tokens, self.best_reward = list(tokens), reward
         return accepted
 
-    def neighbour(self, number: int, attempt: int) -> list[int]:
-        """Draw `attempt` for trial `number`: the current tokens with one token changed."""
-        mutable = [i for i, n in enumerate(self.table) if n > 1]
-        if not mutable:
-            raise ValueError("SAChain: every token has a single value; nothing to search")
-        rng = _draw(self.seed, "move", number, attempt)
-        tokens = list(self.current_tokens)
-        i = rng.choice(mutable)
-        # Draw among the other values of the token, so that every draw is a real move.
-        value = rng.randrange(self.table[i] - 1)
-        tokens[i] = value if value < tokens[i] else value + 1
-        return tokens
+    def neighbour(self, number: int, attempt: int, changes: int = 1) -> list[int]:
+        """Draw `attempt` for trial `number`: the current tokens with `changes` tokens changed
+        (as many as can change, if fewer)."""
+        what = "move" if changes == 1 else f"move{changes}"
+        rng = seeded_rng(self.seed, what, number, attempt)
+        return mutate(self.current_tokens, self.table, rng, changes)
+
+    def random_tokens(self, number: int, attempt: int) -> list[int]:
+        """Draw `attempt` for warm-up trial `number`: every token uniform in its range."""
+        rng = seeded_rng(self.seed, "warmup", number, attempt)
+        return [rng.randrange(n) for n in self.table]
 
     def neighbours(self) -> Iterator[tuple[int, ...]]:
         """Every candidate `neighbour` can draw: the current tokens with one token changed."""

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["SAConfig", "StudyConfig"]
 
 
+# Which settings each method's draws depend on: what a study saves, and checks on resume.
+_EVOLUTION_SETTINGS = {"method", "seed", "population", "tournament", "max_resample"}
+_EVOLUTION_ONLY = {"method", "population", "tournament"}
+
+
 class SAConfig(BaseModel):
-    """Settings of the simulated-annealing search (PaddleSlim's SAController's, made relative)."""
+    """Settings of the search: simulated annealing (PaddleSlim's SAController's, made
+    relative), by default, or regularized evolution (`method: evolution`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["annealing", "evolution"] = Field(
+        default="annealing",
+        description="annealing: one chain of one-token moves (PaddleSlim's Light-NAS). "
+        "evolution: regularized (aging) evolution, once-for-all's search made asynchronous: "
+        "each child is a one-token mutation of the best of `tournament` members drawn from "
+        "the `population` latest completed trials.",
+    )
 
     init_temperature: float = Field(
         default=1.0,
@@ -24,6 +38,14 @@ class SAConfig(BaseModel):
         gt=0,
         lt=1,
         description="Temperature multiplier per decided move (finished trial after the first).",
+    )
+    warmup: int = Field(
+        default=0,
+        ge=0,
+        description="Uniform random candidates (feasible, untaken) evaluated after the initial "
+        "one before annealing starts, from the best of them. 0: PaddleSlim's chain, straight "
+        "from the initial tokens; a start at a poor point or at the budget's edge (most "
+        "neighbours infeasible) can hold a short chain there.",
     )
     max_iterations: int = Field(
         default=100,
@@ -37,7 +59,35 @@ class SAConfig(BaseModel):
         description="Draws allowed to find a feasible (budget-meeting) candidate for one trial "
         "before the search stops with an error.",
     )
+    population: int = Field(
+        default=16,
+        ge=2,
+        description="evolution: members of the population, the latest completed trials; the "
+        "first `population` trials (the initial one, then uniform random draws) found it.",
+    )
+    tournament: int = Field(
+        default=4,
+        ge=1,
+        description="evolution: members drawn for each child, the best of them its parent "
+        "(larger: greedier).",
+    )
     seed: int = Field(default=0, description="Seed of every draw of the chain.")
+
+    @model_validator(mode="after")
+    def _tournament_fits(self) -> Self:
+        if self.tournament > self.population:
+            raise ValueError(
+                f"SAConfig: tournament {self.tournament} exceeds population {self.population}; "
+                "draw at most the whole population"
+            )
+        return self
+
+    def study_settings(self) -> dict[str, Any]:
+        """The settings the search's draws depend on: saved with its study, checked on resume
+        (a study annealed without `method` saved is an annealing one)."""
+        if self.method == "evolution":
+            return self.model_dump(include=_EVOLUTION_SETTINGS)
+        return self.model_dump(exclude={"max_iterations", *_EVOLUTION_ONLY})
 
 
 class StudyConfig(BaseModel):

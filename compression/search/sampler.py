@@ -46,11 +46,11 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
     from optuna.study import Study
 
-__all__ = ["FeasibleSampler", "InfeasibleSearchError", "SASampler"]
+__all__ = ["FeasibleSampler", "InfeasibleSearchError", "SASampler", "TokenSampler"]
 
 # Draws in a row that hit taken candidates before the sampler checks whether the whole
-# neighbourhood is taken (a chain stuck on an explored optimum): then the draws left would all
-# be skipped, and it stops at the first feasible one instead of drawing `max_resample` times.
+# neighbourhood is taken (a chain stuck on an explored optimum): then the draws left change two
+# tokens, instead of skipping one-token moves `max_resample` times and evaluating none.
 _ALL_TAKEN_AFTER = 16
 
 
@@ -64,7 +64,7 @@ def _distributions(table: Sequence[int]) -> dict[str, BaseDistribution]:
     }
 
 
-class _TokenSampler(BaseSampler):
+class TokenSampler(BaseSampler):
     """The part both samplers share: the search space is the space's tokens, a trial enqueued
     with its candidate (a retry) keeps it, and a new draw is written as one `DRAW_ATTR`.
 
@@ -104,6 +104,18 @@ class _TokenSampler(BaseSampler):
         self._record(study, trial, tokens, search_space)
         return dict(zip(self.names, tokens, strict=True))
 
+    def sample_independent(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        raise ValueError(
+            f"{type(self).__name__} samples only the space's tokens; parameter {param_name!r} "
+            "is not one"
+        )
+
     @abstractmethod
     def _draw(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -120,7 +132,7 @@ class _TokenSampler(BaseSampler):
         """Write what else the sampler reads back of a trial's candidate besides `DRAW_ATTR`."""
 
 
-class SASampler(_TokenSampler):
+class SASampler(TokenSampler):
     """Simulated annealing over `space`'s tokens, rebuilt from the study's storage."""
 
     def __init__(
@@ -133,13 +145,7 @@ class SASampler(_TokenSampler):
         super().__init__(space)
         self.config = config or SAConfig()
         start = self.canonical(init_tokens if init_tokens is not None else space.init_tokens())
-        self._start = SAChain(
-            self.table,
-            start,
-            seed=self.config.seed,
-            init_temperature=self.config.init_temperature,
-            reduce_rate=self.config.reduce_rate,
-        )
+        self._start = SAChain.of(self.config, self.table, start)
         # (the trials, how many replayed) -> the chain after trials [0, replayed): all finished.
         self._cache: tuple[StudyTrials, int, SAChain] | None = None
 
@@ -200,28 +206,32 @@ class SASampler(_TokenSampler):
                 )
             return list(chain.current_tokens), 0
         redraws = 0
+        if chain.in_warmup(number):
+            for attempt in range(self.config.max_resample):
+                tokens = self.canonical(chain.random_tokens(number, attempt))
+                if is_taken(tuple(tokens)):
+                    continue
+                if self.space.is_feasible(tokens):
+                    return tokens, redraws
+                redraws += 1
+            # A budget random draws rarely meet: the warm-up trial moves from the chain instead.
         fallback: list[int] | None = None
-
-        def draw(attempt: int) -> list[int]:
-            return self.canonical(chain.neighbour(number, attempt))
-
+        changes = 1
         for attempt in range(self.config.max_resample):
-            tokens = draw(attempt)
+            tokens = self.canonical(chain.neighbour(number, attempt, changes))
             if is_taken(tuple(tokens)):
                 # Seen already: evaluated once is enough, so look further before settling.
                 if fallback is None and self.space.is_feasible(tokens):
                     fallback = tokens
                 if (
-                    attempt == _ALL_TAKEN_AFTER
+                    changes == 1
+                    and attempt == _ALL_TAKEN_AFTER
                     and redraws == 0
                     and all(is_taken(tuple(self.canonical(t))) for t in chain.neighbours())
                 ):
-                    # Every draw left would be skipped too: the first feasible one is the answer.
-                    if fallback is None:
-                        left = range(attempt + 1, self.config.max_resample)
-                        draws = (draw(a) for a in left)
-                        fallback = next((t for t in draws if self.space.is_feasible(t)), None)
-                    break
+                    # A chain on an explored optimum: every one-token move was evaluated, so
+                    # the draws left change two tokens, where a new candidate can still be.
+                    changes = 2
                 continue
             if self.space.is_feasible(tokens):
                 return tokens, redraws
@@ -233,25 +243,15 @@ class SASampler(_TokenSampler):
             f"{self.config.max_resample} draws; loosen the budget or raise max_resample"
         )
 
-    def sample_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        raise ValueError(
-            f"SASampler samples only the space's tokens; parameter {param_name!r} is not one"
-        )
-
 
 # TPE proposes the argmax of its acquisition: asked again for the same trial, it proposes
 # (nearly) the same candidate. Past this many infeasible draws, random draws take over.
 _INNER_DRAWS = 10
 
 
-class FeasibleSampler(_TokenSampler):
-    """Any Optuna sampler's draws of `space`'s tokens, re-drawn until they meet the budget.
+class FeasibleSampler(TokenSampler):
+    """Any Optuna sampler's draws of `space`'s tokens, re-drawn until they meet the budget
+    and are not taken by another trial (else a taken feasible one).
 
     The first `_INNER_DRAWS` draws are the inner sampler's, the rest uniform random ones.
     """
@@ -267,15 +267,26 @@ class FeasibleSampler(_TokenSampler):
     def _draw(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> tuple[list[int], int]:
-        for redraws in range(self.max_resample):
-            draw = self.inner if redraws < _INNER_DRAWS else self._random
+        trials = self.trials(study)
+        trials.refresh()
+        redraws = 0
+        fallback: list[int] | None = None
+        for attempt in range(self.max_resample):
+            draw = self.inner if attempt < _INNER_DRAWS else self._random
             params = [
                 draw.sample_independent(study, trial, name, dist)
                 for name, dist in search_space.items()
             ]
             tokens = self.canonical(check_tokens(params, self.table, f"trial {trial.number}"))
-            if self.space.is_feasible(tokens):
+            if not self.space.is_feasible(tokens):
+                redraws += 1
+            elif not trials.is_taken(tuple(tokens)):
                 return tokens, redraws
+            elif fallback is None:
+                # Evaluated already (the study would copy its reward): a new one is worth more.
+                fallback = tokens
+        if fallback is not None:
+            return fallback, redraws
         raise InfeasibleSearchError(
             f"{type(self.inner).__name__}: no feasible candidate in {self.max_resample} draws; "
             "loosen the budget or raise max_resample"

@@ -33,8 +33,9 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field
 
 from lyceum.compression.search.base import Objective, SearchSpace, canonical_tokens
-from lyceum.compression.search.chain import check_tokens
+from lyceum.compression.search.chain import SAChain, check_tokens
 from lyceum.compression.search.config import SAConfig, StudyConfig
+from lyceum.compression.search.evolution import EvolutionSampler
 from lyceum.compression.search.sampler import FeasibleSampler, SASampler
 from lyceum.compression.search.storage import Heartbeat, fail_stale_trials, open_storage
 from lyceum.compression.search.trials import (
@@ -99,16 +100,24 @@ def open_study(
 def saved_sa_config(study: optuna.Study) -> SAConfig | None:
     """The annealing settings a study was searched with (what replays its chain), or None for
     a study of another sampler or none yet."""
-    saved = study.user_attrs.get(_CHAIN_ATTR)
+    saved = _saved_chain(study)
     if not isinstance(saved, dict) or "sampler" in saved:
         return None
     return SAConfig.model_validate(saved)
 
 
+def _saved_chain(study: optuna.Study) -> Any:
+    """The study's saved chain settings; a study annealed before `warmup` existed had none."""
+    saved = study.user_attrs.get(_CHAIN_ATTR)
+    if isinstance(saved, dict) and "sampler" not in saved and "method" not in saved:
+        return {"warmup": 0} | saved
+    return saved
+
+
 def _check_study(study: optuna.Study, table: list[int], chain: dict[str, Any]) -> None:
     """A study resumes only with the space and chain settings it was started with."""
     for key, mine in ((_TABLE_ATTR, table), (_CHAIN_ATTR, chain)):
-        saved = study.user_attrs.get(key)
+        saved = _saved_chain(study) if key == _CHAIN_ATTR else study.user_attrs.get(key)
         if saved is None:
             study.set_user_attr(key, mine)
         elif saved != mine:
@@ -143,9 +152,11 @@ def run_search(
     table = list(space.range_table())
     if init_tokens is not None:
         init_tokens = canonical_tokens(space)(check_tokens(init_tokens, table, "init_tokens"))
+    chosen: SASampler | EvolutionSampler | FeasibleSampler
     if sampler is None:
-        chosen: SASampler | FeasibleSampler = SASampler(space, config, init_tokens=init_tokens)
-        chain = config.model_dump(exclude={"max_iterations"})
+        own = SASampler if config.method == "annealing" else EvolutionSampler
+        chosen = own(space, config, init_tokens=init_tokens)
+        chain = config.study_settings()
     else:
         chosen = FeasibleSampler(sampler, space, config.max_resample, config.seed)
         chain = {"sampler": type(sampler).__name__, "seed": config.seed}
@@ -187,7 +198,7 @@ def run_search(
 
 def _new_trial(
     study: optuna.Study,
-    sampler: SASampler | FeasibleSampler,
+    sampler: SASampler | EvolutionSampler | FeasibleSampler,
     trials: StudyTrials,
     orphan: list[int] | None,
 ) -> tuple[int, FrozenTrial | None]:
@@ -195,14 +206,15 @@ def _new_trial(
     new draw): its storage id, and the trial as created when `trials` is current for it
     (`StudyTrials.is_current_for`: its twin check needs no read of the study).
 
-    Annealing draws first and creates the trial with its candidate in one write, so a trial
-    is never seen without its candidate; it draws for the number the trial is expected to get
-    (the next after the trials read), which another worker may take first: the draw stands
-    then (a neighbour of the same chain), and the twin check settles two equal ones. A trial
+    Annealing and evolution draw first and create the trial with its candidate in one write,
+    so a trial is never seen without its candidate; they draw for the number the trial is
+    expected to get (the next after the trials read), which another worker may take first:
+    the draw stands then (a neighbour of the same chain, a child of the same population), and
+    the twin check settles two equal ones. A trial
     waiting in the study (enqueued by hand) and the other samplers go through Optuna's `ask`.
     """
     waiting = any(t.state == TrialState.WAITING for t in trials.live())
-    if isinstance(sampler, SASampler) and not waiting:
+    if isinstance(sampler, SASampler | EvolutionSampler) and not waiting:
         tokens, redraws = orphan, 0
         if tokens is None:
             tokens, redraws = sampler.propose(trials, len(trials))
@@ -241,7 +253,7 @@ def _new_trial(
 
 def _one_trial(
     study: optuna.Study,
-    sampler: SASampler | FeasibleSampler,
+    sampler: SASampler | EvolutionSampler | FeasibleSampler,
     trials: StudyTrials,
     orphan: list[int] | None,
     objective: Objective,
@@ -351,17 +363,9 @@ def search_result(
     if not complete:
         raise ValueError(f"study {study.study_name!r} has no completed trial yet")
     chain = None
-    if config is not None:
-        from lyceum.compression.search.chain import SAChain
-
+    if config is not None and config.method == "annealing":
         start = trial_tokens(complete[0], table) if init_tokens is None else list(init_tokens)
-        chain = SAChain(
-            table,
-            start or [0] * len(table),
-            seed=config.seed,
-            init_temperature=config.init_temperature,
-            reduce_rate=config.reduce_rate,
-        )
+        chain = SAChain.of(config, table, start or [0] * len(table))
     history = []
     for t in complete:
         tokens = trial_tokens(t, table)

@@ -209,6 +209,20 @@ class StudyTrials:
             if trial.state.is_finished():
                 yield trial
 
+    def latest_complete(self, count: int) -> list[FrozenTrial]:
+        """The `count` highest-numbered completed trials with a candidate, in number order."""
+        found: list[FrozenTrial] = []
+        for trial in reversed(self._trials):
+            if len(found) == count:
+                break
+            if (
+                trial.state == TrialState.COMPLETE
+                and trial.value is not None
+                and self._tokens[trial.number] is not None
+            ):
+                found.append(trial)
+        return found[::-1]
+
     def is_taken(self, tokens: Tokens) -> bool:
         """Whether a completed, running or waiting trial has `tokens` as its candidate."""
         return tokens in self._completed or tokens in self._live_tokens

@@ -283,6 +283,40 @@ def test_other_samplers_draw_only_feasible_candidates(sampler: optuna.samplers.B
     assert all(h["accepted"] is None for h in result.history)
 
 
+class _Tiny(_Space):
+    """Two tokens of three values: nine candidates, six of them feasible (sum <= 2)."""
+
+    def range_table(self) -> list[int]:
+        return [3, 3]
+
+    def init_tokens(self) -> list[int]:
+        return [0, 0]
+
+    def is_feasible(self, tokens: Sequence[int]) -> bool:
+        return sum(tokens) <= 2
+
+
+@pytest.mark.parametrize(
+    "sampler", [optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0)]
+)
+def test_other_samplers_draw_a_taken_candidate_only_when_none_is_left(
+    sampler: optuna.samplers.BaseSampler,
+) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def objective(tokens: Sequence[int]) -> float:
+        calls.append(tuple(tokens))
+        return float(tokens[0])
+
+    config = SAConfig(max_iterations=7)
+    result = run_search(_Tiny(), objective, config, sampler=sampler, progress=False)
+    # The six feasible candidates each evaluated once, then two copies: none left to draw.
+    assert sorted(calls) == [
+        (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)
+    ]  # fmt: skip
+    assert [h["cached_from"] is not None for h in result.history] == [False] * 6 + [True] * 2
+
+
 def test_bad_config_values_are_rejected() -> None:
     with pytest.raises(ValueError, match="reduce_rate"):
         SAConfig(reduce_rate=1.5)
@@ -482,19 +516,81 @@ def test_the_cached_chain_equals_a_rebuild_after_trials_by_two_workers(tmp_path:
         assert rebuilt.moves == 23
 
 
-def test_a_chain_whose_every_neighbour_is_taken_settles_as_the_full_draw_would() -> None:
-    class LastIsNine(_Space):
-        def is_feasible(self, tokens: Sequence[int]) -> bool:
-            return tokens[5] == 9
+class _LastIsNine(_Space):
+    def is_feasible(self, tokens: Sequence[int]) -> bool:
+        return tokens[5] == 9
 
-    sampler = SASampler(LastIsNine(), SAConfig(max_resample=300))
-    chain = SAChain([10] * 6, [1, 2, 3, 4, 5, 6], seed=4)
-    chain.update(0, [1, 2, 3, 4, 5, 6], -1.0)
-    # By hand: every one of the 300 draws is taken, and the first feasible one is the answer.
-    draws = [chain.neighbour(7, a) for a in range(300)]
+
+def test_a_chain_whose_every_neighbour_is_taken_moves_two_tokens() -> None:
+    sampler = SASampler(_LastIsNine(), SAConfig(max_resample=300))
+    current = [1, 2, 3, 4, 5, 9]
+    chain = SAChain([10] * 6, current, seed=4)
+    chain.update(0, current, -1.0)
+    evaluated = {tuple(current), *chain.neighbours()}
+    tokens, redraws = sampler._propose(chain, 7, lambda tokens: tokens in evaluated)
+    # By hand: the 17 one-token draws are all taken; then two-token draws, the first feasible.
+    draws = [chain.neighbour(7, a, 2) for a in range(17, 300)]
     expected = next(d for d in draws if d[5] == 9)
-    assert draws.index(expected) > 16  # found past the point where the sampler stops drawing
-    assert sampler._propose(chain, 7, lambda tokens: True) == (expected, 0)
+    assert tokens == expected
+    assert sum(t != c for t, c in zip(tokens, current, strict=True)) == 2
+    assert redraws == draws.index(expected)  # the infeasible two-token draws before it
+
+
+def test_a_chain_whose_every_candidate_is_taken_settles_on_a_feasible_one() -> None:
+    sampler = SASampler(_LastIsNine(), SAConfig(max_resample=300))
+    current = [1, 2, 3, 4, 5, 9]
+    chain = SAChain([10] * 6, current, seed=4)
+    chain.update(0, current, -1.0)
+    tokens, redraws = sampler._propose(chain, 7, lambda tokens: True)
+    # The first feasible draw, taken as every one is: no evaluation wasted on an error.
+    assert tokens == next(d for d in (chain.neighbour(7, a) for a in range(17)) if d[5] == 9)
+    assert redraws == 0
+
+
+def test_warmup_trials_are_random_draws_and_the_chain_starts_from_their_best(
+    tmp_path: Path,
+) -> None:
+    config = SAConfig(max_iterations=20, seed=3, warmup=5)
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    result = run_search(_Space(), _Objective(), config, study=study, progress=False)
+    history = result.history
+    # By hand: trial n of 1..5 is the first feasible, untaken uniform draw of its own.
+    by_hand = SAChain.of(config, [10] * 6, [0] * 6)
+    taken: set[tuple[int, ...]] = {(0,) * 6}
+    for h in history[1:6]:
+        draws = (by_hand.random_tokens(h["number"], a) for a in range(300))
+        expected = next(d for d in draws if sum(d) <= 30 and tuple(d) not in taken)
+        assert h["tokens"] == expected
+        taken.add(tuple(expected))
+    for h in history[:6]:
+        assert by_hand.update(h["number"], h["tokens"], h["reward"]) == h["accepted"]
+    # Greedy over the warm-up: the chain sits on its best, no move decided, T still T0.
+    best = max(history[:6], key=lambda h: h["reward"])
+    assert by_hand.current_tokens == best["tokens"] and by_hand.moves == 0
+    assert by_hand.temperature == config.init_temperature
+    first_move = history[6]["tokens"]
+    assert sum(t != c for t, c in zip(first_move, best["tokens"], strict=True)) == 1
+    # The same chain rebuilt from the storage alone, and the same search in memory.
+    for h in history[6:]:
+        by_hand.update(h["number"], h["tokens"], h["reward"])
+    assert SASampler(_Space(), config).chain(open_study(study).get_trials()) == by_hand
+    assert run_search(_Space(), _Objective(), config, progress=False).history == history
+
+
+def test_a_study_annealed_before_warmup_existed_resumes_as_warmup_0(tmp_path: Path) -> None:
+    study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
+    config = SAConfig(max_iterations=4, seed=1)
+    run_search(_Space(), _Objective(), config, study=study, progress=False)
+    opened = open_study(study)
+    saved = opened.user_attrs[search_study._CHAIN_ATTR]
+    opened.set_user_attr(
+        search_study._CHAIN_ATTR, {k: v for k, v in saved.items() if k != "warmup"}
+    )
+    longer = SAConfig(max_iterations=8, seed=1)
+    resumed = run_search(_Space(), _Objective(), longer, study=study, progress=False)
+    assert resumed.history == run_search(_Space(), _Objective(), longer, progress=False).history
+    with pytest.raises(ValueError, match=r"saved chain .*'warmup': 0.* differs"):
+        run_search(_Space(), _Objective(), longer.model_copy(update={"warmup": 2}), study=study)
 
 
 class _Folded(_Space):

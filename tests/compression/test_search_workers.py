@@ -48,7 +48,7 @@ from lyceum.compression.search import SAConfig, StudyConfig, run_search
 from tests._support.waiting import wait_until
 
 storage, calls, name, victim = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
-TRIALS = int(sys.argv[5])
+TRIALS, METHOD = int(sys.argv[5]), sys.argv[6]
 OPTIMUM = [3, 7, 1, 8, 5, 2]
 
 class Space:
@@ -74,7 +74,8 @@ def objective(tokens):
     return -sum((t - o) ** 2 for t, o in zip(tokens, OPTIMUM))
 
 study = StudyConfig(storage=storage, study="shared", heartbeat_interval=0.5, grace_period=3)
-run_search(Space(), objective, SAConfig(max_iterations=TRIALS - 1, seed=0), study=study, progress=False)
+config = SAConfig(max_iterations=TRIALS - 1, seed=0, method=METHOD, population=4, tournament=2)
+run_search(Space(), objective, config, study=study, progress=False)
 """
 
 
@@ -82,7 +83,9 @@ def _stderr(worker: subprocess.Popen[bytes]) -> str:
     return worker.stderr.read().decode() if worker.stderr else f"exit {worker.returncode}"
 
 
-def _start(storage: str, calls: Path, name: str, victim: bool) -> subprocess.Popen[bytes]:
+def _start(
+    storage: str, calls: Path, name: str, victim: bool, method: str = "annealing"
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -93,15 +96,16 @@ def _start(storage: str, calls: Path, name: str, victim: bool) -> subprocess.Pop
             name,
             "1" if victim else "0",
             str(TRIALS),
+            method,
         ],
         stderr=subprocess.PIPE,
         env={**os.environ, **ENV},  # the worker imports the suite's wait_until
     )
 
 
-def _three_workers_one_killed(storage: str, calls: Path) -> None:
+def _three_workers_one_killed(storage: str, calls: Path, method: str = "annealing") -> None:
     calls.mkdir()
-    victim = _start(storage, calls, "victim", victim=True)
+    victim = _start(storage, calls, "victim", victim=True, method=method)
     others: list[subprocess.Popen[bytes]] = []
     try:
         wait_until(
@@ -109,7 +113,7 @@ def _three_workers_one_killed(storage: str, calls: Path) -> None:
             "the victim starting a trial",
             gave_up=lambda: None if victim.poll() is None else _stderr(victim),
         )
-        others = [_start(storage, calls, f"w{i}", victim=False) for i in (1, 2)]
+        others = [_start(storage, calls, f"w{i}", False, method) for i in (1, 2)]
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(timeout=HANG_GUARD_S) == -signal.SIGKILL
         for worker in others:
@@ -138,7 +142,7 @@ def _three_workers_one_killed(storage: str, calls: Path) -> None:
     assert killed_tokens == [0] * 6  # the victim was first: it took the initial tokens
     # Its candidate was completed by a live worker: handed out again as a retry (fixed
     # params), or drawn afresh by a worker that asked before the victim's trial was failed
-    # (the SA chain's first candidate while nothing has completed); trained once either way.
+    # (the initial tokens, either sampler's first draw while untaken); trained once either way.
     fresh = [t for t in complete if "lyceum:cached_from" not in t.system_attrs]
     [retry] = [t for t in fresh if trial_tokens(t, TABLE) == killed_tokens]
     assert retry.number > killed.number
@@ -152,8 +156,9 @@ def _three_workers_one_killed(storage: str, calls: Path) -> None:
     assert {"-".join(map(str, trial_tokens(t, TABLE) or [])) for t in fresh} == set(by_tokens)
 
 
-def test_three_workers_on_one_sqlite_file(tmp_path: Path) -> None:
-    _three_workers_one_killed(str(tmp_path / "search.db"), tmp_path / "calls")
+@pytest.mark.parametrize("method", ["annealing", "evolution"])
+def test_three_workers_on_one_sqlite_file(tmp_path: Path, method: str) -> None:
+    _three_workers_one_killed(str(tmp_path / "search.db"), tmp_path / "calls", method)
 
 
 def test_three_workers_on_one_journal_file(tmp_path: Path) -> None:
