@@ -44,6 +44,7 @@ from lyceum.compression.nas.files import (
 )
 from lyceum.compression.nas.job import (
     NASConfig,
+    NASSearchConfig,
     TrainingReward,
     read_search,
     search_architecture,
@@ -95,6 +96,7 @@ __all__ = [
     "search_architecture",
     "read_search",
     "NASConfig",
+    "NASSearchConfig",
     "Budget",
     "TrainingReward",
     "NASDistillation",

@@ -22,6 +22,7 @@ from lyceum.compression.distillation import DistillLoss
 from lyceum.compression.nas.budget import Budget, BudgetedSpace
 from lyceum.compression.nas.distill import NASDistillation, TeacherKnowledge
 from lyceum.compression.nas.extract import extract, save_subnet
+from lyceum.compression.nas.job import NASSearchConfig
 from lyceum.compression.nas.latency import LatencyTable
 from lyceum.compression.nas.ofa_search import SubnetReward, search_subnet
 from lyceum.compression.nas.ofa_space import OFASpace, OFASpaceConfig
@@ -33,7 +34,7 @@ from lyceum.compression.nas.ofa_train import (
     train_supernet,
 )
 from lyceum.compression.nas.supernet import Supernet
-from lyceum.compression.search import SAConfig, SearchResult, StudyConfig
+from lyceum.compression.search import SearchResult, StudyConfig
 from lyceum.proto.specs import load_model
 
 __all__ = [
@@ -89,7 +90,10 @@ class SupernetJobConfig(BaseModel):
         description="Latency table of the space (`lyceum nas lut --space "
         "lyceum.compression.nas:ofa_space{...}`), for latency budgets.",
     )
-    search: SAConfig = Field(default_factory=SAConfig, description="Annealing settings.")
+    search: NASSearchConfig = Field(
+        default_factory=NASSearchConfig,
+        description="Search settings: annealing (default) or evolution, iterations, seed.",
+    )
     study: StudyConfig = Field(
         default_factory=lambda: StudyConfig(storage="supernet.db", study="ofa"),
         description="Where the search is stored (every worker passes the same).",

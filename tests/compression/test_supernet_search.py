@@ -4,7 +4,9 @@ training (the supernet's weights are untouched by the search)."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -20,7 +22,14 @@ def _data(n: int, seed: int) -> TensorDataset:
     )
 
 
-def test_the_search_never_evaluates_a_subnet_over_budget() -> None:
+# Either method of the engine: annealing, and regularized evolution (once-for-all's kind).
+_METHODS = pytest.mark.parametrize(
+    "method", [{}, {"method": "evolution", "population": 5, "tournament": 2}]
+)
+
+
+@_METHODS
+def test_the_search_never_evaluates_a_subnet_over_budget(method: dict[str, Any]) -> None:
     space = tiny_space(kernels=[3, 5, 7])
     net = trained_like(space)
     figures = BudgetedSpace(space).figures
@@ -38,7 +47,7 @@ def test_the_search_never_evaluates_a_subnet_over_budget() -> None:
     result, budgeted = search_subnet(
         reward,
         budget=Budget(max_flops=limit),
-        search=SAConfig(max_iterations=12, seed=0),
+        search=SAConfig(max_iterations=12, seed=0, **method),
         study=StudyConfig(storage=None, study="ofa"),
         progress=False,
     )
@@ -52,7 +61,8 @@ def test_the_search_never_evaluates_a_subnet_over_budget() -> None:
     assert isinstance(net, Supernet)
 
 
-def test_a_subnet_is_evaluated_once_whichever_tokens_reach_it() -> None:
+@_METHODS
+def test_a_subnet_is_evaluated_once_whichever_tokens_reach_it(method: dict[str, Any]) -> None:
     # Depth 1 of 2 leaves a stage's second block idle: its two tokens name no new subnet.
     space = tiny_space(kernels=[3, 5, 7])
     net = trained_like(space)
@@ -65,7 +75,7 @@ def test_a_subnet_is_evaluated_once_whichever_tokens_reach_it() -> None:
     result, budgeted = search_subnet(
         reward,
         budget=Budget(max_flops=limit),
-        search=SAConfig(max_iterations=20, seed=0),
+        search=SAConfig(max_iterations=20, seed=0, **method),
         study=StudyConfig(storage=None, study="ofa"),
         progress=False,
     )

@@ -210,3 +210,35 @@ def test_no_candidate_over_budget_is_ever_built_for_training() -> None:
         BudgetedSpace(space, Budget(max_latency_ms=1.0))
     with pytest.raises(ValueError, match=r"no architecture within the budget"):
         search_architecture(space, reward, budget=Budget(max_flops=1), progress=False)
+
+
+def test_a_budget_few_random_draws_meet_starts_from_the_first_value_of_every_token() -> None:
+    from lyceum.compression.nas.job import _feasible_start
+
+    class OnlyTheSmallest:
+        """Eight tokens of ten values; only all zeros fits (1 in 10^8 random draws)."""
+
+        def init_tokens(self) -> list[int]:
+            return [9] * 8
+
+        def range_table(self) -> list[int]:
+            return [10] * 8
+
+        def is_feasible(self, tokens: Sequence[int]) -> bool:
+            return not any(tokens)
+
+    start = _feasible_start(OnlyTheSmallest(), SAConfig())  # type: ignore[arg-type]
+    assert start == [0] * 8
+
+
+def test_architecture_searches_warm_up_by_default_and_pruning_does_not() -> None:
+    from lyceum.compression.nas import NASConfig, SupernetJobConfig
+    from lyceum.compression.pruning import AutoPruning
+
+    # A YAML search section that names other keys keeps the NAS default warm-up.
+    for job in (NASConfig, SupernetJobConfig):
+        config = job.model_validate({"search": {"max_iterations": 3}})
+        assert config.search.warmup == 5 and config.search.max_iterations == 3
+        assert job.model_validate({"search": {"warmup": 0}}).search.warmup == 0
+    assert SAConfig().warmup == 0
+    assert AutoPruning().search.warmup == 0
