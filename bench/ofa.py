@@ -191,7 +191,8 @@ def _samplers(
             return -float(torch.nn.functional.cross_entropy(model(inputs), labels))
 
     budgeted = BudgetedSpace(supernet.space, budget, lut)
-    results: dict[str, list[float]] = {"random": [], "TPE": []}
+    results: dict[str, list[float]] = {"random": [], "TPE": [], "TPE, multivariate": []}
+    fallbacks = {"TPE": [0, 0], "TPE, multivariate": [0, 0]}
     for seed in range(args.sampler_seeds):
         config = SAConfig(max_iterations=args.samplers - 1, seed=seed)
         for warmup in args.sa_warmup:
@@ -222,9 +223,16 @@ def _samplers(
         for name, sampler in (
             ("random", optuna.samplers.RandomSampler(seed=seed)),
             ("TPE", optuna.samplers.TPESampler(seed=seed)),
+            ("TPE, multivariate", optuna.samplers.TPESampler(seed=seed, multivariate=True)),
         ):
             found = run_search(budgeted, reward, config, sampler=sampler, progress=False)
             results[name].append(found.best_reward)
+            if name in fallbacks:
+                # Past its 10 random startup trials, a trial whose 10 TPE proposals were all
+                # over budget is drawn at random (FeasibleSampler's fallback).
+                later = found.history[10:]
+                fallbacks[name][0] += sum(h["redraws"] >= 10 for h in later)
+                fallbacks[name][1] += len(later)
     print(
         f"\n## Samplers on the supernet's reward ({args.samplers} trials, {args.sampler_seeds} "
         "search seeds; reward: minus the validation cross-entropy after BN re-calibration)"
@@ -238,6 +246,11 @@ def _samplers(
         print(
             f"| {name} | {listed} | {statistics.mean(values):.4f} | "
             f"{statistics.median(values):.4f} | {'' if name == 'random' else versus} |"
+        )
+    for name, (fell, later) in fallbacks.items():
+        print(
+            f"{name}: {fell} of its {later} trials after the 10 startup ones drawn at random, "
+            "its 10 proposals all over the budget"
         )
 
 

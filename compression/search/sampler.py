@@ -269,12 +269,21 @@ class FeasibleSampler(TokenSampler):
     ) -> tuple[list[int], int]:
         trials = self.trials(study)
         trials.refresh()
+        # A joint (relative) proposal where the inner sampler makes one (TPE multivariate): a
+        # budget ties the tokens together, and the best value of each token on its own (an
+        # independent TPE's proposal) is the largest network, over budget every time.
+        relative = self.inner.infer_relative_search_space(study, trial)
         redraws = 0
         fallback: list[int] | None = None
         for attempt in range(self.max_resample):
             draw = self.inner if attempt < _INNER_DRAWS else self._random
+            joint = (
+                self.inner.sample_relative(study, trial, relative)
+                if draw is self.inner and relative
+                else {}
+            )
             params = [
-                draw.sample_independent(study, trial, name, dist)
+                joint[name] if name in joint else draw.sample_independent(study, trial, name, dist)
                 for name, dist in search_space.items()
             ]
             tokens = self.canonical(check_tokens(params, self.table, f"trial {trial.number}"))

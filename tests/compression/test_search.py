@@ -269,9 +269,18 @@ def test_no_feasible_neighbour_raises_clear_error() -> None:
         run_search(Stuck(), _Objective(), SAConfig(max_iterations=5, max_resample=20))
 
 
-@pytest.mark.parametrize(
-    "sampler", [optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0)]
+_OTHER_SAMPLERS = pytest.mark.parametrize(
+    "sampler",
+    [
+        optuna.samplers.RandomSampler(seed=0),
+        optuna.samplers.TPESampler(seed=0),
+        optuna.samplers.TPESampler(seed=0, multivariate=True, n_startup_trials=5),
+    ],
+    ids=["random", "tpe", "tpe-multivariate"],
 )
+
+
+@_OTHER_SAMPLERS
 def test_other_samplers_draw_only_feasible_candidates(sampler: optuna.samplers.BaseSampler) -> None:
     objective = _Objective()
     result = run_search(
@@ -281,6 +290,26 @@ def test_other_samplers_draw_only_feasible_candidates(sampler: optuna.samplers.B
     assert all(sum(t) <= 26 for t in objective.calls)
     assert result.redraws > 0  # random draws from 0..9 x 6 (mean sum 27) are often over 26
     assert all(h["accepted"] is None for h in result.history)
+
+
+def test_a_joint_proposal_is_used_where_the_inner_sampler_makes_one() -> None:
+    proposals: list[tuple[int, ...]] = []
+
+    class Recording(optuna.samplers.TPESampler):
+        def sample_relative(
+            self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]
+        ) -> dict[str, Any]:
+            params = super().sample_relative(study, trial, search_space)
+            if params:
+                proposals.append(tuple(params[name] for name in sorted(params)))
+            return params
+
+    inner = Recording(seed=0, multivariate=True, n_startup_trials=5)
+    config = SAConfig(max_iterations=15)
+    result = run_search(_Space(budget=40), _Objective(), config, sampler=inner, progress=False)
+    # Past the startup trials, multivariate TPE's joint draws are the candidates.
+    assert proposals
+    assert {tuple(h["tokens"]) for h in result.history[5:]} & set(proposals)
 
 
 class _Tiny(_Space):
@@ -296,9 +325,7 @@ class _Tiny(_Space):
         return sum(tokens) <= 2
 
 
-@pytest.mark.parametrize(
-    "sampler", [optuna.samplers.RandomSampler(seed=0), optuna.samplers.TPESampler(seed=0)]
-)
+@_OTHER_SAMPLERS
 def test_other_samplers_draw_a_taken_candidate_only_when_none_is_left(
     sampler: optuna.samplers.BaseSampler,
 ) -> None:
