@@ -6,8 +6,9 @@ sharing the study extends one chain. The trials come from a `StudyTrials`, read 
 and the replay of the trials below the lowest unfinished one is kept (finished trials never
 change), so a draw costs the same with 10 or 10,000 trials in the study.
 
-`FeasibleSampler` wraps any other Optuna sampler (random, TPE) with the same budget check, so
-the searches compared in the bench differ only in how they draw.
+`FeasibleSampler` wraps any other Optuna sampler (random, TPE) with the same budget and
+taken-candidate checks, so the searches compared in the bench differ only in how they draw;
+`lyceum.compression.search.evolution` is the third way, regularized evolution.
 
 Both hand out canonical tokens only (`canonical_tokens`: a `CanonicalSpace`'s one list per
 candidate), so a candidate drawn under another of its token lists is a taken one, and the
@@ -65,8 +66,9 @@ def _distributions(table: Sequence[int]) -> dict[str, BaseDistribution]:
 
 
 class TokenSampler(BaseSampler):
-    """The part both samplers share: the search space is the space's tokens, a trial enqueued
-    with its candidate (a retry) keeps it, and a new draw is written as one `DRAW_ATTR`.
+    """What every sampler of tokens shares (annealing, evolution, `FeasibleSampler`): the
+    search space is the space's tokens, a trial enqueued with its candidate (a retry) keeps
+    it, and a new draw is written as one `DRAW_ATTR`.
 
     `trial.relative_params` (t00, t01, ...) are the trial's tokens, whichever way they came."""
 
@@ -269,9 +271,9 @@ class FeasibleSampler(TokenSampler):
     ) -> tuple[list[int], int]:
         trials = self.trials(study)
         trials.refresh()
-        # A joint (relative) proposal where the inner sampler makes one (TPE multivariate): a
-        # budget ties the tokens together, and the best value of each token on its own (an
-        # independent TPE's proposal) is the largest network, over budget every time.
+        # A joint (relative) proposal where the inner sampler makes one (Optuna 5's TPE, which
+        # is multivariate for one objective): a budget ties the tokens together, and the best
+        # value of each token on its own (an independent proposal) is over budget every time.
         relative = self.inner.infer_relative_search_space(study, trial)
         redraws = 0
         fallback: list[int] | None = None
