@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -56,6 +56,14 @@ class NASSearchConfig(SAConfig):
         "at the budget's edge and stayed there). 0: PaddleSlim's chain from the initial "
         "architecture.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_sa_config(cls, data: Any) -> Any:
+        # An `SAConfig` built by hand is taken with its values, its warm-up (0 by default) too.
+        if isinstance(data, SAConfig) and not isinstance(data, cls):
+            return data.model_dump()
+        return data
 
 
 class NASConfig(BaseModel):

@@ -5,8 +5,9 @@ result = run_search(space, objective, SAConfig(max_iterations=50, seed=0),
                     study=StudyConfig(storage="search.db", study="nas"))
 
 Any number of workers (processes, machines) run `run_search` against one storage and extend one
-annealing chain (or evolving population), rebuilt from the storage at every draw (each worker reads only the trials new or
-unfinished since its last read, `StudyTrials`); a search resumes from the storage alone.
+annealing chain (or one evolving population), rebuilt from the storage at every draw (each
+worker reads only the trials new or unfinished since its last read, `StudyTrials`); a search
+resumes from the storage alone.
 A trial's candidate is one system attribute (`DRAW_ATTR`; `trial_tokens` reads it).
 """
 

@@ -14,8 +14,8 @@ stored, so any worker on any machine rebuilds the same chain from the storage al
   greedily (the better one becomes the current point, no move decided), so the chain starts
   from the best of w + 1 candidates instead of wherever one draw put it;
 - T = T0 * reduce_rate**k where k is the number of moves already decided (finished trials past
-  the warm-up but the first), and delta is divided by a running mean of |delta| so that T = 1 accepts a typical worse
-  move with probability 1/e whatever the reward's units (with accuracies in [0, 1], PaddleSlim's
+  the warm-up but the first), and delta is divided by a running mean of |delta| so that T = 1
+  accepts a typical worse move with probability 1/e whatever the reward's units (with accuracies in [0, 1], PaddleSlim's
   exp(delta / T) at T = 100 is ~1 for any delta: a random walk).
 """
 

@@ -43,9 +43,10 @@ class SAConfig(BaseModel):
         default=0,
         ge=0,
         description="Uniform random candidates (feasible, untaken) evaluated after the initial "
-        "one before annealing starts, from the best of them. 0: PaddleSlim's chain, straight "
-        "from the initial tokens; a start at a poor point or at the budget's edge (most "
-        "neighbours infeasible) can hold a short chain there.",
+        "one before annealing starts, from the best of them (max_iterations or more: a random "
+        "search). 0: PaddleSlim's chain, straight from the initial tokens; a start at a poor "
+        "point or at the budget's edge (most neighbours infeasible) can hold a short chain "
+        "there.",
     )
     max_iterations: int = Field(
         default=100,
@@ -75,7 +76,7 @@ class SAConfig(BaseModel):
 
     @model_validator(mode="after")
     def _tournament_fits(self) -> Self:
-        if self.tournament > self.population:
+        if self.method == "evolution" and self.tournament > self.population:
             raise ValueError(
                 f"SAConfig: tournament {self.tournament} exceeds population {self.population}; "
                 "draw at most the whole population"

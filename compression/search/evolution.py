@@ -11,8 +11,9 @@ a crash loses nothing:
   or not, which keeps a lucky early candidate from ruling for ever);
 - trial 0 is the initial tokens, trials 1 to `population - 1` uniform random draws;
 - each later trial draws `tournament` members, and its candidate is the best one's tokens with
-  one token mutated (one more for every 16 children drawn that were taken); every draw is seeded by (seed, trial number, attempt), so a replay needs no
-  RNG state and two workers drawing for one number draw alike (the twin check settles them).
+  one token mutated (one more for every 16 children drawn that were taken); every draw is
+  seeded by (seed, trial number, attempt), so a replay needs no RNG state and two workers
+  drawing for one number draw alike (the twin check settles them).
 
 Candidates taken by another trial are skipped and infeasible ones re-drawn and counted, as the
 SA sampler does.
@@ -52,6 +53,11 @@ class EvolutionSampler(TokenSampler):
     ) -> None:
         super().__init__(space)
         self.config = config or SAConfig(method="evolution")
+        if self.config.method != "evolution":
+            raise ValueError(
+                f"EvolutionSampler: config.method is {self.config.method!r}; set method "
+                "'evolution', or use SASampler for annealing"
+            )
         start = init_tokens if init_tokens is not None else space.init_tokens()
         self.init_tokens = self.canonical(check_tokens(start, self.table, "init_tokens"))
 

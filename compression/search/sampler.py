@@ -10,7 +10,7 @@ change), so a draw costs the same with 10 or 10,000 trials in the study.
 taken-candidate checks, so the searches compared in the bench differ only in how they draw;
 `lyceum.compression.search.evolution` is the third way, regularized evolution.
 
-Both hand out canonical tokens only (`canonical_tokens`: a `CanonicalSpace`'s one list per
+All of them hand out canonical tokens only (`canonical_tokens`: a `CanonicalSpace`'s one list per
 candidate), so a candidate drawn under another of its token lists is a taken one, and the
 study's twin check (equal tokens) keeps it from being evaluated twice.
 
@@ -49,9 +49,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FeasibleSampler", "InfeasibleSearchError", "SASampler", "TokenSampler"]
 
-# Draws in a row that hit taken candidates before the sampler checks whether the whole
-# neighbourhood is taken (a chain stuck on an explored optimum): then the draws left change two
-# tokens, instead of skipping one-token moves `max_resample` times and evaluating none.
+# Draws in a row that missed (taken or over budget) before the sampler checks whether every
+# one-token move is (a chain stuck on an explored optimum, at the budget's edge or not): then the
+# draws left change two tokens, instead of missing `max_resample` times and evaluating none.
 _ALL_TAKEN_AFTER = 16
 
 
@@ -225,29 +225,36 @@ class SASampler(TokenSampler):
                 # Seen already: evaluated once is enough, so look further before settling.
                 if fallback is None and self.space.is_feasible(tokens):
                     fallback = tokens
-                if (
-                    changes == 1
-                    and attempt == _ALL_TAKEN_AFTER
-                    and redraws == 0
-                    and all(is_taken(tuple(self.canonical(t))) for t in chain.neighbours())
-                ):
-                    # A chain on an explored optimum: every one-token move was evaluated, so
-                    # the draws left change two tokens, where a new candidate can still be.
-                    changes = 2
+                changes = self._widen(chain, attempt, changes, is_taken)
                 continue
             if self.space.is_feasible(tokens):
                 return tokens, redraws
             redraws += 1
+            changes = self._widen(chain, attempt, changes, is_taken)
         if fallback is not None:
             return fallback, redraws
         raise InfeasibleSearchError(
-            f"SASampler: no feasible neighbour of {chain.current_tokens} in "
-            f"{self.config.max_resample} draws; loosen the budget or raise max_resample"
+            f"SASampler: no feasible candidate for trial {number} in {self.config.max_resample} "
+            f"draws around {chain.current_tokens}; loosen the budget or raise max_resample"
         )
+
+    def _widen(
+        self, chain: SAChain, attempt: int, changes: int, is_taken: Callable[[Tokens], bool]
+    ) -> int:
+        """The tokens the draws after `attempt` change: two once every one-token move of the
+        chain is taken or over budget (checked once, after `_ALL_TAKEN_AFTER` misses in a row:
+        every draw so far missed, or the loop would have returned)."""
+        if changes != 1 or attempt != _ALL_TAKEN_AFTER:
+            return changes
+        for move in chain.neighbours():
+            tokens = self.canonical(move)
+            if not is_taken(tuple(tokens)) and self.space.is_feasible(tokens):
+                return 1  # a new one-token move is left: keep drawing them
+        return 2
 
 
 # TPE proposes the argmax of its acquisition: asked again for the same trial, it proposes
-# (nearly) the same candidate. Past this many infeasible draws, random draws take over.
+# (nearly) the same candidate. Past this many draws (over budget or taken), random ones take over.
 _INNER_DRAWS = 10
 
 

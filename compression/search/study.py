@@ -98,8 +98,8 @@ def open_study(
 
 
 def saved_sa_config(study: optuna.Study) -> SAConfig | None:
-    """The annealing settings a study was searched with (what replays its chain), or None for
-    a study of another sampler or none yet."""
+    """The settings a study was searched with, annealing (what replays its chain) or
+    evolution, or None for a study of another sampler (random, TPE) or none yet."""
     saved = _saved_chain(study)
     if not isinstance(saved, dict) or "sampler" in saved:
         return None
@@ -121,11 +121,34 @@ def _check_study(study: optuna.Study, table: list[int], chain: dict[str, Any]) -
         if saved is None:
             study.set_user_attr(key, mine)
         elif saved != mine:
+            differing = ""
+            if isinstance(saved, dict) and isinstance(mine, dict):
+                differing = f" ({_differences(saved, mine)})"
             raise ValueError(
                 f"study {study.study_name!r}: saved {key.removeprefix('lyceum:')} {saved} "
-                f"differs from this search's {mine}; use a new study name or the same settings "
-                "to resume"
+                f"differs from this search's {mine}{differing}; use a new study name or the "
+                "same settings to resume"
             )
+
+
+def _differences(saved: dict[str, Any], mine: dict[str, Any]) -> str:
+    """The settings that differ, each with its saved value and this search's."""
+    keys = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    return ", ".join(f"{k}: saved {saved.get(k)}, here {mine.get(k)}" for k in keys)
+
+
+def _resumed(study: optuna.Study, config: SAConfig) -> SAConfig:
+    """`config` for `study`: a study annealed before warm-ups existed resumes without one,
+    unless `warmup` was set (a NAS search's default warm-up would not match its chain)."""
+    saved = study.user_attrs.get(_CHAIN_ATTR)
+    if (
+        config.method == "annealing"
+        and isinstance(saved, dict)
+        and not {"sampler", "method", "warmup"} & set(saved)
+        and "warmup" not in config.model_fields_set
+    ):
+        return config.model_copy(update={"warmup": 0})
+    return config
 
 
 def run_search(
@@ -152,15 +175,17 @@ def run_search(
     table = list(space.range_table())
     if init_tokens is not None:
         init_tokens = canonical_tokens(space)(check_tokens(init_tokens, table, "init_tokens"))
+    opt = open_study(study_config)
     chosen: SASampler | EvolutionSampler | FeasibleSampler
     if sampler is None:
+        config = _resumed(opt, config)
         own = SASampler if config.method == "annealing" else EvolutionSampler
         chosen = own(space, config, init_tokens=init_tokens)
         chain = config.study_settings()
     else:
         chosen = FeasibleSampler(sampler, space, config.max_resample, config.seed)
         chain = {"sampler": type(sampler).__name__, "seed": config.seed}
-    opt = open_study(study_config, chosen)
+    opt.sampler = chosen
     _check_study(opt, table, chain)
     target = config.max_iterations + 1
     trials = chosen.trials(opt)

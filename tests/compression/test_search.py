@@ -264,7 +264,8 @@ def test_no_feasible_neighbour_raises_clear_error() -> None:
             return list(tokens) == [0] * 6
 
     with pytest.raises(
-        InfeasibleSearchError, match=r"no feasible neighbour of \[0, 0, 0, 0, 0, 0\] in 20 draws"
+        InfeasibleSearchError,
+        match=r"no feasible candidate for trial 1 in 20 draws around \[0, 0, 0, 0, 0, 0\]",
     ):
         run_search(Stuck(), _Objective(), SAConfig(max_iterations=5, max_resample=20))
 
@@ -518,8 +519,11 @@ def test_a_trial_finished_by_another_worker_is_seen(tmp_path: Path) -> None:
     assert seen[0].value == -0.5
 
 
-def test_the_cached_chain_equals_a_rebuild_after_trials_by_two_workers(tmp_path: Path) -> None:
-    config = SAConfig(max_iterations=40, seed=2)
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_the_cached_chain_equals_a_rebuild_after_trials_by_two_workers(
+    tmp_path: Path, warmup: int
+) -> None:
+    config = SAConfig(max_iterations=40, seed=2, warmup=warmup)
     study_config = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
     workers = []
     for _ in range(2):
@@ -539,8 +543,9 @@ def test_the_cached_chain_equals_a_rebuild_after_trials_by_two_workers(tmp_path:
         assert trials.complete == 25
         rebuilt = SASampler(_Space(), config).chain(open_study(study_config).get_trials())
         assert sampler.chain_of(trials) == rebuilt
-        # 24 trials with a candidate (the hanging one was asked without a draw): 23 moves.
-        assert rebuilt.moves == 23
+        # 24 trials with a candidate (the hanging one, trial 0, was asked without a draw): 23
+        # moves; with a warm-up, trial 1 starts the chain and trials 2 and 3 are no moves.
+        assert rebuilt.moves == (23 if warmup == 0 else 21)
 
 
 class _LastIsNine(_Space):
@@ -553,14 +558,32 @@ def test_a_chain_whose_every_neighbour_is_taken_moves_two_tokens() -> None:
     current = [1, 2, 3, 4, 5, 9]
     chain = SAChain([10] * 6, current, seed=4)
     chain.update(0, current, -1.0)
-    evaluated = {tuple(current), *chain.neighbours()}
+    # What a study can hold: the current point and every feasible one-token move evaluated;
+    # the moves of the last token are over budget, never evaluated, never taken.
+    evaluated = {tuple(current), *(n for n in chain.neighbours() if n[5] == 9)}
     tokens, redraws = sampler._propose(chain, 7, lambda tokens: tokens in evaluated)
-    # By hand: the 17 one-token draws are all taken; then two-token draws, the first feasible.
+    # By hand: the first 17 one-token draws all miss; then two-token draws, the first feasible.
+    ones = [chain.neighbour(7, a) for a in range(17)]
+    assert all(tuple(d) in evaluated or d[5] != 9 for d in ones)
     draws = [chain.neighbour(7, a, 2) for a in range(17, 300)]
     expected = next(d for d in draws if d[5] == 9)
     assert tokens == expected
     assert sum(t != c for t, c in zip(tokens, current, strict=True)) == 2
-    assert redraws == draws.index(expected)  # the infeasible two-token draws before it
+    # The infeasible draws skipped: one-token moves of the last token, then two-token ones.
+    assert redraws == sum(d[5] != 9 for d in ones) + draws.index(expected)
+
+
+def test_a_chain_with_a_new_one_token_move_left_keeps_drawing_them() -> None:
+    sampler = SASampler(_LastIsNine(), SAConfig(max_resample=300))
+    current = [1, 2, 3, 4, 5, 9]
+    chain = SAChain([10] * 6, current, seed=4)
+    chain.update(0, current, -1.0)
+    left = next(n for n in chain.neighbours() if n[5] == 9 and n not in {
+        tuple(d) for d in (chain.neighbour(7, a) for a in range(17))
+    })  # fmt: skip
+    evaluated = {tuple(current), *(n for n in chain.neighbours() if n != left)}
+    tokens, _ = sampler._propose(chain, 7, lambda tokens: tokens in evaluated)
+    assert tuple(tokens) == left
 
 
 def test_a_chain_whose_every_candidate_is_taken_settles_on_a_feasible_one() -> None:
@@ -605,6 +628,8 @@ def test_warmup_trials_are_random_draws_and_the_chain_starts_from_their_best(
 
 
 def test_a_study_annealed_before_warmup_existed_resumes_as_warmup_0(tmp_path: Path) -> None:
+    from lyceum.compression.nas import NASSearchConfig
+
     study = StudyConfig(storage=str(tmp_path / "s.db"), study="toy")
     config = SAConfig(max_iterations=4, seed=1)
     run_search(_Space(), _Objective(), config, study=study, progress=False)
@@ -613,11 +638,18 @@ def test_a_study_annealed_before_warmup_existed_resumes_as_warmup_0(tmp_path: Pa
     opened.set_user_attr(
         search_study._CHAIN_ATTR, {k: v for k, v in saved.items() if k != "warmup"}
     )
-    longer = SAConfig(max_iterations=8, seed=1)
+    longer = SAConfig(max_iterations=6, seed=1)
     resumed = run_search(_Space(), _Objective(), longer, study=study, progress=False)
     assert resumed.history == run_search(_Space(), _Objective(), longer, progress=False).history
-    with pytest.raises(ValueError, match=r"saved chain .*'warmup': 0.* differs"):
-        run_search(_Space(), _Objective(), longer.model_copy(update={"warmup": 2}), study=study)
+    # A NAS search's default warm-up (5, not set by hand) does not stop it resuming either.
+    nas = NASSearchConfig(max_iterations=8, seed=1)
+    assert nas.warmup == 5
+    resumed = run_search(_Space(), _Objective(), nas, study=study, progress=False)
+    plain = SAConfig(max_iterations=8, seed=1)
+    assert resumed.history == run_search(_Space(), _Objective(), plain, progress=False).history
+    # A warm-up asked for is one the saved chain did not have: refused, naming the setting.
+    with pytest.raises(ValueError, match=r"saved chain .* \(warmup: saved 0, here 2\); use a"):
+        run_search(_Space(), _Objective(), plain.model_copy(update={"warmup": 2}), study=study)
 
 
 class _Folded(_Space):

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from lyceum.compression.search import (
+    DRAW_ATTR,
     EvolutionSampler,
     SAConfig,
     StudyConfig,
     StudyTrials,
+    draw_attr,
     open_study,
     run_search,
 )
@@ -127,3 +129,24 @@ def test_a_study_resumes_only_with_the_method_it_was_searched_with(tmp_path: Pat
 def test_a_tournament_larger_than_the_population_is_refused() -> None:
     with pytest.raises(ValueError, match="tournament 5 exceeds population 4"):
         SAConfig(method="evolution", population=4, tournament=5)
+
+
+def test_the_population_takes_a_trial_that_finishes_late_in_its_place(tmp_path: Path) -> None:
+    study = open_study(StudyConfig(storage=str(tmp_path / "s.db"), study="evo"))
+    trials = StudyTrials(study, TABLE)
+    late = None
+    for n in range(6):
+        trial = study.ask()
+        study._storage.set_trial_system_attr(trial._trial_id, DRAW_ATTR, draw_attr([n] * 6, 0))
+        if n == 3:
+            late = trial  # left running while the later ones complete
+        else:
+            study.tell(trial, -float(n))
+    trials.refresh()
+    sampler = EvolutionSampler(_Space(), _config(population=3, tournament=2))
+    assert [t.number for t in sampler.population(trials)] == [2, 4, 5]
+    assert late is not None
+    study.tell(late, -3.0)
+    trials.refresh()
+    # Finished late, it is still younger than trial 2: the oldest member gives way.
+    assert [t.number for t in sampler.population(trials)] == [3, 4, 5]

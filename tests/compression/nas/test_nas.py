@@ -242,3 +242,14 @@ def test_architecture_searches_warm_up_by_default_and_pruning_does_not() -> None
         assert job.model_validate({"search": {"warmup": 0}}).search.warmup == 0
     assert SAConfig().warmup == 0
     assert AutoPruning().search.warmup == 0
+
+
+def test_a_job_takes_an_sa_config_built_by_hand_with_its_values() -> None:
+    from lyceum.compression.nas import NASConfig, NASSearchConfig, SupernetJobConfig
+
+    for job in (NASConfig, SupernetJobConfig):
+        # model_validate: typed, the field wants a NASSearchConfig; at run time either works.
+        config = job.model_validate({"search": SAConfig(max_iterations=7, method="evolution")})
+        assert isinstance(config.search, NASSearchConfig)
+        assert (config.search.max_iterations, config.search.method) == (7, "evolution")
+        assert config.search.warmup == 0  # SAConfig's own default, as built
