@@ -11,7 +11,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from lyceum.deploy import _cli_supernet
+from lyceum.deploy._config_help import add_config_help
 from lyceum.deploy._jobs import (
     build_split,
     load_job_config,
@@ -22,6 +25,13 @@ from lyceum.deploy._jobs import (
 from lyceum.proto.specs import WEIGHTS_FILE, parse_spec
 
 _SPACE = "lyceum.compression.nas:lightnas_space"
+
+
+def _nas_config() -> type[BaseModel]:
+    """The config class, imported when `--help` asks for it (every command builds every parser)."""
+    from lyceum.compression.nas import NASConfig
+
+    return NASConfig
 
 
 def _space(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
@@ -227,10 +237,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     sub = nas.add_subparsers(dest="nas_command", required=True, metavar="ACTION")
     _cli_supernet.add_parser(sub)
-    search = sub.add_parser("search", help="run search workers on a YAML config's study")
+    search = sub.add_parser(
+        "search",
+        help="run search workers on a YAML config's study",
+        # Raw: the config keys' help below is laid out by add_config_help.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
     search.add_argument(
         "config", type=Path, metavar="CONFIG.yaml", help="lyceum.compression.nas.NASConfig as YAML"
     )
+    add_config_help(search, _nas_config, "lyceum.compression.nas.NASConfig")
     search.add_argument(
         "--storage", help="Override study.storage: a path, journal:PATH or a SQLAlchemy URL"
     )

@@ -49,12 +49,11 @@ class NASSearchConfig(SAConfig):
     warmup: int = Field(
         default=5,
         ge=0,
-        description="Uniform random architectures (within the budget) evaluated after the "
-        "initial one before annealing starts, from the best of them. On bench/ofa.py's "
-        "supernet, 5 seeds, -40% latency: with 5, SA's best after 30 trials beat random "
-        "search's in every seed (0: in those seeds too, but on another table one chain started "
-        "at the budget's edge and stayed there). 0: PaddleSlim's chain from the initial "
-        "architecture.",
+        description="annealing: uniform random architectures (within the budget) evaluated "
+        "after the initial one before annealing starts, from the best of them. On bench/ofa.py's "
+        "supernet (30 and 100 trials, 3 latency budgets, 5 seeds), SA with 5 beat random search "
+        "in 19 of 20 cases, without in 16 (a chain started at a poor point stays near it). 0: "
+        "PaddleSlim's chain from the initial architecture.",
     )
 
     @model_validator(mode="before")

@@ -31,22 +31,24 @@ class SAConfig(BaseModel):
     init_temperature: float = Field(
         default=1.0,
         gt=0,
-        description="Starting temperature, in units of the running reward spread (mean |delta|).",
+        description="annealing: starting temperature, in units of the running reward spread "
+        "(mean |delta|).",
     )
     reduce_rate: float = Field(
         default=0.9,
         gt=0,
         lt=1,
-        description="Temperature multiplier per decided move (finished trial after the first).",
+        description="annealing: temperature multiplier per decided move (finished trial after "
+        "the warm-up but the first).",
     )
     warmup: int = Field(
         default=0,
         ge=0,
-        description="Uniform random candidates (feasible, untaken) evaluated after the initial "
-        "one before annealing starts, from the best of them (max_iterations or more: a random "
-        "search). 0: PaddleSlim's chain, straight from the initial tokens; a start at a poor "
-        "point or at the budget's edge (most neighbours infeasible) can hold a short chain "
-        "there.",
+        description="annealing: uniform random candidates (feasible, untaken) evaluated after "
+        "the initial one before annealing starts, from the best of them (max_iterations or "
+        "more: a random search). 0: PaddleSlim's chain, straight from the initial tokens; a "
+        "start at a poor point or at the budget's edge (most neighbours infeasible) can hold a "
+        "short chain there.",
     )
     max_iterations: int = Field(
         default=100,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
+import pytest
+
 from lyceum.deploy.cli import build_parser
 
 
@@ -92,3 +94,23 @@ def test_debug_is_a_top_level_option() -> None:
     assert parser.parse_args(["--debug", "demo"]).debug is True
     assert parser.parse_args(["demo"]).debug is False
     assert "LYCEUM_DEBUG=1" in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    ("command", "model"),
+    [
+        (["nas", "search"], "lyceum.compression.nas.NASConfig"),
+        (["nas", "supernet", "train"], "lyceum.compression.nas.SupernetJobConfig"),
+    ],
+)
+def test_a_yaml_driven_nas_command_lists_its_config_keys(
+    command: list[str], model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*command, "--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert f"config keys, with their defaults ({model}):" in shown
+    # The search section with the NAS default warm-up and both methods' settings.
+    for key in ("search: (the defaults below)", 'method: "annealing"', "warmup: 5", "population"):
+        assert key in shown, key
