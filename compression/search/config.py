@@ -11,7 +11,7 @@ __all__ = ["SAConfig", "StudyConfig"]
 
 # Which settings each method's draws depend on: what a study saves, and checks on resume.
 _EVOLUTION_SETTINGS = {"method", "seed", "population", "tournament", "max_resample"}
-_EVOLUTION_ONLY = {"method", "population", "tournament"}
+_EVOLUTION_ONLY = {"population", "tournament"}
 
 
 class SAConfig(BaseModel):
@@ -87,7 +87,7 @@ class SAConfig(BaseModel):
 
     def study_settings(self) -> dict[str, Any]:
         """The settings the search's draws depend on: saved with its study, checked on resume
-        (a study annealed without `method` saved is an annealing one)."""
+        (a study annealed before `method` existed saved none: it is an annealing one)."""
         if self.method == "evolution":
             return self.model_dump(include=_EVOLUTION_SETTINGS)
         return self.model_dump(exclude={"max_iterations", *_EVOLUTION_ONLY})

@@ -107,10 +107,11 @@ def saved_sa_config(study: optuna.Study) -> SAConfig | None:
 
 
 def _saved_chain(study: optuna.Study) -> Any:
-    """The study's saved chain settings; a study annealed before `warmup` existed had none."""
+    """The study's saved chain settings; a study annealed before `method` and `warmup`
+    existed saved neither."""
     saved = study.user_attrs.get(_CHAIN_ATTR)
     if isinstance(saved, dict) and "sampler" not in saved and "method" not in saved:
-        return {"warmup": 0} | saved
+        return {"method": "annealing", "warmup": 0} | saved
     return saved
 
 

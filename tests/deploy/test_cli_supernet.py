@@ -245,3 +245,24 @@ def test_train_distilled_from_a_teachers_dump(tmp_path: Path) -> None:
     assert resumed.returncode == 2
     assert "it differs in teacher (checkpoint {'alpha': 0.8, 'outputs_sha256': " in resumed.stderr
     assert "now None)" in resumed.stderr
+
+
+def test_search_by_evolution_from_the_yaml_then_plots_it_without_a_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    search = {"method": "evolution", "population": 4, "tournament": 2, "max_iterations": 7}
+    path, config = _searchable(tmp_path, search=search)
+    plots = tmp_path / "plots"
+    assert main(["nas", "supernet", "search", str(path), "--plots", str(plots)]) == 0
+    assert "plots: " in capsys.readouterr().out
+    assert (plots / "rewards.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    result, budgeted = read_search(tiny_space(), config.study, budget=config.budget)
+    assert len(result.history) == 8 and all(h["accepted"] is None for h in result.history)
+    assert search_plot_data(result, budgeted).chain is None  # no SA chain to draw
+    # The study remembers its method: annealing on it is refused, naming the setting.
+    annealing = config.model_copy(update={"search": config.search.model_copy(
+        update={"method": "annealing"})})  # fmt: skip
+    path.write_text(yaml.safe_dump(annealing.model_dump(mode="json", exclude_unset=True)))
+    capsys.readouterr()
+    assert main(["nas", "supernet", "search", str(path)]) != 0
+    assert "method: saved evolution, here annealing" in capsys.readouterr().err
