@@ -90,6 +90,24 @@ SPACE = OFASpaceConfig(
 )
 
 
+def latency_table(space: OFASpace, path: Path | None) -> LatencyTable:
+    """The space's latency table (thread clock, 30 runs): read from `path` if it exists, else
+    built, and written there when `path` is given (runs compared on one table)."""
+    if path is not None and path.exists():
+        lut = LatencyTable.load(path)
+        print(f"latency table: {len(lut.entries)} ops read from {path}")
+        return lut
+    start = time.perf_counter()
+    lut = build_latency_table(space, clock="thread", runs=30, warmup=3, progress=False)
+    print(
+        f"latency table: {len(lut.entries)} ops in {time.perf_counter() - start:.0f} s "
+        f"(thread clock, 1 thread, batch 1, {lut.sweeps} sweeps)"
+    )
+    if path is not None:
+        lut.save(path)
+    return lut
+
+
 def _uniform_under(
     space: OFASpace, cost: Callable[[SubnetConfig], float], limit: float
 ) -> SubnetConfig:
@@ -195,31 +213,24 @@ def _samplers(
     fallbacks = {"TPE": [0, 0], "TPE, independent": [0, 0]}
     for seed in range(args.sampler_seeds):
         config = SAConfig(max_iterations=args.samplers - 1, seed=seed)
-        for warmup in args.sa_warmup:
-            sa, _ = search_architecture(
-                supernet.space,
-                reward,
-                budget=budget,
-                lut=lut,
-                search=config.model_copy(update={"warmup": warmup}),
-                study=StudyConfig(storage=None, study=f"sa-{seed}-{warmup}"),
-                progress=False,
+        own = [(f"SA, warm-up {w}", {"warmup": w}) for w in args.sa_warmup] + [
+            (
+                f"evolution, population {p}",
+                {"method": "evolution", "population": p, "tournament": 4},
             )
-            results.setdefault(f"SA, warm-up {warmup}", []).append(sa.best_reward)
-        for population in args.evolution_population:
-            evolution = config.model_copy(
-                update={"method": "evolution", "population": population, "tournament": 4}
-            )
+            for p in args.evolution_population
+        ]
+        for name, settings in own:
             found, _ = search_architecture(
                 supernet.space,
                 reward,
                 budget=budget,
                 lut=lut,
-                search=evolution,
-                study=StudyConfig(storage=None, study=f"evolution-{seed}-{population}"),
+                search=config.model_copy(update=settings),
+                study=StudyConfig(storage=None, study=f"{name}-{seed}"),
                 progress=False,
             )
-            results.setdefault(f"evolution, population {population}", []).append(found.best_reward)
+            results.setdefault(name, []).append(found.best_reward)
         for name, sampler in (
             ("random", optuna.samplers.RandomSampler(seed=seed)),
             # Optuna 5's TPE is multivariate for one objective: a joint proposal per trial.
@@ -262,19 +273,7 @@ def run(args: argparse.Namespace) -> None:
     phases = progressive_shrinking(space, args.epochs)
     supernet_epochs = sum(p.epochs for p in phases)
     kd = functools.partial(soft_label_kd, temperature=4.0)
-    lut = None
-    if args.latency and args.lut is not None and args.lut.exists():
-        lut = LatencyTable.load(args.lut)
-        print(f"latency table: {len(lut.entries)} ops read from {args.lut}")
-    elif args.latency:
-        start = time.perf_counter()
-        lut = build_latency_table(space, clock="thread", runs=30, warmup=3, progress=False)
-        print(
-            f"latency table: {len(lut.entries)} ops in {time.perf_counter() - start:.0f} s "
-            f"(thread clock, 1 thread, batch 1, {lut.sweeps} sweeps)"
-        )
-        if args.lut is not None:
-            lut.save(args.lut)
+    lut = latency_table(space, args.lut) if args.latency else None
     figures = BudgetedSpace(space, lut=lut).figures
     largest = figures(space.init_tokens())
     smallest = figures(space.tokens(space.smallest()))

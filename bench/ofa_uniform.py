@@ -29,19 +29,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from ofa import SPACE, _teacher  # bench/ is the script's directory
+from ofa import SPACE, _teacher, latency_table  # bench/ is the script's directory
 from torch.utils.data import Dataset
 
 from lyceum.compression.nas import (
     Budget,
     BudgetedSpace,
-    LatencyTable,
     OFASpace,
     OFATrainConfig,
     SubnetConfig,
     SubnetReward,
     Supernet,
-    build_latency_table,
     calibration_batches,
     extract,
     progressive_shrinking,
@@ -130,12 +128,7 @@ def run(args: argparse.Namespace) -> None:
     phases = progressive_shrinking(space, args.epochs)
     epochs = sum(p.epochs for p in phases)
     kd = functools.partial(soft_label_kd, temperature=4.0)
-    if args.lut is not None and args.lut.exists():
-        lut = LatencyTable.load(args.lut)
-    else:
-        lut = build_latency_table(space, clock="thread", runs=30, warmup=3, progress=False)
-        if args.lut is not None:
-            lut.save(args.lut)
+    lut = latency_table(space, args.lut)
     figures = BudgetedSpace(space, lut=lut).figures
 
     def cost(config: SubnetConfig) -> float:

@@ -15,7 +15,12 @@ from lyceum.compression.search.base import CanonicalSpace, Objective, SearchSpac
 from lyceum.compression.search.chain import SAChain
 from lyceum.compression.search.config import SAConfig, StudyConfig
 from lyceum.compression.search.evolution import EvolutionSampler
-from lyceum.compression.search.sampler import FeasibleSampler, InfeasibleSearchError, SASampler
+from lyceum.compression.search.sampler import (
+    FeasibleSampler,
+    InfeasibleSearchError,
+    ProposingSampler,
+    SASampler,
+)
 from lyceum.compression.search.storage import (
     STALE_ATTR,
     Heartbeat,
@@ -56,6 +61,7 @@ __all__ = [
     # building blocks: the samplers, the chain they replay, the study and its storage
     "SASampler",
     "EvolutionSampler",
+    "ProposingSampler",
     "FeasibleSampler",
     "SAChain",
     "open_study",

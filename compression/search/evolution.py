@@ -23,14 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from optuna.distributions import BaseDistribution
-from optuna.study import Study
 from optuna.trial import FrozenTrial
 
 from lyceum.compression.search.base import SearchSpace
-from lyceum.compression.search.chain import check_tokens, mutate, seeded_rng
+from lyceum.compression.search.chain import mutate, seeded_rng
 from lyceum.compression.search.config import SAConfig
-from lyceum.compression.search.sampler import InfeasibleSearchError, TokenSampler
+from lyceum.compression.search.sampler import InfeasibleSearchError, ProposingSampler
 from lyceum.compression.search.trials import StudyTrials, Tokens, trial_tokens
 
 __all__ = ["EvolutionSampler"]
@@ -41,7 +39,7 @@ __all__ = ["EvolutionSampler"]
 _TAKEN_PER_CHANGE = 16
 
 
-class EvolutionSampler(TokenSampler):
+class EvolutionSampler(ProposingSampler):
     """Regularized evolution over `space`'s tokens (`config.method == "evolution"`)."""
 
     def __init__(
@@ -51,31 +49,20 @@ class EvolutionSampler(TokenSampler):
         *,
         init_tokens: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(space)
-        self.config = config or SAConfig(method="evolution")
-        if self.config.method != "evolution":
+        config = config or SAConfig(method="evolution")
+        if config.method != "evolution":
             raise ValueError(
-                f"EvolutionSampler: config.method is {self.config.method!r}; set method "
+                f"EvolutionSampler: config.method is {config.method!r}; set method "
                 "'evolution', or use SASampler for annealing"
             )
-        start = init_tokens if init_tokens is not None else space.init_tokens()
-        self.init_tokens = self.canonical(check_tokens(start, self.table, "init_tokens"))
+        super().__init__(space, config, init_tokens=init_tokens)
 
     def population(self, trials: StudyTrials) -> list[FrozenTrial]:
         """The latest `population` completed trials of `trials` (as last refreshed)."""
         return trials.latest_complete(self.config.population)
 
     def propose(self, trials: StudyTrials, number: int) -> tuple[list[int], int]:
-        """A feasible candidate for trial `number` that no other trial has taken if it can,
-        and the infeasible draws skipped."""
         return self._propose(self.population(trials), number, trials.is_taken)
-
-    def _draw(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> tuple[list[int], int]:
-        trials = self.trials(study)
-        trials.refresh()
-        return self.propose(trials, trial.number)
 
     def _propose(
         self,

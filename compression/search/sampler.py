@@ -47,7 +47,13 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
     from optuna.study import Study
 
-__all__ = ["FeasibleSampler", "InfeasibleSearchError", "SASampler", "TokenSampler"]
+__all__ = [
+    "FeasibleSampler",
+    "InfeasibleSearchError",
+    "ProposingSampler",
+    "SASampler",
+    "TokenSampler",
+]
 
 # Draws in a row that missed (taken or over budget) before the sampler checks whether every
 # one-token move is (a chain stuck on an explored optimum, at the budget's edge or not): then the
@@ -134,7 +140,37 @@ class TokenSampler(BaseSampler):
         """Write what else the sampler reads back of a trial's candidate besides `DRAW_ATTR`."""
 
 
-class SASampler(TokenSampler):
+class ProposingSampler(TokenSampler):
+    """A sampler of the engine's own (annealing, evolution): its `config`, its canonical
+    initial tokens, and a draw that is `propose` on the study's trials, which the search loop
+    calls directly (the candidate then created with its trial in one write)."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        config: SAConfig,
+        *,
+        init_tokens: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(space)
+        self.config = config
+        start = init_tokens if init_tokens is not None else space.init_tokens()
+        self.init_tokens = self.canonical(check_tokens(start, self.table, "init_tokens"))
+
+    @abstractmethod
+    def propose(self, trials: StudyTrials, number: int) -> tuple[list[int], int]:
+        """A feasible candidate for trial `number` from `trials` (as last refreshed) that no
+        other trial has taken if it can, and the infeasible draws skipped."""
+
+    def _draw(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> tuple[list[int], int]:
+        trials = self.trials(study)
+        trials.refresh()
+        return self.propose(trials, trial.number)
+
+
+class SASampler(ProposingSampler):
     """Simulated annealing over `space`'s tokens, rebuilt from the study's storage."""
 
     def __init__(
@@ -144,16 +180,10 @@ class SASampler(TokenSampler):
         *,
         init_tokens: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(space)
-        self.config = config or SAConfig()
-        start = self.canonical(init_tokens if init_tokens is not None else space.init_tokens())
-        self._start = SAChain.of(self.config, self.table, start)
+        super().__init__(space, config or SAConfig(), init_tokens=init_tokens)
+        self._start = SAChain.of(self.config, self.table, self.init_tokens)
         # (the trials, how many replayed) -> the chain after trials [0, replayed): all finished.
         self._cache: tuple[StudyTrials, int, SAChain] | None = None
-
-    @property
-    def init_tokens(self) -> list[int]:
-        return list(self._start.current_tokens)
 
     def chain(self, trials: Sequence[FrozenTrial]) -> SAChain:
         """The chain after replaying `trials` (a study's, in number order), from scratch."""
@@ -185,16 +215,7 @@ class SASampler(TokenSampler):
             chain.update(trial.number, tokens, trial.value)
 
     def propose(self, trials: StudyTrials, number: int) -> tuple[list[int], int]:
-        """A feasible candidate for trial `number` from the chain of `trials` (as last
-        refreshed) that no other trial has taken if it can, and the infeasible draws skipped."""
         return self._propose(self.chain_of(trials), number, trials.is_taken)
-
-    def _draw(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> tuple[list[int], int]:
-        trials = self.trials(study)
-        trials.refresh()
-        return self.propose(trials, trial.number)
 
     def _propose(
         self, chain: SAChain, number: int, is_taken: Callable[[Tokens], bool]

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -36,7 +36,7 @@ from lyceum.compression.search.base import Objective, SearchSpace, canonical_tok
 from lyceum.compression.search.chain import SAChain, check_tokens
 from lyceum.compression.search.config import SAConfig, StudyConfig
 from lyceum.compression.search.evolution import EvolutionSampler
-from lyceum.compression.search.sampler import FeasibleSampler, SASampler
+from lyceum.compression.search.sampler import FeasibleSampler, ProposingSampler, SASampler
 from lyceum.compression.search.storage import Heartbeat, fail_stale_trials, open_storage
 from lyceum.compression.search.trials import (
     CACHED_ATTR,
@@ -110,9 +110,14 @@ def _saved_chain(study: optuna.Study) -> Any:
     """The study's saved chain settings; a study annealed before `method` and `warmup`
     existed saved neither."""
     saved = study.user_attrs.get(_CHAIN_ATTR)
-    if isinstance(saved, dict) and "sampler" not in saved and "method" not in saved:
+    if _annealed_before_methods(saved):
         return {"method": "annealing", "warmup": 0} | saved
     return saved
+
+
+def _annealed_before_methods(saved: Any) -> TypeGuard[dict[str, Any]]:
+    """Whether `saved` settings are an annealing study's from before `method` and `warmup`."""
+    return isinstance(saved, dict) and not {"sampler", "method"} & set(saved)
 
 
 def _check_study(study: optuna.Study, table: list[int], chain: dict[str, Any]) -> None:
@@ -141,11 +146,9 @@ def _differences(saved: dict[str, Any], mine: dict[str, Any]) -> str:
 def _resumed(study: optuna.Study, config: SAConfig) -> SAConfig:
     """`config` for `study`: a study annealed before warm-ups existed resumes without one,
     unless `warmup` was set (a NAS search's default warm-up would not match its chain)."""
-    saved = study.user_attrs.get(_CHAIN_ATTR)
     if (
         config.method == "annealing"
-        and isinstance(saved, dict)
-        and not {"sampler", "method", "warmup"} & set(saved)
+        and _annealed_before_methods(study.user_attrs.get(_CHAIN_ATTR))
         and "warmup" not in config.model_fields_set
     ):
         return config.model_copy(update={"warmup": 0})
@@ -177,7 +180,7 @@ def run_search(
     if init_tokens is not None:
         init_tokens = canonical_tokens(space)(check_tokens(init_tokens, table, "init_tokens"))
     opt = open_study(study_config)
-    chosen: SASampler | EvolutionSampler | FeasibleSampler
+    chosen: ProposingSampler | FeasibleSampler
     if sampler is None:
         config = _resumed(opt, config)
         own = SASampler if config.method == "annealing" else EvolutionSampler
@@ -224,7 +227,7 @@ def run_search(
 
 def _new_trial(
     study: optuna.Study,
-    sampler: SASampler | EvolutionSampler | FeasibleSampler,
+    sampler: ProposingSampler | FeasibleSampler,
     trials: StudyTrials,
     orphan: list[int] | None,
 ) -> tuple[int, FrozenTrial | None]:
@@ -240,7 +243,7 @@ def _new_trial(
     waiting in the study (enqueued by hand) and the other samplers go through Optuna's `ask`.
     """
     waiting = any(t.state == TrialState.WAITING for t in trials.live())
-    if isinstance(sampler, SASampler | EvolutionSampler) and not waiting:
+    if isinstance(sampler, ProposingSampler) and not waiting:
         tokens, redraws = orphan, 0
         if tokens is None:
             tokens, redraws = sampler.propose(trials, len(trials))
@@ -279,7 +282,7 @@ def _new_trial(
 
 def _one_trial(
     study: optuna.Study,
-    sampler: SASampler | EvolutionSampler | FeasibleSampler,
+    sampler: ProposingSampler | FeasibleSampler,
     trials: StudyTrials,
     orphan: list[int] | None,
     objective: Objective,
